@@ -1,0 +1,211 @@
+//! On-disk formats of QEMU disk images: qcow2, QED and raw.
+//!
+//! This crate knows bytes on disk and nothing else: no command line, no printing, no thread
+//! policy. Every format implements [`Image`]: a size, a cluster size, a backing reference, a
+//! *mapping* query that answers in coalesced [`Run`]s, reads of the data a layer holds, and a
+//! crash-safe writing engine (writes are staged, then [`Image::commit`] makes them durable in an
+//! order that keeps the image consistent at every instant).
+//!
+//! All methods take `&self` and may be called from many threads: I/O is positional and
+//! metadata sits behind short locks.
+
+pub mod check;
+pub mod error;
+pub mod io;
+pub mod probe;
+pub mod qcow2;
+pub mod qed;
+pub mod raw;
+mod util;
+
+pub use check::{CheckMode, CheckReport};
+pub use error::{Error, Result};
+pub use io::{FileStorage, Storage};
+pub use util::is_zero;
+
+use std::sync::Arc;
+
+/// An image format cowimg reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    Qcow2,
+    Qed,
+    Raw,
+}
+
+impl Format {
+    /// The name qemu uses for the format (`-f`, `backing_fmt`, info's `format`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Qed => "qed",
+            Format::Raw => "raw",
+        }
+    }
+
+    /// Parses a qemu format name; `None` for formats cowimg does not handle.
+    pub fn from_name(name: &str) -> Option<Format> {
+        match name {
+            "qcow2" => Some(Format::Qcow2),
+            "qed" => Some(Format::Qed),
+            "raw" => Some(Format::Raw),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The backing file an image names: the name exactly as stored, and the recorded format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingRef {
+    /// The name as stored in the image (relative names are relative to the image's directory).
+    pub name: String,
+    /// The recorded format name, if the image records one (qcow2 extension, QED no-probe bit).
+    pub format: Option<String>,
+}
+
+/// How a guest range is stored in one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alloc {
+    /// Plain data at host offset `host` (of the first byte of the run; the run is contiguous).
+    Data { host: u64 },
+    /// A compressed cluster: compressed bytes start at `host` and span at most `len` bytes.
+    /// The run lies inside one guest cluster.
+    Compressed { host: u64, len: u64 },
+    /// Reads as zeros and hides the backing file; `host` is a preallocated cluster, if any.
+    Zero { host: Option<u64> },
+    /// Not stored in this layer: reads come from the backing file (zeros without one).
+    Unallocated,
+}
+
+/// A guest range with one kind of allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub start: u64,
+    pub len: u64,
+    pub alloc: Alloc,
+}
+
+impl Run {
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// Appends `run` to `runs`, merging it into the previous run when they continue each other
+/// (same kind, and contiguous host offsets for data).
+pub fn push_run(runs: &mut Vec<Run>, run: Run) {
+    if run.len == 0 {
+        return;
+    }
+    if let Some(last) = runs.last_mut() {
+        if last.end() == run.start {
+            let merged = match (last.alloc, run.alloc) {
+                (Alloc::Data { host: a }, Alloc::Data { host: b }) => a + last.len == b,
+                (Alloc::Zero { host: None }, Alloc::Zero { host: None }) => true,
+                (Alloc::Zero { host: Some(a) }, Alloc::Zero { host: Some(b) }) => a + last.len == b,
+                (Alloc::Unallocated, Alloc::Unallocated) => true,
+                _ => false,
+            };
+            if merged {
+                last.len += run.len;
+                return;
+            }
+        }
+    }
+    runs.push(run);
+}
+
+/// Reads guest data from whatever lies below a layer (its backing chain). Used to fill the
+/// untouched part of a cluster when a partial write allocates it.
+pub trait ReadBelow: Sync {
+    /// Fills `buf` with the guest bytes at `offset` as the layers below read them.
+    fn read_below(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// Nothing below: reads as zeros.
+pub struct ZerosBelow;
+
+impl ReadBelow for ZerosBelow {
+    fn read_below(&self, _offset: u64, buf: &mut [u8]) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// Format-specific facts for `info`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Details {
+    Qcow2(qcow2::Qcow2Details),
+    Qed(qed::QedDetails),
+    Raw,
+}
+
+/// An open image of any format.
+pub trait Image: Send + Sync {
+    fn format(&self) -> Format;
+    /// Guest-visible size in bytes.
+    fn virtual_size(&self) -> u64;
+    /// Cluster size in bytes; `None` for raw.
+    fn cluster_size(&self) -> Option<u64>;
+    /// The smallest unit a write allocates: the subcluster with extended L2, else the cluster
+    /// (512 for raw).
+    fn allocation_unit(&self) -> u64 {
+        self.cluster_size().unwrap_or(512)
+    }
+    /// The backing file this image names, if any.
+    fn backing(&self) -> Option<BackingRef>;
+    /// The storage holding the image.
+    fn storage(&self) -> &Arc<dyn Storage>;
+    /// Coalesced runs covering `[start, start + len)`, clipped to the virtual size.
+    fn map(&self, start: u64, len: u64) -> Result<Vec<Run>>;
+    /// Reads data this layer holds at host offset `host` (see [`Alloc::Data`]).
+    fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()>;
+    /// Decompresses the cluster described by [`Alloc::Compressed`] into `out` (one cluster).
+    fn read_compressed(&self, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
+        let _ = (host, len, out);
+        Err(Error::Unsupported(format!("compressed clusters in {}", self.format())))
+    }
+    /// Facts for `info`.
+    fn details(&self) -> Details;
+    /// qcow2 dirty bit (lazy refcounts not yet written back).
+    fn is_dirty(&self) -> bool {
+        false
+    }
+    /// Whether the image carries cowimg's copy-on-read flag.
+    fn copy_on_read(&self) -> bool {
+        false
+    }
+
+    // ---- writing (only on images opened writable) ----
+
+    /// Writes guest data at `offset`. Clusters that are not allocated in this layer are
+    /// allocated; a partial cluster is completed from `below`. The data is written at once;
+    /// the metadata that makes it visible is staged until [`Image::commit`]. Concurrent calls
+    /// must touch disjoint allocation units.
+    fn write(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()>;
+    /// Makes `[offset, offset + len)` read as zeros, hiding the backing file, with zero
+    /// clusters where the format has them (whole units) and written zeros elsewhere.
+    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()>;
+    /// Makes every staged write durable, in crash-safe order: data and new tables, sync;
+    /// reference counts, sync; table entries, sync.
+    fn commit(&self) -> Result<()>;
+    /// Points the image at a new backing file (or none); written last, crash-safely, synced.
+    /// Must follow a [`Image::commit`].
+    fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()>;
+    /// Sets or clears cowimg's copy-on-read flag (header area; synced).
+    fn set_copy_on_read(&self, on: bool) -> Result<()> {
+        let _ = on;
+        Err(Error::Unsupported(format!("the copy-on-read flag in {} images", self.format())))
+    }
+
+    // ---- checking ----
+
+    /// Checks the image's metadata and, with a repair mode, fixes what can be fixed.
+    fn check(&self, mode: CheckMode) -> Result<CheckReport>;
+}

@@ -1,0 +1,359 @@
+//! Cluster allocation and the crash-safe commit.
+//!
+//! Allocation is append-only: new clusters come from the end of the file, so a cluster that
+//! was freed (or leaked by a crash) is never handed out again while something might still
+//! point at it. Reference counts change in memory as clusters are allocated and are written
+//! by [`Qcow2::commit_impl`] in the order that keeps the image consistent at every instant:
+//!
+//! 1. data clusters (already written by the writers), new L2 tables, new refcount blocks and a
+//!    new refcount table are written whole; sync;
+//! 2. refcount entries in existing blocks, refcount table entries (or the header, when the
+//!    table moved); sync;
+//! 3. L2 entries in existing tables and L1 entries; sync;
+//! 4. refcount decrements of clusters no longer referenced; sync.
+//!
+//! Nothing is pointed to before it is on disk and a refcount never lags a reference, so an
+//! interruption at any point leaves at worst leaked clusters.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::cache::Meta;
+use super::header::Header;
+use super::refcount::RefGeometry;
+use super::table::{self, Geometry, OFFSET_MASK};
+use super::Qcow2;
+use crate::io::{read_exact, sync, write_all, Storage};
+use crate::util::align_up;
+use crate::{Error, Result};
+
+/// A refcount block in memory.
+struct Block {
+    offset: u64,
+    data: Vec<u8>,
+    /// Byte range changed since the last write-out.
+    dirty: Option<(usize, usize)>,
+    new: bool,
+}
+
+/// Allocation state of a writable image.
+pub struct Allocator {
+    /// Next free host offset.
+    pub end: u64,
+    /// Clusters allocated since the last commit: (host offset, count).
+    pub new_clusters: Vec<(u64, u64)>,
+    /// Host clusters whose refcount drops once the references to them are gone.
+    pub frees: Vec<u64>,
+    /// Data written in place since the last commit (needs a sync even without metadata).
+    pub data_written: bool,
+    rgeo: RefGeometry,
+    cluster_size: u64,
+    table: Vec<u64>,
+    table_offset: u64,
+    table_clusters: u32,
+    table_dirty: BTreeSet<usize>,
+    /// The refcount table replaced in this batch (offset, clusters), freed after the switch.
+    moved_from: Option<(u64, u32)>,
+    blocks: HashMap<u64, Block>,
+}
+
+impl Allocator {
+    /// Loads the refcount table of the image described by `h`.
+    pub fn load(storage: &dyn Storage, h: &Header, file_len: u64) -> Result<Allocator> {
+        let cs = h.cluster_size();
+        let mut buf = vec![0u8; h.refcount_table_clusters as usize * cs as usize];
+        read_exact(storage, &mut buf, h.refcount_table_offset, "the refcount table")?;
+        Ok(Allocator {
+            end: align_up(file_len, cs),
+            new_clusters: Vec::new(),
+            frees: Vec::new(),
+            data_written: false,
+            rgeo: RefGeometry { cluster_bits: h.cluster_bits, refcount_order: h.refcount_order },
+            cluster_size: cs,
+            table: table::decode(&buf),
+            table_offset: h.refcount_table_offset,
+            table_clusters: h.refcount_table_clusters,
+            table_dirty: BTreeSet::new(),
+            moved_from: None,
+            blocks: HashMap::new(),
+        })
+    }
+
+    /// Reserves `n` contiguous clusters at the end of the file.
+    pub fn reserve(&mut self, n: u64) -> u64 {
+        let host = self.end;
+        self.end += n * self.cluster_size;
+        match self.new_clusters.last_mut() {
+            Some((h, c)) if *h + *c * self.cluster_size == host => *c += n,
+            _ => self.new_clusters.push((host, n)),
+        }
+        host
+    }
+
+    /// Schedules the host clusters covering `[host, host + len)` for a refcount decrement.
+    pub fn free_range(&mut self, host: u64, len: u64) {
+        let cs = self.cluster_size;
+        let mut c = host / cs * cs;
+        while c < host + len {
+            self.frees.push(c);
+            c += cs;
+        }
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.new_clusters.is_empty() || !self.frees.is_empty() || self.data_written
+    }
+
+    /// The refcount block for table index `bi`, read on a miss.
+    fn block(&mut self, storage: &dyn Storage, bi: u64, file_len: u64) -> Result<&mut Block> {
+        if !self.blocks.contains_key(&bi) {
+            let offset = self.table.get(bi as usize).copied().unwrap_or(0) & OFFSET_MASK;
+            if offset == 0 {
+                return Err(Error::Corrupt(format!("refcount block {bi} is not allocated")));
+            }
+            if offset % self.cluster_size != 0 || offset + self.cluster_size > file_len {
+                return Err(Error::Corrupt(format!(
+                    "refcount block {bi} at {offset:#x} is misaligned or past the end of the file; \
+                     repair the image with `cowimg check -r all`"
+                )));
+            }
+            let mut data = vec![0u8; self.cluster_size as usize];
+            read_exact(storage, &mut data, offset, "a refcount block")?;
+            self.blocks.insert(bi, Block { offset, data, dirty: None, new: false });
+        }
+        Ok(self.blocks.get_mut(&bi).expect("inserted above"))
+    }
+
+    /// Adds `delta` (+1 or -1) to the refcount of host cluster `cluster`.
+    fn adjust(&mut self, storage: &dyn Storage, cluster: u64, delta: i64, file_len: u64) -> Result<()> {
+        let (bi, idx) = self.rgeo.locate(cluster);
+        let rgeo = self.rgeo;
+        let block = self.block(storage, bi, file_len)?;
+        let old = rgeo.get(&block.data, idx);
+        let new = match delta {
+            1 if old == 0 => 1,
+            1 => {
+                return Err(Error::Corrupt(format!(
+                    "cluster {cluster} is about to be allocated but its refcount is already {old}; \
+                     repair the image with `cowimg check -r all`"
+                )))
+            }
+            _ if old == 0 => {
+                return Err(Error::Corrupt(format!("cluster {cluster} is freed but its refcount is already 0")))
+            }
+            _ => old - 1,
+        };
+        rgeo.set(&mut block.data, idx, new);
+        if !block.new {
+            let (a, b) = rgeo.byte_range(idx);
+            block.dirty = Some(match block.dirty {
+                Some((x, y)) => (x.min(a), y.max(b)),
+                None => (a, b),
+            });
+        }
+        Ok(())
+    }
+
+    /// Gives every cluster allocated in this batch its refcount of one, allocating refcount
+    /// blocks (and a larger refcount table) as needed; those count themselves in.
+    fn count_new_clusters(&mut self, storage: &dyn Storage, file_len: u64) -> Result<()> {
+        let cs = self.cluster_size;
+        let mut pending: Vec<u64> = Vec::new();
+        for &(host, n) in &self.new_clusters {
+            pending.extend((0..n).map(|i| host / cs + i));
+        }
+        let mut i = 0;
+        while i < pending.len() {
+            let cluster = pending[i];
+            i += 1;
+            let (bi, _) = self.rgeo.locate(cluster);
+            if bi as usize >= self.table.len() {
+                pending.extend(self.grow_table(bi));
+            }
+            if self.table[bi as usize] & OFFSET_MASK == 0 && !self.blocks.contains_key(&bi) {
+                let offset = self.end;
+                self.end += cs;
+                pending.push(offset / cs);
+                self.table[bi as usize] = offset;
+                self.table_dirty.insert(bi as usize);
+                self.blocks.insert(bi, Block { offset, data: vec![0u8; cs as usize], dirty: None, new: true });
+            }
+            self.adjust(storage, cluster, 1, file_len.max(self.end))?;
+        }
+        Ok(())
+    }
+
+    /// Moves the refcount table to a larger one at the end of the file that has room for
+    /// index `bi`; returns the new table's clusters (to be counted).
+    fn grow_table(&mut self, bi: u64) -> Vec<u64> {
+        let cs = self.cluster_size;
+        let entries_per_cluster = cs / 8;
+        // Room for the blocks that will describe the table itself, and slack to grow into.
+        let want = (bi + 2).max(self.table.len() as u64 * 2);
+        let clusters = want.div_ceil(entries_per_cluster) as u32;
+        let offset = self.end;
+        self.end += u64::from(clusters) * cs;
+        if self.moved_from.is_none() {
+            self.moved_from = Some((self.table_offset, self.table_clusters));
+        }
+        self.table.resize((u64::from(clusters) * entries_per_cluster) as usize, 0);
+        self.table_offset = offset;
+        self.table_clusters = clusters;
+        (0..u64::from(clusters)).map(|i| offset / cs + i).collect()
+    }
+
+    /// Writes new refcount blocks and a moved refcount table whole.
+    fn write_new(&mut self, storage: &dyn Storage) -> Result<()> {
+        for b in self.blocks.values_mut().filter(|b| b.new) {
+            write_all(storage, &b.data, b.offset, "a new refcount block")?;
+            b.new = false;
+        }
+        if self.moved_from.is_some() {
+            write_all(storage, &table::encode(&self.table), self.table_offset, "the new refcount table")?;
+            self.table_dirty.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes changed refcount entries and refcount table entries.
+    fn write_dirty(&mut self, storage: &dyn Storage) -> Result<()> {
+        for b in self.blocks.values_mut() {
+            if let Some((a, z)) = b.dirty.take() {
+                write_all(storage, &b.data[a..z], b.offset + a as u64, "refcount entries")?;
+            }
+        }
+        for &i in &self.table_dirty {
+            write_all(storage, &self.table[i].to_be_bytes(), self.table_offset + 8 * i as u64, "a refcount table entry")?;
+        }
+        self.table_dirty.clear();
+        Ok(())
+    }
+
+    /// Drops clean blocks so memory stays bounded across batches.
+    fn trim(&mut self) {
+        if self.blocks.len() > 64 {
+            self.blocks.retain(|_, b| b.new || b.dirty.is_some());
+        }
+    }
+}
+
+impl Qcow2 {
+    /// Makes staged writes durable (see the module comment for the order).
+    pub(super) fn commit_impl(&self) -> Result<()> {
+        let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.meta();
+        let m: &mut Meta = &mut guard;
+        let s: &dyn Storage = &*self.storage;
+        let Some(alloc) = m.alloc.as_mut() else { return Ok(()) };
+        if !alloc.has_work() && m.l1_dirty.is_empty() {
+            return Ok(());
+        }
+        let file_len = m.file_len;
+        alloc.count_new_clusters(s, file_len)?;
+
+        // 1. Everything new, written whole; nothing points at it yet.
+        for (&off, slot) in m.l2.iter_mut().filter(|(_, slot)| slot.new) {
+            write_all(s, &table::encode(&slot.words), off, "a new L2 table")?;
+            slot.new = false;
+        }
+        alloc.write_new(s)?;
+        sync(s)?;
+
+        // 2. Reference counts, before any reference.
+        alloc.write_dirty(s)?;
+        sync(s)?;
+        if let Some((old_offset, old_clusters)) = alloc.moved_from.take() {
+            m.header.refcount_table_offset = alloc.table_offset;
+            m.header.refcount_table_clusters = alloc.table_clusters;
+            write_all(s, &m.header.encode_fixed(), 0, "the header")?;
+            sync(s)?;
+            alloc.free_range(old_offset, u64::from(old_clusters) * alloc.cluster_size);
+        }
+
+        // 3. References.
+        for (&off, slot) in m.l2.iter_mut() {
+            if let Some((a, z)) = slot.dirty.take() {
+                write_all(s, &table::encode(&slot.words[a..=z]), off + 8 * a as u64, "L2 entries")?;
+            }
+        }
+        for &i in &m.l1_dirty {
+            write_all(s, &m.l1[i].to_be_bytes(), m.header.l1_table_offset + 8 * i as u64, "an L1 entry")?;
+        }
+        m.l1_dirty.clear();
+        sync(s)?;
+
+        // 4. Clusters nothing points at any more.
+        let frees = std::mem::take(&mut alloc.frees);
+        if !frees.is_empty() {
+            let len = file_len.max(alloc.end);
+            for c in frees {
+                alloc.adjust(s, c / alloc.cluster_size, -1, len)?;
+            }
+            alloc.write_dirty(s)?;
+            sync(s)?;
+        }
+        alloc.new_clusters.clear();
+        alloc.data_written = false;
+        alloc.trim();
+        m.file_len = m.file_len.max(alloc.end);
+        Ok(())
+    }
+
+    /// Prepares the image for its first write: refuses what must not be written, clears
+    /// autoclear bits cowimg does not maintain, loads the refcount table.
+    pub(super) fn prepare_write(&self, m: &mut Meta) -> Result<()> {
+        if m.alloc.is_some() {
+            return Ok(());
+        }
+        if !self.writable {
+            return Err(Error::Refused("the image is open read-only".into()));
+        }
+        if self.data_file.is_some() {
+            return Err(Error::Unsupported("writing to qcow2 images with an external data file".into()));
+        }
+        let h = &m.header;
+        if h.incompatible_features & super::header::INCOMPAT_DIRTY != 0 {
+            return Err(Error::Refused(
+                "the image is dirty (lazy refcounts were not written back); repair it with `cowimg check -r all` first".into(),
+            ));
+        }
+        // Unknown autoclear bits must be cleared by any writer that does not understand them.
+        // cowimg does not update persistent bitmaps, so the "bitmaps are consistent" bit goes
+        // too, as the specification asks of such programs; qemu then drops the stale bitmaps.
+        let keep = super::header::AUTOCLEAR_DATA_FILE_RAW;
+        if h.autoclear_features & !keep != 0 {
+            m.header.autoclear_features &= keep;
+            write_all(&*self.storage, &m.header.encode_fixed(), 0, "the header")?;
+            sync(&*self.storage)?;
+        }
+        m.alloc = Some(Allocator::load(&*self.storage, &m.header, m.file_len)?);
+        Ok(())
+    }
+
+    /// The L2 table covering L1 index `l1i`, made writable: a new table when there is none,
+    /// a private copy when it is shared with a snapshot (no COPIED flag). Returns its offset.
+    pub(super) fn writable_l2(&self, m: &mut Meta, geo: &Geometry, l1i: usize) -> Result<u64> {
+        let l1e = m.l1[l1i];
+        let old = l1e & OFFSET_MASK;
+        if old != 0 && l1e & table::OFLAG_COPIED != 0 {
+            m.l2_table(&*self.storage, geo, old)?;
+            return Ok(old);
+        }
+        let words = if old == 0 {
+            vec![0u64; (geo.cluster_size() / 8) as usize]
+        } else {
+            m.l2_table(&*self.storage, geo, old)?.words.clone()
+        };
+        let alloc = m.alloc.as_mut().expect("prepared");
+        let new = alloc.reserve(1);
+        if old != 0 {
+            // A data cluster's refcount counts the L1 tables it is reachable from, so moving
+            // the active L1's reference from the shared table to a copy leaves data refcounts
+            // as they are; only the shared table loses the active layer's reference.
+            alloc.free_range(old, geo.cluster_size());
+        }
+        m.insert_new_l2(new, words, geo.extended_l2);
+        m.l1[l1i] = new | table::OFLAG_COPIED;
+        m.l1_dirty.insert(l1i);
+        Ok(new)
+    }
+}

@@ -1,0 +1,297 @@
+//! qcow2: QEMU's copy-on-write format, versions 2 and 3.
+//!
+//! Module map, by concern: `header` (cluster 0), `table` (L1/L2 entries), `cache` (the
+//! in-memory L1 and L2 tables, the single owner of metadata state), `refcount` (entry
+//! encoding), `alloc` (allocation and the crash-safe commit), `write` (guest writes),
+//! `compress`, `snapshot` (snapshot table, bitmap directory), `create`, `check`.
+
+mod alloc;
+mod cache;
+pub mod check;
+pub mod compress;
+pub mod create;
+pub mod header;
+pub mod refcount;
+pub mod snapshot;
+pub mod table;
+mod write;
+
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crate::io::{read_exact, Storage};
+use crate::util::{align_down, be32};
+use crate::{push_run, Alloc, BackingRef, CheckMode, CheckReport, Details, Error, Format, Image, ReadBelow, Result, Run};
+use cache::Meta;
+use compress::CompressionType;
+use header::Header;
+pub use snapshot::{Bitmap, Snapshot};
+use table::{Geometry, Kind, OFFSET_MASK};
+
+/// Opens a file named by the image (its external data file).
+pub type Opener<'a> = &'a dyn Fn(&str) -> Result<Arc<dyn Storage>>;
+
+/// How to open an image.
+#[derive(Default)]
+pub struct OpenOptions<'a> {
+    pub writable: bool,
+    /// Opens the external data file by the name the header records; without it, images with
+    /// an external data file are refused.
+    pub data_file: Option<Opener<'a>>,
+}
+
+/// What `info` shows of a qcow2 image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Qcow2Details {
+    pub version: u32,
+    pub compression_type: &'static str,
+    pub lazy_refcounts: bool,
+    pub refcount_bits: u32,
+    pub corrupt: bool,
+    pub extended_l2: bool,
+    pub bitmaps: Vec<Bitmap>,
+    pub data_file: Option<String>,
+    pub data_file_raw: bool,
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    storage: Arc<dyn Storage>,
+    /// The external data file, when the image has one; data clusters live there.
+    data_file: Option<Arc<dyn Storage>>,
+    geo: Geometry,
+    size: u64,
+    compression: CompressionType,
+    writable: bool,
+    snapshots: Vec<Snapshot>,
+    bitmaps: Vec<Bitmap>,
+    /// All metadata state: header, L1, cached L2 tables, refcounts, allocation.
+    meta: Mutex<Meta>,
+    /// Writers hold it shared while they work; `commit` and header changes take it alone, so
+    /// a commit never sees a write half done.
+    gate: RwLock<()>,
+}
+
+impl Qcow2 {
+    /// Opens and validates a qcow2 image.
+    pub fn open(storage: Arc<dyn Storage>, opts: OpenOptions<'_>) -> Result<Qcow2> {
+        let file_len = storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        let mut first = [0u8; 512];
+        read_exact(&*storage, &mut first, 0, "the qcow2 header")?;
+        if file_len < 72 || &first[0..4] != header::MAGIC {
+            return Err(Error::invalid("Image is not in qcow2 format"));
+        }
+        let cluster_bits = be32(&first, 20);
+        if !(header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(Error::Unsupported(format!("cluster size: 2^{cluster_bits}")));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        let mut cluster0 = vec![0u8; cluster_size.min(file_len.max(512)) as usize];
+        read_exact(&*storage, &mut cluster0, 0, "the qcow2 header cluster")?;
+        let header = Header::parse(&cluster0, file_len)?;
+
+        if opts.writable && header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
+            return Err(Error::Refused(
+                "qcow2: Image is corrupt; cannot be opened read/write (repair it with `cowimg check -r all`)".into(),
+            ));
+        }
+        let data_file = match header.data_file_name() {
+            Some(name) => match opts.data_file {
+                Some(open) => Some(open(&name)?),
+                None => return Err(Error::Unsupported(format!("external data file '{name}' (not opened)"))),
+            },
+            None => None,
+        };
+        let geo = Geometry { cluster_bits, extended_l2: header.extended_l2() };
+
+        let mut l1_buf = vec![0u8; header.l1_size as usize * 8];
+        read_exact(&*storage, &mut l1_buf, header.l1_table_offset, "the L1 table")?;
+        let l1 = table::decode(&l1_buf);
+
+        let (snapshots, _) = snapshot::read_snapshots(&*storage, header.snapshots_offset, header.nb_snapshots, file_len)?;
+        let bitmaps = match header.extension(header::EXT_BITMAPS) {
+            // Without the autoclear bit the extension is stale: qemu ignores it, so do we.
+            Some(ext) if header.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 => {
+                snapshot::read_bitmaps(&*storage, ext, file_len)?.0
+            }
+            _ => Vec::new(),
+        };
+        Ok(Qcow2 {
+            data_file,
+            geo,
+            size: header.size,
+            compression: CompressionType::from_header(header.compression_type),
+            writable: opts.writable,
+            snapshots,
+            bitmaps,
+            meta: Mutex::new(Meta::new(header, l1, file_len)),
+            gate: RwLock::new(()),
+            storage,
+        })
+    }
+
+    fn meta(&self) -> MutexGuard<'_, Meta> {
+        // A panic while holding the lock leaves no half-applied state that matters: the
+        // in-memory tables are rebuilt from disk on the next open.
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current header (a copy).
+    pub fn header(&self) -> Header {
+        self.meta().header.clone()
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    pub fn compression(&self) -> CompressionType {
+        self.compression
+    }
+
+    fn data_storage(&self) -> &dyn Storage {
+        self.data_file.as_deref().unwrap_or(&*self.storage)
+    }
+
+    /// Converts a decoded entry kind at `intra` bytes into its cluster to an [`Alloc`].
+    fn to_alloc(kind: Kind, intra: u64) -> Alloc {
+        match kind {
+            Kind::Unallocated => Alloc::Unallocated,
+            Kind::Zero => Alloc::Zero { host: None },
+            Kind::ZeroAlloc(h) => Alloc::Zero { host: Some(h + intra) },
+            Kind::Normal(h) => Alloc::Data { host: h + intra },
+            Kind::Compressed { host, len } => Alloc::Compressed { host, len },
+        }
+    }
+}
+
+impl Image for Qcow2 {
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.geo.cluster_size())
+    }
+
+    fn allocation_unit(&self) -> u64 {
+        self.geo.subcluster_size()
+    }
+
+    fn backing(&self) -> Option<BackingRef> {
+        let m = self.meta();
+        m.header.backing_name.clone().map(|name| BackingRef { name, format: m.header.backing_format() })
+    }
+
+    fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn map(&self, start: u64, len: u64) -> Result<Vec<Run>> {
+        let end = start.saturating_add(len).min(self.size);
+        let cs = self.geo.cluster_size();
+        let sc = self.geo.subcluster_size();
+        let l1_span = cs << self.geo.l2_bits();
+        let mut runs = Vec::new();
+        let mut meta = self.meta();
+        let mut off = start;
+        while off < end {
+            let l1i = (off / l1_span) as usize;
+            let region_end = end.min((l1i as u64 + 1) * l1_span);
+            let l2_offset = meta.l1.get(l1i).copied().unwrap_or(0) & OFFSET_MASK;
+            if l2_offset == 0 {
+                push_run(&mut runs, Run { start: off, len: region_end - off, alloc: Alloc::Unallocated });
+                off = region_end;
+                continue;
+            }
+            let table = meta.l2_table(&*self.storage, &self.geo, l2_offset)?;
+            while off < region_end {
+                let cluster_start = align_down(off, cs);
+                let idx = ((off / cs) & (self.geo.l2_entries() - 1)) as usize;
+                let (entry, bitmap) = table.entry(idx);
+                let cluster_end = region_end.min(cluster_start + cs);
+                if !self.geo.extended_l2 || entry & table::OFLAG_COMPRESSED != 0 {
+                    let kind = self.geo.kind(entry, 0, 0)?;
+                    let alloc = Self::to_alloc(kind, off - cluster_start);
+                    push_run(&mut runs, Run { start: off, len: cluster_end - off, alloc });
+                    off = cluster_end;
+                } else {
+                    let sub = ((off - cluster_start) / sc) as u32;
+                    let sub_start = cluster_start + u64::from(sub) * sc;
+                    let sub_end = cluster_end.min(sub_start + sc);
+                    let kind = self.geo.kind(entry, bitmap, sub)?;
+                    let alloc = Self::to_alloc(kind, off - sub_start);
+                    push_run(&mut runs, Run { start: off, len: sub_end - off, alloc });
+                    off = sub_end;
+                }
+            }
+        }
+        Ok(runs)
+    }
+
+    fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
+        read_exact(self.data_storage(), buf, host, "data")
+    }
+
+    fn read_compressed(&self, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
+        let file_len = self.storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        if host >= file_len {
+            return Err(Error::Corrupt(format!("compressed cluster at {host:#x} lies past the end of the file")));
+        }
+        let mut input = vec![0u8; len as usize];
+        read_exact(&*self.storage, &mut input, host, "a compressed cluster")?;
+        compress::decompress(self.compression, &input, out)
+    }
+
+    fn details(&self) -> Details {
+        let h = self.header();
+        Details::Qcow2(Qcow2Details {
+            version: h.version,
+            compression_type: self.compression.name(),
+            lazy_refcounts: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
+            refcount_bits: h.refcount_bits(),
+            corrupt: h.incompatible_features & header::INCOMPAT_CORRUPT != 0,
+            extended_l2: h.extended_l2(),
+            bitmaps: self.bitmaps.clone(),
+            data_file: h.data_file_name(),
+            data_file_raw: h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0,
+            snapshots: self.snapshots.clone(),
+        })
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.meta().header.incompatible_features & header::INCOMPAT_DIRTY != 0
+    }
+
+    fn copy_on_read(&self) -> bool {
+        self.meta().header.cowimg_flags() & header::COWIMG_FLAG_COPY_ON_READ != 0
+    }
+
+    fn write(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
+        self.write_impl(offset, data, below)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()> {
+        self.write_zeroes_impl(offset, len, below)
+    }
+
+    fn commit(&self) -> Result<()> {
+        self.commit_impl()
+    }
+
+    fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
+        self.set_backing_impl(backing)
+    }
+
+    fn set_copy_on_read(&self, on: bool) -> Result<()> {
+        self.set_cowimg_flags_impl(on)
+    }
+
+    fn check(&self, mode: CheckMode) -> Result<CheckReport> {
+        check::check(self, mode)
+    }
+}

@@ -1,0 +1,321 @@
+//! Guest writes into a QED image, the crash-safe commit, and header changes.
+//!
+//! Commit order: data clusters (written by the writers) and new L2 tables, sync; then L2
+//! entries in existing tables and L1 entries, sync. Nothing is pointed to before it is on
+//! disk, so the need-check bit, which qemu sets to cover its own unordered writes, is not
+//! needed and cowimg never sets it.
+
+use super::header::{self, Header};
+use super::{Meta, Qed};
+use crate::io::{sync, write_all};
+use crate::util::{align_down, align_up, place_outside};
+use crate::{Error, ReadBelow, Result};
+
+pub struct Allocator {
+    /// Next free host offset (append-only).
+    pub end: u64,
+    /// Something was written since the last commit.
+    pub dirty: bool,
+}
+
+impl Allocator {
+    fn reserve(&mut self, bytes: u64) -> u64 {
+        let at = self.end;
+        self.end += bytes;
+        self.dirty = true;
+        at
+    }
+}
+
+struct ClusterPlan {
+    cluster: u64,
+    lo: u64,
+    hi: u64,
+    host: u64,
+    /// Entry before the write: 0 unallocated, 1 zero, else a host offset.
+    old: u64,
+    fresh: bool,
+}
+
+impl Qed {
+    fn prepare_write(&self, m: &mut Meta) -> Result<()> {
+        if m.alloc.is_some() {
+            return Ok(());
+        }
+        if !self.writable {
+            return Err(Error::Refused("the image is open read-only".into()));
+        }
+        if m.header.features & header::F_NEED_CHECK != 0 {
+            return Err(Error::Refused(
+                "the image needs a consistency check (QED need-check bit); run `cowimg check -r all` first".into(),
+            ));
+        }
+        if m.header.autoclear_features != 0 {
+            // No autoclear bits are defined: a writer must clear the ones it finds.
+            m.header.autoclear_features = 0;
+            write_all(&*self.storage, &m.header.encode(), 0, "the header")?;
+            sync(&*self.storage)?;
+        }
+        let cs = m.header.cluster_size;
+        m.alloc = Some(Allocator { end: align_up(m.file_len, cs), dirty: false });
+        Ok(())
+    }
+
+    /// The (staged) entry of the guest cluster at `cluster`.
+    fn entry_at(&self, m: &mut Meta, cluster: u64) -> Result<u64> {
+        let (l1i, idx) = locate(&m.header, cluster);
+        let table = m.l1.get(l1i).copied().unwrap_or(0);
+        if table == 0 {
+            return Ok(0);
+        }
+        if !m.pages.is_new_table(table) {
+            Self::check_table_offset(&m.header, table, m.file_len)?;
+        }
+        m.pages.get(&*self.storage, table, idx)
+    }
+
+    pub(super) fn write_impl(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
+        let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let plans = {
+            let mut m = self.meta();
+            let end = offset.checked_add(data.len() as u64).filter(|&e| e <= m.header.image_size).ok_or_else(|| {
+                Error::invalid(format!("write of {} bytes at {offset} is past the end of the image", data.len()))
+            })?;
+            self.prepare_write(&mut m)?;
+            let cs = m.header.cluster_size;
+            let mut plans = Vec::new();
+            let mut cluster = align_down(offset, cs);
+            while cluster < end {
+                let old = self.entry_at(&mut m, cluster)?;
+                let fresh = old <= 1;
+                let host = if fresh { m.alloc.as_mut().expect("prepared").reserve(cs) } else { old };
+                let lo = offset.max(cluster) - cluster;
+                let hi = end.min(cluster + cs) - cluster;
+                plans.push(ClusterPlan { cluster, lo, hi, host, old, fresh });
+                cluster += cs;
+            }
+            plans
+        };
+        let cs = self.cluster_bytes();
+        let mut i = 0;
+        while i < plans.len() {
+            let p = &plans[i];
+            let at = (p.cluster + p.lo - offset) as usize;
+            let full = p.lo == 0 && (p.hi == cs || !p.fresh);
+            if !p.fresh || full {
+                // Straight from the caller's buffer; merge clusters that continue each other.
+                let mut j = i + 1;
+                let mut len = (p.hi - p.lo) as usize;
+                while j < plans.len()
+                    && plans[j].lo == 0
+                    && (plans[j].hi == cs || !plans[j].fresh)
+                    && plans[j].host == p.host + p.lo + len as u64
+                {
+                    len += (plans[j].hi - plans[j].lo) as usize;
+                    j += 1;
+                }
+                write_all(&*self.storage, &data[at..at + len], p.host + p.lo, "guest data")?;
+                i = j;
+                continue;
+            }
+            let mut buf = vec![0u8; cs as usize];
+            if p.old == 0 {
+                below.read_below(p.cluster, &mut buf)?;
+            }
+            buf[p.lo as usize..p.hi as usize].copy_from_slice(&data[at..at + (p.hi - p.lo) as usize]);
+            write_all(&*self.storage, &buf, p.host, "guest data")?;
+            i += 1;
+        }
+        let mut m = self.meta();
+        for p in plans.iter() {
+            if p.fresh {
+                self.set_entry(&mut m, p.cluster, p.host)?;
+            }
+        }
+        m.alloc.as_mut().expect("prepared").dirty = true;
+        Ok(())
+    }
+
+    fn cluster_bytes(&self) -> u64 {
+        self.meta().header.cluster_size
+    }
+
+    /// Stages an L2 entry, allocating the L2 table if there is none.
+    fn set_entry(&self, m: &mut Meta, cluster: u64, value: u64) -> Result<()> {
+        let (l1i, idx) = locate(&m.header, cluster);
+        let mut table = m.l1[l1i];
+        if table == 0 {
+            let bytes = m.header.table_bytes();
+            table = m.alloc.as_mut().expect("prepared").reserve(bytes);
+            m.pages.new_tables.insert(table);
+            m.l1[l1i] = table;
+            m.l1_dirty.insert(l1i);
+        }
+        m.pages.set(&*self.storage, table, idx, value)
+    }
+
+    pub(super) fn write_zeroes_impl(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()> {
+        let (cs, size) = {
+            let m = self.meta();
+            (m.header.cluster_size, m.header.image_size)
+        };
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= size)
+            .ok_or_else(|| Error::invalid(format!("zero write of {len} bytes at {offset} is past the end of the image")))?;
+        let (mid_lo, mid_hi) = (align_up(offset, cs), align_down(end, cs));
+        let mut to_write = if mid_lo < mid_hi { vec![(offset, mid_lo), (mid_hi, end)] } else { vec![(offset, end)] };
+        if mid_lo < mid_hi {
+            let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+            let mut m = self.meta();
+            self.prepare_write(&mut m)?;
+            let mut c = mid_lo;
+            while c < mid_hi {
+                match self.entry_at(&mut m, c)? {
+                    // QED cannot free a cluster: an allocated one gets written zeros instead of
+                    // being leaked behind a zero entry.
+                    e if e > 1 => to_write.push((c, c + cs)),
+                    1 => {}
+                    _ => {
+                        self.set_entry(&mut m, c, 1)?;
+                        m.alloc.as_mut().expect("prepared").dirty = true;
+                    }
+                }
+                c += cs;
+            }
+        }
+        let zeros = vec![0u8; (1 << 20).min(len) as usize];
+        for (a, b) in to_write {
+            let mut pos = a;
+            while pos < b {
+                let n = (b - pos).min(zeros.len() as u64);
+                self.write_impl(pos, &zeros[..n as usize], below)?;
+                pos += n;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn commit_impl(&self) -> Result<()> {
+        let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.meta();
+        let m = &mut *guard;
+        let s = &*self.storage;
+        let Some(alloc) = m.alloc.as_mut() else { return Ok(()) };
+        if !alloc.dirty {
+            return Ok(());
+        }
+        // 1. Data and new tables; a new table must lie whole inside the file.
+        let table_ends: Vec<u64> = m.pages.new_tables.iter().map(|t| t + m.header.table_bytes()).collect();
+        m.pages.write_new(s)?;
+        if let Some(&end) = table_ends.iter().max() {
+            let len = s.len().map_err(|e| Error::io("reading the file size", e))?;
+            if len < end {
+                s.set_len(end).map_err(|e| Error::io("extending the file", e))?;
+            }
+        }
+        sync(s)?;
+        // 2. References.
+        m.pages.write_dirty(s)?;
+        for &i in &m.l1_dirty {
+            write_all(s, &m.l1[i].to_le_bytes(), m.header.l1_table_offset + 8 * i as u64, "an L1 entry")?;
+        }
+        m.l1_dirty.clear();
+        sync(s)?;
+        alloc.dirty = false;
+        m.file_len = m.file_len.max(alloc.end).max(s.len().map_err(|e| Error::io("reading the file size", e))?);
+        Ok(())
+    }
+
+    /// Header changes must not race writes and need everything staged committed first.
+    fn header_for_change(&self, m: &mut Meta) -> Result<Header> {
+        self.prepare_write(m)?;
+        if m.alloc.as_ref().is_some_and(|a| a.dirty) {
+            return Err(Error::Refused("internal: header change with uncommitted writes".into()));
+        }
+        Ok(m.header.clone())
+    }
+
+    /// Changes the backing file: the new name is written, and synced, where the current header
+    /// does not point; then the 64-byte header switches to it in one sector write, synced.
+    pub(super) fn set_backing_impl(&self, backing: Option<&crate::BackingRef>) -> Result<()> {
+        let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.meta();
+        let mut h = self.header_for_change(&mut m)?;
+        let s = &*self.storage;
+        h.features &= !(header::F_BACKING_FILE | header::F_BACKING_FORMAT_NO_PROBE);
+        match backing {
+            None => {
+                h.backing_filename_offset = 0;
+                h.backing_filename_size = 0;
+            }
+            Some(b) => {
+                if h.compat_features != 0 {
+                    // As qemu: the layout of data behind the header is unknown.
+                    return Err(Error::Unsupported(
+                        "changing the backing file of a QED image with unknown compat features".into(),
+                    ));
+                }
+                if b.name.len() > header::MAX_BACKING_NAME {
+                    return Err(Error::invalid(format!("backing file name is {} bytes; at most 1023", b.name.len())));
+                }
+                let live: Vec<(u64, u64)> = m
+                    .backing_name
+                    .as_ref()
+                    .map(|n| {
+                        let a = u64::from(m.header.backing_filename_offset);
+                        vec![(a, a + n.len() as u64)]
+                    })
+                    .unwrap_or_default();
+                let hi = header::COWIMG_RECORD_OFFSET.min(h.header_bytes());
+                let pos = place_outside(b.name.len() as u64, header::HEADER_LEN as u64, hi, &live)
+                    .ok_or_else(|| Error::Refused("No space left in the file header".into()))?;
+                write_all(s, b.name.as_bytes(), pos, "the backing file name")?;
+                sync(s)?;
+                h.features |= header::F_BACKING_FILE;
+                if b.format.as_deref() == Some("raw") {
+                    h.features |= header::F_BACKING_FORMAT_NO_PROBE;
+                }
+                h.backing_filename_offset = pos as u32;
+                h.backing_filename_size = b.name.len() as u32;
+            }
+        }
+        write_all(s, &h.encode(), 0, "the header")?;
+        sync(s)?;
+        m.header = h;
+        m.backing_name = backing.map(|b| b.name.clone());
+        Ok(())
+    }
+
+    pub(super) fn set_copy_on_read_impl(&self, on: bool) -> Result<()> {
+        let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.meta();
+        let h = self.header_for_change(&mut m)?;
+        let rec_lo = header::COWIMG_RECORD_OFFSET;
+        let rec_hi = rec_lo + header::COWIMG_RECORD_LEN as u64;
+        let name_lo = u64::from(h.backing_filename_offset);
+        let name_hi = name_lo + u64::from(h.backing_filename_size);
+        if h.header_size == 0 || (m.backing_name.is_some() && name_lo < rec_hi && rec_lo < name_hi) {
+            return Err(Error::Unsupported(
+                "a copy-on-read flag in this QED image: its header area has no room for cowimg's record".into(),
+            ));
+        }
+        let mut flags = m.cowimg_flags;
+        if on {
+            flags |= header::COWIMG_FLAG_COPY_ON_READ;
+        } else {
+            flags &= !header::COWIMG_FLAG_COPY_ON_READ;
+        }
+        write_all(&*self.storage, &header::encode_record(flags), rec_lo, "cowimg's record")?;
+        sync(&*self.storage)?;
+        m.cowimg_flags = flags;
+        Ok(())
+    }
+}
+
+/// (L1 index, L2 index) of a guest offset.
+fn locate(h: &Header, guest: u64) -> (usize, u64) {
+    let n = h.table_entries();
+    let cluster = guest / h.cluster_size;
+    ((cluster / n) as usize, cluster % n)
+}

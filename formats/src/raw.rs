@@ -1,0 +1,95 @@
+//! raw: the guest bytes themselves. Every byte is data at the same offset; holes read zeros.
+
+use std::sync::Arc;
+
+use crate::io::{read_exact, write_all, Storage};
+use crate::{push_run, Alloc, BackingRef, CheckMode, CheckReport, Details, Error, Format, Image, ReadBelow, Result, Run};
+
+pub struct Raw {
+    storage: Arc<dyn Storage>,
+    size: u64,
+    writable: bool,
+}
+
+impl Raw {
+    pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Raw> {
+        let size = storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        Ok(Raw { storage, size, writable })
+    }
+}
+
+impl Image for Raw {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    fn backing(&self) -> Option<BackingRef> {
+        None
+    }
+
+    fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn map(&self, start: u64, len: u64) -> Result<Vec<Run>> {
+        // Holes of the file read as zeros; report them so that copies skip them, and so that
+        // `map` says what qemu-img map says of a sparse raw file.
+        let end = start.saturating_add(len).min(self.size);
+        let extents = self.storage.data_extents(start, end).map_err(|e| Error::io("finding holes", e))?;
+        let mut runs = Vec::new();
+        let mut pos = start;
+        for (a, b) in extents {
+            push_run(&mut runs, Run { start: pos, len: a - pos, alloc: Alloc::Zero { host: Some(pos) } });
+            push_run(&mut runs, Run { start: a, len: b - a, alloc: Alloc::Data { host: a } });
+            pos = b;
+        }
+        push_run(&mut runs, Run { start: pos, len: end.saturating_sub(pos), alloc: Alloc::Zero { host: Some(pos) } });
+        Ok(runs)
+    }
+
+    fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
+        read_exact(&*self.storage, buf, host, "data")
+    }
+
+    fn details(&self) -> Details {
+        Details::Raw
+    }
+
+    fn write(&self, offset: u64, data: &[u8], _below: &dyn ReadBelow) -> Result<()> {
+        if !self.writable {
+            return Err(Error::Refused("the image is open read-only".into()));
+        }
+        write_all(&*self.storage, data, offset, "guest data")
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()> {
+        let zeros = vec![0u8; (1 << 20).min(len) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(zeros.len() as u64) as usize;
+            self.write(pos, &zeros[..n], below)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn commit(&self) -> Result<()> {
+        crate::io::sync(&*self.storage)
+    }
+
+    fn set_backing(&self, _backing: Option<&BackingRef>) -> Result<()> {
+        Err(Error::Unsupported("backing files for raw images".into()))
+    }
+
+    fn check(&self, _mode: CheckMode) -> Result<CheckReport> {
+        Err(Error::Unsupported("This image format does not support checks".into()))
+    }
+}

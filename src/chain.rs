@@ -1,0 +1,296 @@
+//! Opening images and their backing chains, and reading guest data through a chain.
+//!
+//! Safety rules (DESIGN.md): backing names resolve against the directory of the image that
+//! names them; a recorded backing format is obeyed (a raw image is never re-read as another
+//! format); a missing format is probed by magic, and the layer says so; loops and chains
+//! deeper than [`MAX_DEPTH`] are refused; every file is locked as QEMU locks it.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cowimg_formats::probe::{probe, Probed};
+use cowimg_formats::qcow2::{self, Qcow2};
+use cowimg_formats::qed::Qed;
+use cowimg_formats::raw::Raw;
+use cowimg_formats::{Alloc, FileStorage, Format, Image, ReadBelow, Storage};
+
+use crate::error::{Error, Result};
+use crate::lock::{self, Access};
+
+/// Deepest chain cowimg opens.
+pub const MAX_DEPTH: usize = 256;
+
+/// One image of a chain.
+pub struct Layer {
+    pub image: Arc<dyn Image>,
+    /// The name qemu shows: as given for the top, the combined path for backing files.
+    pub filename: String,
+    pub format: Format,
+    /// The format was detected from the file's magic, not given or recorded.
+    pub probed: bool,
+}
+
+impl Layer {
+    pub fn size(&self) -> u64 {
+        self.image.virtual_size()
+    }
+}
+
+/// How to open a chain.
+#[derive(Clone, Copy, Debug)]
+pub struct OpenOptions {
+    /// Format of the top image (`-f`); probed when absent.
+    pub format: Option<Format>,
+    /// Access to the top image.
+    pub access: Access,
+    /// Open the backing files too.
+    pub backing: bool,
+    /// Share everything on the backing files as well (`-U`).
+    pub force_share: bool,
+}
+
+impl OpenOptions {
+    pub fn read(format: Option<Format>, force_share: bool) -> Self {
+        OpenOptions {
+            format,
+            access: if force_share { Access::ReadShared } else { Access::Read },
+            backing: true,
+            force_share,
+        }
+    }
+
+    pub fn write(format: Option<Format>) -> Self {
+        OpenOptions { format, access: Access::Write, backing: true, force_share: false }
+    }
+}
+
+/// An image and its backing files, top first.
+pub struct Chain {
+    pub layers: Vec<Layer>,
+}
+
+/// qemu's `path_has_protocol`: a colon before any slash ("nbd:", "http://", "json:").
+fn has_protocol(name: &str) -> bool {
+    name.find([':', '/']).is_some_and(|i| name.as_bytes()[i] == b':')
+}
+
+/// qemu's backing name resolution: relative to the directory of the image naming it.
+pub fn combine(backed: &str, backing: &str) -> String {
+    if backing.starts_with('/') {
+        return backing.to_string();
+    }
+    match backed.rfind('/') {
+        Some(i) => format!("{}{}", &backed[..=i], backing),
+        None => backing.to_string(),
+    }
+}
+
+/// Opens one image file with the given (or probed) format and locks it.
+pub fn open_image(filename: &str, format: Option<Format>, access: Access) -> Result<Layer> {
+    if has_protocol(filename) {
+        return Err(Error::open(
+            filename,
+            Error::Msg("protocols (nbd:, http:, json:...) are not supported; name a local file".into()),
+        ));
+    }
+    let meta = fs::metadata(filename).map_err(|e| Error::open(filename, Error::Msg(os_text(&e))))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Err(Error::open(filename, Error::Msg("Is a directory".into())));
+    }
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(Error::open(filename, Error::Msg("not a regular file or block device".into())));
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(access.writable())
+        .open(filename)
+        .map_err(|e| Error::open(filename, Error::Msg(os_text(&e))))?;
+    lock::lock(&file, filename, access).map_err(|e| Error::open(filename, e))?;
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file, filename));
+    let (format, probed) = match format {
+        Some(f) => (f, false),
+        None => match probe(&*storage).map_err(|e| Error::open(filename, e.into()))? {
+            Probed::Known(f) => (f, true),
+            Probed::Other(name) => {
+                return Err(Error::open(
+                    filename,
+                    Error::Msg(format!("image format '{name}' is not supported by cowimg (qcow2, qed and raw are)")),
+                ))
+            }
+        },
+    };
+    let writable = access.writable();
+    let image: Arc<dyn Image> = match format {
+        Format::Qcow2 => {
+            let opener = |name: &str| -> cowimg_formats::Result<Arc<dyn Storage>> {
+                let path = combine(filename, name);
+                let file = fs::OpenOptions::new().read(true).open(&path).map_err(|e| {
+                    cowimg_formats::Error::io(format!("opening the external data file '{path}'"), e)
+                })?;
+                Ok(Arc::new(FileStorage::new(file, path)))
+            };
+            let opts = qcow2::OpenOptions { writable, data_file: Some(&opener) };
+            Arc::new(Qcow2::open(storage, opts).map_err(|e| Error::open(filename, e.into()))?)
+        }
+        Format::Qed => Arc::new(Qed::open(storage, writable).map_err(|e| Error::open(filename, e.into()))?),
+        Format::Raw => Arc::new(Raw::open(storage, writable).map_err(|e| Error::open(filename, e.into()))?),
+    };
+    Ok(Layer { image, filename: filename.to_string(), format, probed })
+}
+
+/// The text of an OS error without Rust's "(os error N)" suffix, as qemu words it.
+pub fn os_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Parses a format name given on the command line or recorded in an image.
+pub fn parse_format(name: &str) -> Result<Format> {
+    Format::from_name(name).ok_or_else(|| {
+        Error::Usage(format!("Unknown file format '{name}' (cowimg handles qcow2, qed and raw)"))
+    })
+}
+
+impl Chain {
+    pub fn open(filename: &str, opts: OpenOptions) -> Result<Chain> {
+        let top = open_image(filename, opts.format, opts.access)?;
+        let mut chain = Chain { layers: vec![top] };
+        if opts.backing {
+            chain.open_backing(if opts.force_share { Access::ReadShared } else { Access::Read })?;
+        }
+        Ok(chain)
+    }
+
+    /// Opens the backing files below the current bottom layer.
+    fn open_backing(&mut self, access: Access) -> Result<()> {
+        let mut seen: HashSet<PathBuf> = self.layers.iter().filter_map(|l| canonical(&l.filename)).collect();
+        loop {
+            let cur = self.layers.last().expect("a chain has a top");
+            let Some(backing) = cur.image.backing() else { return Ok(()) };
+            let full = combine(&cur.filename, &backing.name);
+            let wrap = |e: Error| Error::open(&cur.filename, Error::Msg(format!("Could not open backing file: {e}")));
+            if self.layers.len() > MAX_DEPTH {
+                return Err(wrap(Error::Msg(format!("the backing chain is deeper than {MAX_DEPTH} images"))));
+            }
+            if let Some(c) = canonical(&full) {
+                if !seen.insert(c) {
+                    return Err(wrap(Error::Msg(format!(
+                        "'{full}' is already in the chain above: the backing files form a loop"
+                    ))));
+                }
+            }
+            let format = match backing.format.as_deref() {
+                Some(f) => Some(Format::from_name(f).ok_or_else(|| {
+                    wrap(Error::Msg(format!("the recorded backing format '{f}' is not supported by cowimg")))
+                })?),
+                None => None,
+            };
+            let layer = open_image(&full, format, access).map_err(wrap)?;
+            self.layers.push(layer);
+        }
+    }
+
+    pub fn top(&self) -> &Layer {
+        &self.layers[0]
+    }
+
+    pub fn size(&self) -> u64 {
+        self.top().size()
+    }
+
+    /// Guest data of the top image.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_from(0, offset, buf)
+    }
+
+    /// Guest data as layer `i` and those below it read it; zeros past a layer's end.
+    pub fn read_from(&self, i: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(layer) = self.layers.get(i) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let img = &*layer.image;
+        let size = img.virtual_size();
+        let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[inside..].fill(0);
+        if inside == 0 {
+            return Ok(());
+        }
+        let err = |e| Error::image(&layer.filename, e);
+        for run in img.map(offset, inside as u64).map_err(err)? {
+            let a = (run.start - offset) as usize;
+            let out = &mut buf[a..a + run.len as usize];
+            match run.alloc {
+                Alloc::Data { host } => img.read_host(host, out).map_err(err)?,
+                Alloc::Zero { .. } => out.fill(0),
+                Alloc::Compressed { host, len } => {
+                    let cs = img.cluster_size().unwrap_or(512);
+                    let mut cluster = vec![0u8; cs as usize];
+                    img.read_compressed(host, len, &mut cluster).map_err(err)?;
+                    let intra = (run.start % cs) as usize;
+                    out.copy_from_slice(&cluster[intra..intra + run.len as usize]);
+                }
+                Alloc::Unallocated => self.read_from(i + 1, run.start, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// A reader of what lies below layer `i`.
+    pub fn below(&self, i: usize) -> Below<'_> {
+        Below { chain: self, from: i + 1 }
+    }
+
+    /// The layer whose image file is `path` (compared by resolved path).
+    pub fn find(&self, path: &str) -> Option<usize> {
+        let want = canonical(path)?;
+        self.layers.iter().position(|l| canonical(&l.filename).as_ref() == Some(&want))
+    }
+}
+
+/// Reads the chain from a given layer down (for completing partial clusters).
+pub struct Below<'a> {
+    chain: &'a Chain,
+    from: usize,
+}
+
+impl ReadBelow for Below<'_> {
+    fn read_below(&self, offset: u64, buf: &mut [u8]) -> cowimg_formats::Result<()> {
+        self.chain.read_from(self.from, offset, buf).map_err(|e| match e {
+            Error::Image { source, .. } => source,
+            other => cowimg_formats::Error::Invalid(other.to_string()),
+        })
+    }
+}
+
+fn canonical(path: &str) -> Option<PathBuf> {
+    fs::canonicalize(Path::new(path)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_resolve_against_the_naming_image() {
+        assert_eq!(combine("sub/ov.qcow2", "../base.raw"), "sub/../base.raw");
+        assert_eq!(combine("ov.qcow2", "base.raw"), "base.raw");
+        assert_eq!(combine("/a/b/c.qcow2", "/abs/base"), "/abs/base");
+        assert_eq!(combine("/a/b/c.qcow2", "d/e"), "/a/b/d/e");
+    }
+
+    #[test]
+    fn protocols_are_recognised_like_qemu() {
+        assert!(has_protocol("nbd://host/x"));
+        assert!(has_protocol("json:{}"));
+        assert!(!has_protocol("dir/with:colon"));
+        assert!(!has_protocol("plain.qcow2"));
+    }
+}

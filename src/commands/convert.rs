@@ -1,0 +1,83 @@
+//! `cowimg convert`: reads an image through its chain and writes a new standalone image,
+//! in parallel, skipping zeros; the output appears under its name only once complete.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use cowimg_formats::{Format, ZerosBelow};
+
+use crate::chain::{open_image, Chain, OpenOptions};
+use crate::commands::create::ImageOptions;
+use crate::commands::map::entries;
+use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
+use crate::error::Result;
+use crate::lock::Access;
+use crate::output::Output;
+use crate::progress::{Mode, Reporter};
+use crate::ratelimit::RateLimiter;
+
+pub struct Args {
+    pub src: String,
+    pub dst: String,
+    pub format: Option<Format>,
+    pub out_format: Format,
+    pub options: Vec<String>,
+    pub progress: Mode,
+    pub jobs: usize,
+    pub force_share: bool,
+}
+
+pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
+    let chain = Chain::open(&a.src, OpenOptions::read(a.format, a.force_share))?;
+    let size = chain.size();
+    let mut o = ImageOptions::default();
+    for list in &a.options {
+        o.apply(a.out_format, list)?;
+    }
+    let spec = o.spec(a.out_format, size, None, false)?;
+    spec.validate()?;
+    // qemu-img convert replaces an existing destination; cowimg does too, atomically.
+    let out = Output::begin(&a.dst, true)?;
+    out.create(&spec)?;
+    let target = open_image(&out.tmp_name(), Some(a.out_format), Access::Write)?;
+
+    // Copy what the source holds; ranges that read as zero stay unallocated.
+    let extents: Vec<Extent> = entries(&chain, 0, size)?
+        .into_iter()
+        .filter(|e| !e.zero)
+        .map(|e| Extent { start: e.start, len: e.length, action: Action::Copy })
+        .collect();
+    let counters = Arc::new(Counters::default());
+    let limiter = RateLimiter::new(0);
+    let reporter = Reporter::start(a.progress, size, 0, counters.clone());
+    let copier = Copier {
+        source: &chain,
+        source_layer: 0,
+        target: &*target.image,
+        target_name: &a.dst,
+        below: &ZerosBelow,
+        zero_data: ZeroData::Skip,
+        limiter: &limiter,
+        cancel,
+        counters: &counters,
+        jobs: a.jobs,
+    };
+    let result = copier.run(&coalesce(extents));
+    reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
+    result?;
+    drop(target);
+    out.persist()?;
+    Ok(0)
+}
+
+/// Joins extents that continue each other, so chunks are as large as possible.
+pub fn coalesce(extents: Vec<Extent>) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
+    for e in extents {
+        match out.last_mut() {
+            Some(l) if l.action == e.action && l.start + l.len == e.start => l.len += e.len,
+            _ => out.push(e),
+        }
+    }
+    out
+}

@@ -1,0 +1,20 @@
+//! The commands: each parses nothing itself (that is `main`), calls the library, prints, and
+//! returns its exit status.
+
+pub mod compare;
+pub mod convert;
+pub mod create;
+pub mod info;
+pub mod map;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// JSON with 4-space indentation, as qemu-img prints it.
+pub fn pretty_json(v: &Value) -> String {
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    v.serialize(&mut ser).expect("serialising a Value cannot fail");
+    String::from_utf8(out).expect("JSON is UTF-8")
+}

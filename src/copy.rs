@@ -1,0 +1,160 @@
+//! The copy engine shared by `convert`, `stream` and `rebase`: copies planned extents from a
+//! source chain into a target image with rayon workers, detects zeros, honours the rate cap
+//! and stops cleanly on request.
+//!
+//! Work is cut into chunks (aligned to the target's allocation unit) and grouped into batches;
+//! workers copy a batch in parallel, then the target commits it (crash-safe, see the formats
+//! crate). An interruption therefore loses at most the batch in flight, and what was committed
+//! stays: re-running resumes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use cowimg_formats::{is_zero, Image, ReadBelow};
+use rayon::prelude::*;
+
+use crate::chain::Chain;
+use crate::error::{Error, Result};
+use crate::ratelimit::RateLimiter;
+
+/// Largest piece one worker copies at a time.
+const CHUNK: u64 = 2 << 20;
+/// Data copied between two commits when unthrottled.
+const BATCH: u64 = 512 << 20;
+/// Longest a batch should take under a rate cap, so that an interruption loses little.
+const BATCH_TIME: Duration = Duration::from_secs(2);
+
+/// What to do with a guest range of the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Copy what the source reads there.
+    Copy,
+    /// Make it read as zeros, hiding whatever lies below.
+    Zero,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub start: u64,
+    pub len: u64,
+    pub action: Action,
+}
+
+/// Counters shown by progress reporters, updated by the workers.
+#[derive(Default)]
+pub struct Counters {
+    /// Guest bytes dealt with (copied, zeroed or found already done).
+    pub done: AtomicU64,
+    /// Bytes of data written into the target.
+    pub copied: AtomicU64,
+}
+
+/// Zero data found in a copied range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroData {
+    /// Leave it unallocated (nothing below the target shows through).
+    Skip,
+    /// Store it as zero clusters (something below would show through otherwise).
+    Mark,
+}
+
+pub struct Copier<'a> {
+    pub source: &'a Chain,
+    /// Layer of `source` the data is read from (layers below it show through).
+    pub source_layer: usize,
+    pub target: &'a dyn Image,
+    pub target_name: &'a str,
+    /// What the target's unallocated ranges read (to complete partially written clusters).
+    pub below: &'a dyn ReadBelow,
+    pub zero_data: ZeroData,
+    pub limiter: &'a RateLimiter,
+    pub cancel: &'a AtomicBool,
+    pub counters: &'a Counters,
+    pub jobs: usize,
+}
+
+impl Copier<'_> {
+    /// Copies `extents` (sorted, disjoint, aligned to the target's allocation unit except at
+    /// the image's end). Everything copied is committed, also when stopped or failing.
+    pub fn run(&self, extents: &[Extent]) -> Result<()> {
+        let unit = self.target.allocation_unit().max(512);
+        let chunk = CHUNK.div_ceil(unit) * unit;
+        let chunks: Vec<Extent> = extents
+            .iter()
+            .flat_map(|e| {
+                let step = if e.action == Action::Zero { u64::MAX / 2 } else { chunk };
+                (0..e.len.div_ceil(step)).map(move |i| Extent {
+                    start: e.start + i * step,
+                    len: step.min(e.len - i * step),
+                    action: e.action,
+                })
+            })
+            .collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.jobs.max(1))
+            .build()
+            .map_err(|e| Error::Msg(format!("starting worker threads: {e}")))?;
+        let batch_bytes = if self.limiter.unlimited() {
+            BATCH
+        } else {
+            // About BATCH_TIME worth of copying at the cap.
+            (self.limiter.rate() * BATCH_TIME.as_secs()).clamp(chunk, BATCH)
+        };
+        let mut i = 0;
+        while i < chunks.len() {
+            let mut j = i;
+            let mut bytes = 0;
+            while j < chunks.len() && (bytes < batch_bytes || j == i) {
+                if chunks[j].action == Action::Copy {
+                    bytes += chunks[j].len;
+                }
+                j += 1;
+            }
+            let result = pool.install(|| chunks[i..j].par_iter().try_for_each(|c| self.copy_chunk(c, unit)));
+            let committed = self.target.commit().map_err(|e| Error::image(self.target_name, e));
+            result?;
+            committed?;
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted(0));
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn copy_chunk(&self, c: &Extent, unit: u64) -> Result<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let below = self.below;
+        let err = |e| Error::image(self.target_name, e);
+        if c.action == Action::Zero {
+            self.target.write_zeroes(c.start, c.len, below).map_err(err)?;
+            self.counters.done.fetch_add(c.len, Ordering::Relaxed);
+            return Ok(());
+        }
+        let mut buf = vec![0u8; c.len as usize];
+        self.source.read_from(self.source_layer, c.start, &mut buf)?;
+        // Split into runs of zero and non-zero allocation units.
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let unit_end = |p: usize| (((c.start + p as u64) / unit + 1) * unit - c.start).min(buf.len() as u64) as usize;
+            let zero = is_zero(&buf[pos..unit_end(pos)]);
+            let mut end = unit_end(pos);
+            while end < buf.len() && is_zero(&buf[end..unit_end(end)]) == zero {
+                end = unit_end(end);
+            }
+            let at = c.start + pos as u64;
+            if !zero {
+                self.limiter.wait((end - pos) as u64);
+                self.target.write(at, &buf[pos..end], below).map_err(err)?;
+                self.counters.copied.fetch_add((end - pos) as u64, Ordering::Relaxed);
+            } else if self.zero_data == ZeroData::Mark {
+                self.target.write_zeroes(at, (end - pos) as u64, below).map_err(err)?;
+            }
+            pos = end;
+        }
+        self.counters.done.fetch_add(c.len, Ordering::Relaxed);
+        Ok(())
+    }
+}

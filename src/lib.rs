@@ -1,0 +1,15 @@
+//! cowimg: a qemu-img-like tool for QEMU disk images, built around copy-on-read and image
+//! streaming. The on-disk formats live in the `cowimg-formats` crate; this crate holds
+//! backing chains, the copy engine, and the commands.
+
+pub mod chain;
+pub mod commands;
+pub mod copy;
+pub mod error;
+pub mod lock;
+pub mod output;
+pub mod progress;
+pub mod ratelimit;
+pub mod size;
+
+pub use error::{Error, Result};

@@ -1,0 +1,266 @@
+//! The `cowimg` command line.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use cowimg::chain::parse_format;
+use cowimg::commands::{compare, convert, create, info, map};
+use cowimg::error::{Error, Result};
+use cowimg::progress::Mode;
+use cowimg::size::parse_size;
+use cowimg_formats::Format;
+
+#[derive(Parser)]
+#[command(name = "cowimg", version, about = "QEMU disk images (qcow2, QED, raw): create, inspect, check, rebase and stream backing chains")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new image, optionally over a backing file.
+    Create {
+        /// Image format: qcow2, qed or raw.
+        #[arg(short = 'f', long = "format", default_value = "raw")]
+        format: String,
+        /// Backing file (stored as given; a relative name is relative to FILE's directory).
+        #[arg(short = 'b', long = "backing")]
+        backing: Option<String>,
+        /// Format of the backing file (required with -b, as in qemu-img).
+        #[arg(short = 'F', long = "backing-format")]
+        backing_format: Option<String>,
+        /// Format options, qemu-img style: cluster_size=64K,compat=v3,lazy_refcounts=on,...
+        #[arg(short = 'o', long = "options")]
+        options: Vec<String>,
+        /// Cluster size (same as -o cluster_size=).
+        #[arg(long)]
+        cluster_size: Option<String>,
+        /// Store cowimg's copy-on-read flag: reads through cowimg copy backing data in.
+        #[arg(long)]
+        copy_on_read: bool,
+        /// Do not open the backing file (then SIZE is required).
+        #[arg(short = 'u')]
+        unsafe_backing: bool,
+        /// Replace FILE if it exists (refused by default).
+        #[arg(long)]
+        force: bool,
+        #[arg(short = 'q', long)]
+        quiet: bool,
+        file: String,
+        /// Virtual size (K, M, G, T suffixes); defaults to the backing file's size.
+        size: Option<String>,
+    },
+    /// Show an image's format, size, backing file and format-specific facts.
+    Info {
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Show every image of the backing chain.
+        #[arg(long)]
+        backing_chain: bool,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Read even if another process is writing the image (force share).
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        file: String,
+    },
+    /// Show where each guest range of an image comes from.
+    Map {
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        #[arg(long, default_value = "0")]
+        start_offset: String,
+        #[arg(long)]
+        max_length: Option<String>,
+        file: String,
+    },
+    /// Compare the guest contents of two images.
+    Compare {
+        #[arg(short = 'f')]
+        format_a: Option<String>,
+        #[arg(short = 'F')]
+        format_b: Option<String>,
+        /// Strict: sizes and allocation must match too.
+        #[arg(short = 's')]
+        strict: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        a: String,
+        b: String,
+    },
+    /// Write an image's guest contents (through its chain) to a new standalone image.
+    Convert {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format: raw, qcow2 or qed.
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Show a progress bar.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Progress as JSON lines on stderr.
+        #[arg(long, value_name = "json")]
+        progress_format: Option<String>,
+        /// Copy workers (default: number of cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        src: String,
+        dst: String,
+    },
+}
+
+fn fmt_opt(s: &Option<String>) -> Result<Option<Format>> {
+    s.as_deref().map(parse_format).transpose()
+}
+
+fn size_arg(s: &str) -> Result<u64> {
+    parse_size(s).ok_or_else(|| Error::Usage(format!("Invalid size '{s}'")))
+}
+
+fn jobs(j: Option<usize>) -> usize {
+    j.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
+/// Runs a command; returns its exit status and whether errors use compare's status 2.
+fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
+    match cmd {
+        Command::Create {
+            format,
+            backing,
+            backing_format,
+            options,
+            cluster_size,
+            copy_on_read,
+            unsafe_backing,
+            force,
+            quiet,
+            file,
+            size,
+        } => {
+            let r = parse_format(&format).and_then(|format| {
+                create::run(&create::Args {
+                    file,
+                    size,
+                    format,
+                    backing,
+                    backing_format,
+                    options,
+                    cluster_size,
+                    copy_on_read,
+                    unsafe_backing,
+                    force,
+                    quiet,
+                })
+            });
+            (r, 1)
+        }
+        Command::Info { format, backing_chain, output, force_share, file } => {
+            let r = fmt_opt(&format).and_then(|format| {
+                info::run(&info::Args { file, format, backing_chain, json: matches!(output, Output::Json), force_share })
+            });
+            (r, 1)
+        }
+        Command::Map { format, output, force_share, start_offset, max_length, file } => {
+            let r = (|| {
+                map::run(&map::Args {
+                    file,
+                    format: fmt_opt(&format)?,
+                    json: matches!(output, Output::Json),
+                    force_share,
+                    start: size_arg(&start_offset)?,
+                    max_length: max_length.as_deref().map(size_arg).transpose()?,
+                })
+            })();
+            (r, 1)
+        }
+        Command::Compare { format_a, format_b, strict, quiet, force_share, a, b } => {
+            let r = (|| {
+                compare::run(&compare::Args {
+                    a,
+                    b,
+                    format_a: fmt_opt(&format_a)?,
+                    format_b: fmt_opt(&format_b)?,
+                    strict,
+                    quiet,
+                    force_share,
+                })
+            })();
+            (r, 2)
+        }
+        Command::Convert { format, out_format, options, progress, progress_format, jobs: j, force_share, src, dst } => {
+            let r = (|| {
+                let json = match progress_format.as_deref() {
+                    None => false,
+                    Some("json") => true,
+                    Some(other) => return Err(Error::Usage(format!("--progress-format expects 'json', not '{other}'"))),
+                };
+                convert::run(
+                    &convert::Args {
+                        src,
+                        dst,
+                        format: fmt_opt(&format)?,
+                        out_format: parse_format(&out_format)?,
+                        options,
+                        progress: Mode::choose(json, progress, !progress),
+                        jobs: jobs(j),
+                        force_share,
+                    },
+                    cancel,
+                )
+            })();
+            (r, 1)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // SIGINT and SIGTERM ask the running job to stop at the next chunk and commit what it
+    // copied; a second signal falls back to the default action.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let signal = Arc::new(AtomicI32::new(0));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let (c, s) = (cancel.clone(), signal.clone());
+        // SAFETY: the handler only stores to atomics, which is async-signal-safe.
+        let _ = unsafe {
+            signal_hook::low_level::register(sig, move || {
+                if c.swap(true, Ordering::SeqCst) {
+                    signal_hook::low_level::emulate_default_handler(sig).ok();
+                }
+                s.store(sig, Ordering::SeqCst);
+            })
+        };
+    }
+    let (result, error_status) = dispatch(cli.command, &cancel);
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(Error::Interrupted(_)) => {
+            let sig = signal.load(Ordering::SeqCst);
+            eprintln!("cowimg: interrupted; what was copied is kept: run the same command again to finish");
+            ExitCode::from(if sig == signal_hook::consts::SIGTERM { 143 } else { 130 })
+        }
+        Err(e) => {
+            eprintln!("cowimg: {e}");
+            ExitCode::from(error_status as u8)
+        }
+    }
+}

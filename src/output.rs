@@ -1,0 +1,135 @@
+//! New output files (`create`, `convert`): written under a temporary name beside the
+//! destination, synced, then renamed into place, so an interrupted run never leaves a
+//! half-written destination. A temporary file left by a killed run is removed by the next run.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use cowimg_formats::{qcow2, qed, FileStorage, Format};
+
+use crate::chain::os_text;
+use crate::error::{Error, Result};
+use crate::lock::{self, Access};
+
+/// What to create.
+#[derive(Clone, Debug)]
+pub enum Spec {
+    Qcow2(qcow2::create::Options),
+    Qed(qed::create::Options),
+    Raw { size: u64 },
+}
+
+impl Spec {
+    pub fn format(&self) -> Format {
+        match self {
+            Spec::Qcow2(_) => Format::Qcow2,
+            Spec::Qed(_) => Format::Qed,
+            Spec::Raw { .. } => Format::Raw,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Spec::Qcow2(o) => qcow2::create::validate(o)?,
+            Spec::Qed(o) => qed::create::validate(o)?,
+            Spec::Raw { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// A destination being written.
+pub struct Output {
+    pub dst: PathBuf,
+    pub tmp: PathBuf,
+    persisted: bool,
+}
+
+impl Output {
+    /// Prepares to write `dst`: refuses a destination another process holds, clears a
+    /// temporary file an earlier, killed run left.
+    pub fn begin(dst: &str, overwrite: bool) -> Result<Output> {
+        let dst_path = PathBuf::from(dst);
+        let name = dst_path
+            .file_name()
+            .ok_or_else(|| Error::Usage(format!("'{dst}' is not a file name")))?
+            .to_string_lossy()
+            .into_owned();
+        let dir = dst_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(Error::Msg(format!("Could not create '{dst}': No such file or directory")));
+        }
+        let tmp = dir.join(format!(".{name}.cowimg-partial"));
+        if let Ok(meta) = fs::symlink_metadata(&dst_path) {
+            if !overwrite {
+                return Err(Error::Usage(format!(
+                    "'{dst}' already exists; pass --force to replace it (qemu-img would silently truncate it)"
+                )));
+            }
+            if meta.is_dir() {
+                return Err(Error::Msg(format!("Could not create '{dst}': Is a directory")));
+            }
+            // Never replace an image that a running QEMU or another tool holds.
+            let f = fs::OpenOptions::new().read(true).write(true).open(&dst_path).map_err(|e| {
+                Error::Msg(format!("Could not create '{dst}': {}", os_text(&e)))
+            })?;
+            lock::lock(&f, dst, Access::Write)?;
+        }
+        if tmp.exists() {
+            let f = fs::OpenOptions::new().read(true).write(true).open(&tmp).map_err(|e| Error::io(format!("opening '{}'", tmp.display()), e))?;
+            lock::lock(&f, &tmp.to_string_lossy(), Access::Write).map_err(|_| {
+                Error::Msg(format!("another cowimg is writing '{dst}' (its temporary file '{}' is in use)", tmp.display()))
+            })?;
+            drop(f);
+            fs::remove_file(&tmp).map_err(|e| Error::io(format!("removing the leftover '{}'", tmp.display()), e))?;
+        }
+        Ok(Output { dst: dst_path, tmp, persisted: false })
+    }
+
+    pub fn tmp_name(&self) -> String {
+        self.tmp.to_string_lossy().into_owned()
+    }
+
+    /// Creates the empty image in the temporary file (synced).
+    pub fn create(&self, spec: &Spec) -> Result<()> {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&self.tmp)
+            .map_err(|e| Error::Msg(format!("Could not create '{}': {}", self.dst.display(), os_text(&e))))?;
+        lock::lock(&file, &self.tmp_name(), Access::Write)?;
+        let s = FileStorage::new(file, &self.tmp);
+        let err = |e| Error::image(&self.dst.to_string_lossy(), e);
+        match spec {
+            Spec::Qcow2(o) => qcow2::create::create(&s, o).map_err(err)?,
+            Spec::Qed(o) => qed::create::create(&s, o).map_err(err)?,
+            Spec::Raw { size } => {
+                use cowimg_formats::Storage;
+                s.set_len(*size).map_err(|e| Error::io("sizing the new image", e))?;
+                s.sync().map_err(|e| Error::io("syncing the new image", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Renames the finished (and synced) temporary file into place and syncs the directory.
+    pub fn persist(mut self) -> Result<()> {
+        fs::rename(&self.tmp, &self.dst)
+            .map_err(|e| Error::io(format!("renaming the new image into '{}'", self.dst.display()), e))?;
+        self.persisted = true;
+        let dir = self.dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}

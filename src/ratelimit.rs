@@ -1,0 +1,91 @@
+//! A token bucket for `--speed`, shared by all copy workers.
+//!
+//! QEMU's block-job limiter: time is cut into 100 ms slices with a quota of speed/10 bytes;
+//! a request that exceeds the quota stretches the slice in proportion, so one large request
+//! is paid back over the following slices and the long-run average is the cap. The contract
+//! is nbdkit's: [`RateLimiter::take`] returns how long the caller must sleep first.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const SLICE: Duration = Duration::from_millis(100);
+
+pub struct RateLimiter {
+    /// Bytes per slice; 0 = unlimited.
+    quota: u64,
+    state: Mutex<State>,
+}
+
+struct State {
+    slice_start: Instant,
+    slice_end: Instant,
+    dispatched: u64,
+}
+
+impl RateLimiter {
+    /// A limiter of `bytes_per_sec` (0 = unlimited).
+    pub fn new(bytes_per_sec: u64) -> RateLimiter {
+        let quota = if bytes_per_sec == 0 { 0 } else { (bytes_per_sec / 10).max(1) };
+        let now = Instant::now();
+        RateLimiter { quota, state: Mutex::new(State { slice_start: now, slice_end: now, dispatched: 0 }) }
+    }
+
+    pub fn unlimited(&self) -> bool {
+        self.quota == 0
+    }
+
+    /// The cap in bytes per second (0 = unlimited).
+    pub fn rate(&self) -> u64 {
+        self.quota * 10
+    }
+
+    /// Accounts `bytes` about to be copied; returns the time to wait before copying them.
+    pub fn take(&self, bytes: u64) -> Duration {
+        if self.quota == 0 {
+            return Duration::ZERO;
+        }
+        let now = Instant::now();
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if now >= s.slice_end {
+            s.slice_start = now;
+            s.slice_end = now + SLICE;
+            s.dispatched = 0;
+        }
+        s.dispatched += bytes;
+        if s.dispatched <= self.quota {
+            return Duration::ZERO;
+        }
+        // Stretch the slice so the debt is paid back at the quota's rate.
+        let slices = s.dispatched as f64 / self.quota as f64;
+        s.slice_end = s.slice_start + SLICE.mul_f64(slices);
+        s.slice_end.saturating_duration_since(now)
+    }
+
+    /// Waits until `bytes` may be copied.
+    pub fn wait(&self, bytes: u64) {
+        let d = self.take(bytes);
+        if !d.is_zero() {
+            std::thread::sleep(d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debt_is_paid_in_proportion() {
+        let r = RateLimiter::new(10 << 20);
+        assert!(r.take(512 << 10).is_zero());
+        // 1 MiB quota per slice; 3 MiB more makes four slices' worth: about 300 ms more.
+        let d = r.take(3 << 20);
+        assert!(d > Duration::from_millis(250) && d <= Duration::from_millis(400), "{d:?}");
+    }
+
+    #[test]
+    fn zero_means_unlimited() {
+        let r = RateLimiter::new(0);
+        assert!(r.take(u64::MAX / 2).is_zero());
+    }
+}
