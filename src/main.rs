@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use cowimg::chain::parse_format;
-use cowimg::commands::{compare, convert, create, info, map};
+use cowimg::commands::{check, compare, convert, create, info, map};
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
 use cowimg::size::parse_size;
-use cowimg_formats::Format;
+use cowimg_formats::{CheckMode, Format};
 
 #[derive(Parser)]
 #[command(name = "cowimg", version, about = "QEMU disk images (qcow2, QED, raw): create, inspect, check, rebase and stream backing chains")]
@@ -69,6 +69,21 @@ enum Command {
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
         /// Read even if another process is writing the image (force share).
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        file: String,
+    },
+    /// Check an image's metadata for errors and leaks, optionally repairing them.
+    Check {
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Repair: `leaks` frees leaked clusters, `all` fixes errors too.
+        #[arg(short = 'r', long = "repair")]
+        repair: Option<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        #[arg(short = 'q', long)]
+        quiet: bool,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         file: String,
@@ -177,6 +192,29 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             let r = fmt_opt(&format).and_then(|format| {
                 info::run(&info::Args { file, format, backing_chain, json: matches!(output, Output::Json), force_share })
             });
+            (r, 1)
+        }
+        Command::Check { format, repair, output, quiet, force_share, file } => {
+            let r = (|| {
+                let repair = match repair.as_deref() {
+                    None => CheckMode::ReadOnly,
+                    Some("leaks") => CheckMode::RepairLeaks,
+                    Some("all") => CheckMode::RepairAll,
+                    Some(other) => {
+                        return Err(Error::Usage(format!(
+                            "--repair (-r) expects 'leaks' or 'all' not '{other}'\nTry 'cowimg check --help' for more info"
+                        )))
+                    }
+                };
+                check::run(&check::Args {
+                    file,
+                    format: fmt_opt(&format)?,
+                    repair,
+                    json: matches!(output, Output::Json),
+                    quiet,
+                    force_share,
+                })
+            })();
             (r, 1)
         }
         Command::Map { format, output, force_share, start_offset, max_length, file } => {
