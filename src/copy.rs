@@ -8,6 +8,7 @@
 //! stays: re-running resumes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use cowimg_formats::{is_zero, Image, ReadBelow};
@@ -23,6 +24,15 @@ const CHUNK: u64 = 2 << 20;
 const BATCH: u64 = 512 << 20;
 /// Longest a batch should take under a rate cap, so that an interruption loses little.
 const BATCH_TIME: Duration = Duration::from_secs(2);
+
+/// Test hook for the crash tests: `COWIMG_TEST_ABORT_AFTER_CHUNKS=N` aborts the process (as a
+/// kill would) once N chunks have been written, whether or not their batch was committed.
+fn fault_hook() -> Option<u64> {
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    *LIMIT.get_or_init(|| std::env::var("COWIMG_TEST_ABORT_AFTER_CHUNKS").ok().and_then(|v| v.parse().ok()))
+}
+
+static CHUNKS_DONE: AtomicU64 = AtomicU64::new(0);
 
 /// What to do with a guest range of the target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +165,11 @@ impl Copier<'_> {
             pos = end;
         }
         self.counters.done.fetch_add(c.len, Ordering::Relaxed);
+        if let Some(limit) = fault_hook() {
+            if CHUNKS_DONE.fetch_add(1, Ordering::SeqCst) + 1 >= limit {
+                std::process::abort();
+            }
+        }
         Ok(())
     }
 }

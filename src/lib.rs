@@ -11,5 +11,6 @@ pub mod output;
 pub mod progress;
 pub mod ratelimit;
 pub mod size;
+pub mod stream;
 
 pub use error::{Error, Result};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use cowimg::chain::parse_format;
-use cowimg::commands::{check, compare, convert, create, info, map};
+use cowimg::commands::{check, compare, convert, create, info, map, stream};
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
 use cowimg::size::parse_size;
@@ -118,6 +118,36 @@ enum Command {
         a: String,
         b: String,
     },
+    /// Copy into FILE what its backing chain provides above BASE, then make BASE its backing
+    /// file (none without --base). Safe to interrupt; running it again resumes.
+    Stream {
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// The backing file to keep (matched by resolved path); default: none.
+        #[arg(short = 'b', long)]
+        base: Option<String>,
+        /// Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited).
+        #[arg(long, default_value = "0")]
+        speed: String,
+        /// Copy workers (default: number of cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Show a progress bar even when stderr is not a terminal.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Progress as JSON lines on stderr: --progress json.
+        #[arg(long = "progress", value_name = "json")]
+        progress_format: Option<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Stream only the range starting here (never changes the backing file).
+        #[arg(long)]
+        offset: Option<String>,
+        /// Length of the range to stream.
+        #[arg(long)]
+        length: Option<String>,
+        file: String,
+    },
     /// Write an image's guest contents (through its chain) to a new standalone image.
     Convert {
         #[arg(short = 'f')]
@@ -130,8 +160,8 @@ enum Command {
         /// Show a progress bar.
         #[arg(short = 'p')]
         progress: bool,
-        /// Progress as JSON lines on stderr.
-        #[arg(long, value_name = "json")]
+        /// Progress as JSON lines on stderr: --progress json.
+        #[arg(long = "progress", value_name = "json")]
         progress_format: Option<String>,
         /// Copy workers (default: number of cores).
         #[arg(long)]
@@ -149,6 +179,14 @@ fn fmt_opt(s: &Option<String>) -> Result<Option<Format>> {
 
 fn size_arg(s: &str) -> Result<u64> {
     parse_size(s).ok_or_else(|| Error::Usage(format!("Invalid size '{s}'")))
+}
+
+fn progress_json(v: Option<&str>) -> Result<bool> {
+    match v {
+        None => Ok(false),
+        Some("json") => Ok(true),
+        Some(other) => Err(Error::Usage(format!("--progress expects 'json', not '{other}'"))),
+    }
 }
 
 fn jobs(j: Option<usize>) -> usize {
@@ -244,13 +282,30 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             })();
             (r, 2)
         }
+        Command::Stream { format, base, speed, jobs: j, progress, progress_format, output, offset, length, file } => {
+            let r = (|| {
+                let json = progress_json(progress_format.as_deref())?;
+                let json_out = matches!(output, Output::Json);
+                stream::run(
+                    &stream::Args {
+                        file,
+                        format: fmt_opt(&format)?,
+                        base,
+                        speed: size_arg(&speed)?,
+                        jobs: jobs(j),
+                        progress: Mode::choose(json, progress, json_out),
+                        json: json_out,
+                        offset: offset.as_deref().map(size_arg).transpose()?,
+                        length: length.as_deref().map(size_arg).transpose()?,
+                    },
+                    cancel,
+                )
+            })();
+            (r, 1)
+        }
         Command::Convert { format, out_format, options, progress, progress_format, jobs: j, force_share, src, dst } => {
             let r = (|| {
-                let json = match progress_format.as_deref() {
-                    None => false,
-                    Some("json") => true,
-                    Some(other) => return Err(Error::Usage(format!("--progress-format expects 'json', not '{other}'"))),
-                };
+                let json = progress_json(progress_format.as_deref())?;
                 convert::run(
                     &convert::Args {
                         src,

@@ -1,0 +1,115 @@
+//! `cowimg stream`: copy into FILE what the layers between it and BASE provide, then make
+//! BASE its backing file (none without `--base`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use cowimg_formats::Format;
+use serde_json::json;
+
+use crate::chain::{Chain, OpenOptions};
+use crate::copy::Counters;
+use crate::error::{Error, Result};
+use crate::progress::{Mode, Reporter};
+use crate::ratelimit::RateLimiter;
+use crate::size::size_to_str;
+use crate::stream::{self, Settings};
+
+pub struct Args {
+    pub file: String,
+    pub format: Option<Format>,
+    pub base: Option<String>,
+    pub speed: u64,
+    pub jobs: usize,
+    pub progress: Mode,
+    pub json: bool,
+    pub offset: Option<u64>,
+    pub length: Option<u64>,
+}
+
+pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
+    let chain = Chain::open(&a.file, OpenOptions::write(a.format))?;
+    let top = chain.top();
+    let size = top.size();
+    let base = match &a.base {
+        None => chain.layers.len(),
+        Some(b) => match chain.find(b) {
+            Some(0) => return Err(Error::Usage(format!("--base '{b}' is the image itself"))),
+            Some(i) => i,
+            None => {
+                let names: Vec<&str> = chain.layers[1..].iter().map(|l| l.filename.as_str()).collect();
+                return Err(Error::Usage(format!(
+                    "'{b}' is not in the backing chain of '{}' (its backing files: {})",
+                    a.file,
+                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                )));
+            }
+        },
+    };
+    if chain.layers.len() == 1 {
+        say(a, &format!("Nothing to stream: '{}' has no backing file.", a.file));
+        return Ok(0);
+    }
+    if base == 1 {
+        let below = chain.layers.get(2).map(|l| l.filename.clone());
+        let hint = match below {
+            Some(_) => format!(
+                "; to drop the layers below it, stream that image itself: cowimg stream {}",
+                chain.layers[1].filename
+            ),
+            None => String::new(),
+        };
+        say(a, &format!("Nothing to stream: '{}' is already the backing file of '{}'{hint}.", chain.layers[1].filename, a.file));
+        return Ok(0);
+    }
+    let partial = a.offset.is_some() || a.length.is_some();
+    let start = a.offset.unwrap_or(0).min(size);
+    let end = a.length.map_or(size, |l| start.saturating_add(l).min(size));
+    let plan = stream::plan(&chain, base, start, end)?;
+    let counters = Arc::new(Counters::default());
+    // Ranges needing nothing count as done from the start, as QEMU's progress counts them.
+    counters.done.store(plan.range_len - plan.work(), Ordering::Relaxed);
+    let limiter = RateLimiter::new(a.speed);
+    let reporter = Reporter::start(a.progress, plan.range_len, a.speed, counters.clone());
+    let started = Instant::now();
+    let settings = Settings { jobs: a.jobs, limiter: &limiter, cancel, counters: &counters, partial };
+    let result = stream::run(&chain, base, &plan, &settings);
+    let elapsed = started.elapsed().as_secs_f64();
+    reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
+    let outcome = result?;
+    let copied = counters.copied.load(Ordering::Relaxed);
+    if a.json {
+        let backing = outcome.backing.as_ref();
+        println!(
+            "{}",
+            crate::commands::pretty_json(&json!({
+                "filename": a.file,
+                "len": plan.range_len,
+                "copied": copied,
+                "elapsed": elapsed,
+                "backing-filename": backing.map(|b| b.name.clone()),
+                "backing-filename-format": backing.and_then(|b| b.format.clone()),
+            }))
+        );
+    } else {
+        let tail = if partial {
+            format!("the range {start}..{end} is streamed; the backing file is unchanged")
+        } else {
+            match &outcome.backing {
+                Some(b) => format!("its backing file is now '{}'", b.name),
+                None => "it is now standalone".to_string(),
+            }
+        };
+        say(a, &format!("Copied {} into '{}' in {elapsed:.2} s; {tail}.", size_to_str(copied), a.file));
+    }
+    Ok(0)
+}
+
+fn say(a: &Args, msg: &str) {
+    if a.json {
+        eprintln!("{msg}");
+    } else {
+        println!("{msg}");
+    }
+}

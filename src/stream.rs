@@ -1,0 +1,228 @@
+//! Streaming: copy into an image what the layers between it and a base provide, then make the
+//! base its backing file. QEMU's block-stream, offline, in parallel and crash-safe.
+//!
+//! The policy reads like QEMU's stream.c: for every range, "allocated in the image itself?"
+//! (then leave it) and otherwise "which layer above the base determines it?" (then copy it,
+//! or mark it zero). What the image must record follows from what the *old* chain reads: data
+//! as data; a zero cluster, or the end of a removed layer shorter than the image, as zeros.
+//! With no base left, ranges that read as zero stay unallocated.
+
+use std::sync::atomic::AtomicBool;
+
+use cowimg_formats::{Alloc, BackingRef};
+
+use crate::chain::{combine, Chain};
+use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
+use crate::error::{Error, Result};
+use crate::ratelimit::RateLimiter;
+
+/// What determines a guest range of the old chain, seen from below the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// Data in a layer being removed.
+    Data,
+    /// Zeros decided by a layer being removed (zero cluster, or past its end).
+    Zeros,
+    /// Nothing above the base: the base (or nothing at all) shows through, unchanged.
+    Base,
+}
+
+/// The plan: extents to copy or zero, aligned to the image's allocation unit.
+pub struct Plan {
+    pub extents: Vec<Extent>,
+    /// Guest bytes the plan covers (the streamed range).
+    pub range_len: u64,
+}
+
+impl Plan {
+    pub fn work(&self) -> u64 {
+        self.extents.iter().map(|e| e.len).sum()
+    }
+}
+
+/// Plans streaming `[start, end)` of layer 0 of `chain`, keeping layer `base` (the chain's
+/// length for none).
+pub fn plan(chain: &Chain, base: usize, start: u64, end: u64) -> Result<Plan> {
+    let top = chain.top();
+    let mut exact: Vec<(u64, u64, Source)> = Vec::new();
+    let runs = top.image.map(start, end - start).map_err(|e| Error::image(&top.filename, e))?;
+    for r in runs.iter().filter(|r| r.alloc == Alloc::Unallocated) {
+        determine(chain, 1, base, r.start, r.end(), &mut exact)?;
+    }
+    let keep_base = base < chain.layers.len();
+    let unit = top.image.allocation_unit().max(512);
+    let mut extents: Vec<Extent> = Vec::new();
+    for (s, e, src) in exact {
+        let action = match src {
+            Source::Data => Action::Copy,
+            Source::Zeros if keep_base => Action::Zero,
+            _ => continue,
+        };
+        // Whole units only. A unit that is only partly decided by removed layers is copied
+        // whole: reading through the old chain gives exactly what the unit reads today.
+        let (a, b) = (s / unit * unit, e.div_ceil(unit) * unit);
+        if action == Action::Zero {
+            let (za, zb) = (s.div_ceil(unit) * unit, e / unit * unit);
+            if za < zb {
+                if a < za {
+                    push(&mut extents, Extent { start: a, len: za - a, action: Action::Copy });
+                }
+                push(&mut extents, Extent { start: za, len: zb - za, action: Action::Zero });
+                if zb < b {
+                    push(&mut extents, Extent { start: zb, len: b - zb, action: Action::Copy });
+                }
+                continue;
+            }
+        }
+        push(&mut extents, Extent { start: a, len: b - a, action: Action::Copy });
+    }
+    // The last unit may pass the end of the image.
+    for e in extents.iter_mut() {
+        e.len = e.len.min(top.size().saturating_sub(e.start));
+    }
+    extents.retain(|e| e.len > 0);
+    Ok(Plan { extents, range_len: end - start })
+}
+
+/// Appends an extent, merging it with the previous one when they touch and agree. A zero
+/// extent covers whole units that nothing else touches, so only copies can overlap (by the
+/// widening of their ends) and they merge.
+fn push(out: &mut Vec<Extent>, e: Extent) {
+    if let Some(last) = out.last_mut() {
+        let last_end = last.start + last.len;
+        debug_assert!(last_end <= e.start || last.action == e.action, "{last:?} overlaps {e:?}");
+        if last.action == e.action && last_end >= e.start {
+            last.len = last_end.max(e.start + e.len) - last.start;
+            return;
+        }
+    }
+    out.push(e);
+}
+
+/// Finds what determines `[start, end)` from layer `i` down, above `base`.
+fn determine(chain: &Chain, i: usize, base: usize, start: u64, end: u64, out: &mut Vec<(u64, u64, Source)>) -> Result<()> {
+    if i >= base || i >= chain.layers.len() {
+        out.push((start, end, Source::Base));
+        return Ok(());
+    }
+    let layer = &chain.layers[i];
+    let inside = end.min(layer.size()).max(start);
+    if inside > start {
+        let runs = layer.image.map(start, inside - start).map_err(|e| Error::image(&layer.filename, e))?;
+        for r in runs {
+            match r.alloc {
+                Alloc::Data { .. } | Alloc::Compressed { .. } => out.push((r.start, r.end(), Source::Data)),
+                Alloc::Zero { .. } => out.push((r.start, r.end(), Source::Zeros)),
+                Alloc::Unallocated => determine(chain, i + 1, base, r.start, r.end(), out)?,
+            }
+        }
+    }
+    if inside < end {
+        // Past the end of a removed layer the old chain reads zeros.
+        out.push((inside, end, Source::Zeros));
+    }
+    Ok(())
+}
+
+/// The backing name to record for `base` in the image: relative to the image's directory
+/// when the chain named it relatively, absolute when it was named absolutely.
+pub fn backing_name(chain: &Chain, base: usize) -> String {
+    let above = &chain.layers[base - 1];
+    let recorded = above.image.backing().map(|b| b.name).unwrap_or_default();
+    let target = &chain.layers[base].filename;
+    if recorded.starts_with('/') {
+        return recorded;
+    }
+    let top = &chain.top().filename;
+    if let Some(rel) = relative_to_image(top, target) {
+        // Make sure the name leads to the same file from the image.
+        let via = combine(top, &rel);
+        if same_file(&via, target) {
+            return rel;
+        }
+    }
+    std::fs::canonicalize(target).map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| target.clone())
+}
+
+fn same_file(a: &str, b: &str) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// `target` (a path as opened) relative to the directory of `image`, lexically.
+fn relative_to_image(image: &str, target: &str) -> Option<String> {
+    use std::path::{Component, Path, PathBuf};
+    let cwd = std::env::current_dir().ok()?;
+    let absolute = |p: &Path| -> PathBuf {
+        let mut out = PathBuf::new();
+        for c in cwd.join(p).components() {
+            match c {
+                Component::ParentDir => {
+                    out.pop();
+                }
+                Component::CurDir => {}
+                other => out.push(other),
+            }
+        }
+        out
+    };
+    let dir = absolute(Path::new(image)).parent()?.to_path_buf();
+    let to = absolute(Path::new(target));
+    let (d, t): (Vec<_>, Vec<_>) = (dir.components().collect(), to.components().collect());
+    let common = d.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut rel = PathBuf::new();
+    for _ in common..d.len() {
+        rel.push("..");
+    }
+    for c in &t[common..] {
+        rel.push(c);
+    }
+    Some(rel.to_string_lossy().into_owned())
+}
+
+/// Settings of one stream run.
+pub struct Settings<'a> {
+    pub jobs: usize,
+    pub limiter: &'a RateLimiter,
+    pub cancel: &'a AtomicBool,
+    pub counters: &'a Counters,
+    /// Streaming only a range never changes the backing file.
+    pub partial: bool,
+}
+
+/// Result of a stream.
+pub struct Outcome {
+    /// The new backing reference (None: standalone); unchanged for a partial stream.
+    pub backing: Option<BackingRef>,
+}
+
+/// Runs a plan and, for a whole-image stream, switches the backing file.
+pub fn run(chain: &Chain, base: usize, plan: &Plan, s: &Settings) -> Result<Outcome> {
+    let top = chain.top();
+    let keep_base = base < chain.layers.len();
+    let copier = Copier {
+        source: chain,
+        source_layer: 1,
+        target: &*top.image,
+        target_name: &top.filename,
+        below: &chain.below(0),
+        zero_data: if keep_base { ZeroData::Mark } else { ZeroData::Skip },
+        limiter: s.limiter,
+        cancel: s.cancel,
+        counters: s.counters,
+        jobs: s.jobs,
+    };
+    copier.run(&plan.extents)?;
+    if s.partial {
+        return Ok(Outcome { backing: top.image.backing() });
+    }
+    // Everything is on disk (committed and synced): only now may the pointer move.
+    let backing = keep_base.then(|| BackingRef {
+        name: backing_name(chain, base),
+        format: Some(chain.layers[base].format.name().to_string()),
+    });
+    top.image.set_backing(backing.as_ref()).map_err(|e| Error::image(&top.filename, e))?;
+    Ok(Outcome { backing: top.image.backing() })
+}
