@@ -32,6 +32,13 @@ fn fault_hook() -> Option<u64> {
     *LIMIT.get_or_init(|| std::env::var("COWIMG_TEST_ABORT_AFTER_CHUNKS").ok().and_then(|v| v.parse().ok()))
 }
 
+/// Test hook: `COWIMG_TEST_BATCH_BYTES` sets the data per commit, so that crash tests see
+/// several commits in a small image.
+fn test_batch_bytes() -> Option<u64> {
+    static BYTES: OnceLock<Option<u64>> = OnceLock::new();
+    *BYTES.get_or_init(|| std::env::var("COWIMG_TEST_BATCH_BYTES").ok().and_then(|v| v.parse().ok()))
+}
+
 static CHUNKS_DONE: AtomicU64 = AtomicU64::new(0);
 
 /// What to do with a guest range of the target.
@@ -104,7 +111,9 @@ impl Copier<'_> {
             .num_threads(self.jobs.max(1))
             .build()
             .map_err(|e| Error::Msg(format!("starting worker threads: {e}")))?;
-        let batch_bytes = if self.limiter.unlimited() {
+        let batch_bytes = if let Some(b) = test_batch_bytes() {
+            b
+        } else if self.limiter.unlimited() {
             BATCH
         } else {
             // About BATCH_TIME worth of copying at the cap.

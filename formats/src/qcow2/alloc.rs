@@ -56,20 +56,51 @@ pub struct Allocator {
     blocks: HashMap<u64, Block>,
 }
 
+/// The highest host cluster whose refcount is not zero.
+fn last_in_use(storage: &dyn Storage, table: &[u64], rgeo: RefGeometry, file_len: u64) -> Result<Option<u64>> {
+    let cs = 1u64 << rgeo.cluster_bits;
+    for (bi, &e) in table.iter().enumerate().rev() {
+        let offset = e & OFFSET_MASK;
+        if offset == 0 {
+            continue;
+        }
+        if offset % cs != 0 || offset + cs > file_len {
+            return Err(Error::Corrupt(format!(
+                "refcount block {bi} at {offset:#x} is misaligned or past the end of the file; \
+                 repair the image with `cowimg check -r all`"
+            )));
+        }
+        let mut block = vec![0u8; cs as usize];
+        read_exact(storage, &mut block, offset, "a refcount block")?;
+        if let Some(idx) = (0..rgeo.entries_per_block() as usize).rev().find(|&i| rgeo.get(&block, i) != 0) {
+            return Ok(Some(bi as u64 * rgeo.entries_per_block() + idx as u64));
+        }
+    }
+    Ok(None)
+}
+
 impl Allocator {
     /// Loads the refcount table of the image described by `h`.
     pub fn load(storage: &dyn Storage, h: &Header, file_len: u64) -> Result<Allocator> {
         let cs = h.cluster_size();
         let mut buf = vec![0u8; h.refcount_table_clusters as usize * cs as usize];
         read_exact(storage, &mut buf, h.refcount_table_offset, "the refcount table")?;
+        let table = table::decode(&buf);
+        let rgeo = RefGeometry { cluster_bits: h.cluster_bits, refcount_order: h.refcount_order };
+        // Append after the last cluster in use. Space behind it has refcount 0: it is free,
+        // typically the data of an interrupted run that never got referenced.
+        let end = match last_in_use(storage, &table, rgeo, file_len)? {
+            Some(c) => (c + 1) * cs,
+            None => align_up(file_len, cs),
+        };
         Ok(Allocator {
-            end: align_up(file_len, cs),
+            end,
             new_clusters: Vec::new(),
             frees: Vec::new(),
             data_written: false,
-            rgeo: RefGeometry { cluster_bits: h.cluster_bits, refcount_order: h.refcount_order },
+            rgeo,
             cluster_size: cs,
-            table: table::decode(&buf),
+            table,
             table_offset: h.refcount_table_offset,
             table_clusters: h.refcount_table_clusters,
             table_dirty: BTreeSet::new(),

@@ -56,9 +56,48 @@ impl Qed {
             write_all(&*self.storage, &m.header.encode(), 0, "the header")?;
             sync(&*self.storage)?;
         }
+        // Allocation appends. Clusters past the last referenced one are leaks of an
+        // interrupted writer (ours or qemu's): give the space back before appending, so an
+        // interruption does not leave a leak that QED could never reclaim.
         let cs = m.header.cluster_size;
-        m.alloc = Some(Allocator { end: align_up(m.file_len, cs), dirty: false });
+        let end = self.referenced_end(m)?;
+        if end < m.file_len {
+            self.storage.set_len(end).map_err(|e| Error::io("dropping unreferenced clusters at the end", e))?;
+            sync(&*self.storage)?;
+            m.file_len = end;
+        }
+        m.alloc = Some(Allocator { end: align_up(end, cs), dirty: false });
         Ok(())
+    }
+
+    /// One past the last byte any table or data cluster of the image uses.
+    fn referenced_end(&self, m: &Meta) -> Result<u64> {
+        let h = &m.header;
+        let cs = h.cluster_size;
+        let mut end = h.header_bytes().max(h.l1_table_offset + h.table_bytes());
+        let corrupt = |what: &str, off: u64| {
+            Error::Corrupt(format!("{what} offset {off:#x} is invalid; repair the image with `cowimg check -r all`"))
+        };
+        let mut buf = vec![0u8; h.table_bytes().min(1 << 20) as usize];
+        for &table in m.l1.iter().filter(|&&t| t != 0) {
+            Self::check_table_offset(h, table, m.file_len).map_err(|_| corrupt("L2 table", table))?;
+            end = end.max(table + h.table_bytes());
+            let mut pos = 0;
+            while pos < h.table_bytes() {
+                let n = (h.table_bytes() - pos).min(buf.len() as u64) as usize;
+                crate::io::read_exact(&*self.storage, &mut buf[..n], table + pos, "an L2 table")?;
+                for e in buf[..n].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))) {
+                    if e > 1 {
+                        if e % cs != 0 || e >= m.file_len {
+                            return Err(corrupt("data cluster", e));
+                        }
+                        end = end.max(e + cs);
+                    }
+                }
+                pos += n as u64;
+            }
+        }
+        Ok(end)
     }
 
     /// The (staged) entry of the guest cluster at `cluster`.
