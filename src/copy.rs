@@ -88,6 +88,16 @@ pub struct Copier<'a> {
     pub cancel: &'a AtomicBool,
     pub counters: &'a Counters,
     pub jobs: usize,
+    /// When set, units that already read the same through this chain are left alone (a
+    /// safe rebase onto an unrelated backing file copies only what would change).
+    pub compare: Option<&'a Chain>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    Same,
+    Zero,
+    Data,
 }
 
 impl Copier<'_> {
@@ -154,22 +164,45 @@ impl Copier<'_> {
         }
         let mut buf = vec![0u8; c.len as usize];
         self.source.read_from(self.source_layer, c.start, &mut buf)?;
-        // Split into runs of zero and non-zero allocation units.
+        let new = match self.compare {
+            Some(other) => {
+                let mut b = vec![0u8; c.len as usize];
+                other.read(c.start, &mut b)?;
+                Some(b)
+            }
+            None => None,
+        };
+        let unit_end = |p: usize| (((c.start + p as u64) / unit + 1) * unit - c.start).min(buf.len() as u64) as usize;
+        let kind = |p: usize| {
+            let r = p..unit_end(p);
+            if new.as_ref().is_some_and(|n| n[r.clone()] == buf[r.clone()]) {
+                Unit::Same
+            } else if is_zero(&buf[r]) {
+                Unit::Zero
+            } else {
+                Unit::Data
+            }
+        };
+        // Runs of units of one kind: data is written, zeros marked (or skipped), units that
+        // already read the same under the new backing file are left alone.
         let mut pos = 0usize;
         while pos < buf.len() {
-            let unit_end = |p: usize| (((c.start + p as u64) / unit + 1) * unit - c.start).min(buf.len() as u64) as usize;
-            let zero = is_zero(&buf[pos..unit_end(pos)]);
+            let k = kind(pos);
             let mut end = unit_end(pos);
-            while end < buf.len() && is_zero(&buf[end..unit_end(end)]) == zero {
+            while end < buf.len() && kind(end) == k {
                 end = unit_end(end);
             }
             let at = c.start + pos as u64;
-            if !zero {
-                self.limiter.wait((end - pos) as u64);
-                self.target.write(at, &buf[pos..end], below).map_err(err)?;
-                self.counters.copied.fetch_add((end - pos) as u64, Ordering::Relaxed);
-            } else if self.zero_data == ZeroData::Mark {
-                self.target.write_zeroes(at, (end - pos) as u64, below).map_err(err)?;
+            match k {
+                Unit::Data => {
+                    self.limiter.wait((end - pos) as u64);
+                    self.target.write(at, &buf[pos..end], below).map_err(err)?;
+                    self.counters.copied.fetch_add((end - pos) as u64, Ordering::Relaxed);
+                }
+                Unit::Zero if self.zero_data == ZeroData::Mark => {
+                    self.target.write_zeroes(at, (end - pos) as u64, below).map_err(err)?;
+                }
+                _ => {}
             }
             pos = end;
         }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use cowimg::chain::parse_format;
-use cowimg::commands::{check, compare, convert, create, info, map, stream};
+use cowimg::commands::{check, compare, convert, create, info, map, rebase, stream};
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
 use cowimg::size::parse_size;
@@ -146,6 +146,36 @@ enum Command {
         /// Length of the range to stream.
         #[arg(long)]
         length: Option<String>,
+        file: String,
+    },
+    /// Point an image at a new backing file. Safe by default: data that would read
+    /// differently is copied into the image first (parallel, resumable); -u only changes
+    /// the pointer.
+    Rebase {
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// The new backing file, stored as given (relative to FILE's directory); "" for none.
+        #[arg(short = 'b', long = "backing")]
+        backing: Option<String>,
+        /// Format of the new backing file (required with a non-empty -b).
+        #[arg(short = 'F', long = "backing-format")]
+        backing_format: Option<String>,
+        /// Unsafe: change only the pointer (the new backing file need not exist).
+        #[arg(short = 'u')]
+        unsafe_mode: bool,
+        #[arg(long, default_value = "0")]
+        speed: String,
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(long = "progress", value_name = "json")]
+        progress_format: Option<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Open the new backing file shared (it may be in use elsewhere).
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         file: String,
     },
     /// Write an image's guest contents (through its chain) to a new standalone image.
@@ -297,6 +327,40 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         json: json_out,
                         offset: offset.as_deref().map(size_arg).transpose()?,
                         length: length.as_deref().map(size_arg).transpose()?,
+                    },
+                    cancel,
+                )
+            })();
+            (r, 1)
+        }
+        Command::Rebase {
+            format,
+            backing,
+            backing_format,
+            unsafe_mode,
+            speed,
+            jobs: j,
+            progress,
+            progress_format,
+            output,
+            force_share,
+            file,
+        } => {
+            let r = (|| {
+                let json = progress_json(progress_format.as_deref())?;
+                let json_out = matches!(output, Output::Json);
+                rebase::run(
+                    &rebase::Args {
+                        file,
+                        format: fmt_opt(&format)?,
+                        backing,
+                        backing_format,
+                        unsafe_mode,
+                        speed: size_arg(&speed)?,
+                        jobs: jobs(j),
+                        progress: Mode::choose(json, progress, true),
+                        json: json_out,
+                        force_share,
                     },
                     cancel,
                 )

@@ -182,26 +182,19 @@ fn relative_to_image(image: &str, target: &str) -> Option<String> {
     Some(rel.to_string_lossy().into_owned())
 }
 
-/// Settings of one stream run.
+/// Settings of one copy run.
 pub struct Settings<'a> {
     pub jobs: usize,
     pub limiter: &'a RateLimiter,
     pub cancel: &'a AtomicBool,
     pub counters: &'a Counters,
-    /// Streaming only a range never changes the backing file.
-    pub partial: bool,
 }
 
-/// Result of a stream.
-pub struct Outcome {
-    /// The new backing reference (None: standalone); unchanged for a partial stream.
-    pub backing: Option<BackingRef>,
-}
-
-/// Runs a plan and, for a whole-image stream, switches the backing file.
-pub fn run(chain: &Chain, base: usize, plan: &Plan, s: &Settings) -> Result<Outcome> {
+/// Copies what the plan asks into the chain's top image; everything copied is committed.
+/// `keep_base`: something stays below the image, so zeros must be recorded as zeros.
+/// `compare`: the new backing chain of a rebase; units reading the same there are skipped.
+pub fn copy(chain: &Chain, plan: &Plan, keep_base: bool, compare: Option<&Chain>, s: &Settings) -> Result<()> {
     let top = chain.top();
-    let keep_base = base < chain.layers.len();
     let copier = Copier {
         source: chain,
         source_layer: 1,
@@ -213,16 +206,51 @@ pub fn run(chain: &Chain, base: usize, plan: &Plan, s: &Settings) -> Result<Outc
         cancel: s.cancel,
         counters: s.counters,
         jobs: s.jobs,
+        compare,
     };
-    copier.run(&plan.extents)?;
-    if s.partial {
-        return Ok(Outcome { backing: top.image.backing() });
+    copier.run(&plan.extents)
+}
+
+/// Points the chain's top at its new backing file. Call only after a complete [`copy`]:
+/// everything is then on disk, and the pointer is the last thing to change.
+pub fn switch(chain: &Chain, backing: Option<&BackingRef>) -> Result<()> {
+    let top = chain.top();
+    top.image.set_backing(backing).map_err(|e| Error::image(&top.filename, e))
+}
+
+/// Plans a safe rebase of the chain's top onto an unrelated chain `new`: the ranges the top
+/// does not hold where the old or the new backing reads anything but zeros. The copy then
+/// compares both and writes only what would change.
+pub fn plan_against(chain: &Chain, new: &Chain) -> Result<Plan> {
+    use crate::commands::map::status;
+    let top = chain.top();
+    let size = top.size();
+    let unit = top.image.allocation_unit().max(512);
+    let runs = top.image.map(0, size).map_err(|e| Error::image(&top.filename, e))?;
+    let mut extents = Vec::new();
+    for r in runs.iter().filter(|r| r.alloc == Alloc::Unallocated) {
+        let mut old = Vec::new();
+        if chain.layers.len() > 1 {
+            let inside = r.end().min(chain.layers[1].size()).max(r.start);
+            if inside > r.start {
+                status(chain, 1, r.start, inside, &mut old)?;
+            }
+        }
+        let mut newer = Vec::new();
+        let inside = r.end().min(new.size()).max(r.start);
+        if inside > r.start {
+            status(new, 0, r.start, inside, &mut newer)?;
+        }
+        // Anything that is not zero on either side may differ.
+        for e in old.iter().chain(newer.iter()).filter(|e| !e.zero) {
+            let (a, b) = (e.start / unit * unit, (e.start + e.length).div_ceil(unit) * unit);
+            extents.push(Extent { start: a, len: b.min(size) - a, action: Action::Copy });
+        }
     }
-    // Everything is on disk (committed and synced): only now may the pointer move.
-    let backing = keep_base.then(|| BackingRef {
-        name: backing_name(chain, base),
-        format: Some(chain.layers[base].format.name().to_string()),
-    });
-    top.image.set_backing(backing.as_ref()).map_err(|e| Error::image(&top.filename, e))?;
-    Ok(Outcome { backing: top.image.backing() })
+    extents.sort_by_key(|e| e.start);
+    let mut merged: Vec<Extent> = Vec::new();
+    for e in extents {
+        push(&mut merged, e);
+    }
+    Ok(Plan { extents: merged, range_len: size })
 }

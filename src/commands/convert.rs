@@ -61,6 +61,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         cancel,
         counters: &counters,
         jobs: a.jobs,
+        compare: None,
     };
     let result = copier.run(&coalesce(extents));
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use cowimg_formats::Format;
+use cowimg_formats::{BackingRef, Format};
 use serde_json::json;
 
 use crate::chain::{Chain, OpenOptions};
@@ -73,14 +73,24 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let limiter = RateLimiter::new(a.speed);
     let reporter = Reporter::start(a.progress, plan.range_len, a.speed, counters.clone());
     let started = Instant::now();
-    let settings = Settings { jobs: a.jobs, limiter: &limiter, cancel, counters: &counters, partial };
-    let result = stream::run(&chain, base, &plan, &settings);
+    let settings = Settings { jobs: a.jobs, limiter: &limiter, cancel, counters: &counters };
+    let keep_base = base < chain.layers.len();
+    let result = stream::copy(&chain, &plan, keep_base, None, &settings).and_then(|()| {
+        if !partial {
+            let backing = keep_base.then(|| BackingRef {
+                name: stream::backing_name(&chain, base),
+                format: Some(chain.layers[base].format.name().to_string()),
+            });
+            stream::switch(&chain, backing.as_ref())?;
+        }
+        Ok(chain.top().image.backing())
+    });
     let elapsed = started.elapsed().as_secs_f64();
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
-    let outcome = result?;
+    let backing = result?;
     let copied = counters.copied.load(Ordering::Relaxed);
     if a.json {
-        let backing = outcome.backing.as_ref();
+        let backing = backing.as_ref();
         println!(
             "{}",
             crate::commands::pretty_json(&json!({
@@ -96,7 +106,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         let tail = if partial {
             format!("the range {start}..{end} is streamed; the backing file is unchanged")
         } else {
-            match &outcome.backing {
+            match &backing {
                 Some(b) => format!("its backing file is now '{}'", b.name),
                 None => "it is now standalone".to_string(),
             }
