@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cowimg_formats::probe::{probe, Probed};
 use cowimg_formats::qcow2::{self, Qcow2};
@@ -50,6 +50,9 @@ pub struct OpenOptions {
     pub backing: bool,
     /// Share everything on the backing files as well (`-U`).
     pub force_share: bool,
+    /// Honour the top image's copy-on-read flag: reads of guest data copy what comes from
+    /// the backing chain into the top (which is then opened read-write).
+    pub copy_on_read: bool,
 }
 
 impl OpenOptions {
@@ -59,18 +62,30 @@ impl OpenOptions {
             access: if force_share { Access::ReadShared } else { Access::Read },
             backing: true,
             force_share,
+            copy_on_read: false,
         }
     }
 
     pub fn write(format: Option<Format>) -> Self {
-        OpenOptions { format, access: Access::Write, backing: true, force_share: false }
+        OpenOptions { format, access: Access::Write, backing: true, force_share: false, copy_on_read: false }
     }
 }
 
 /// An image and its backing files, top first.
 pub struct Chain {
     pub layers: Vec<Layer>,
+    /// Set when reads copy backing data into the top (its copy-on-read flag).
+    cor: Option<CopyOnRead>,
 }
+
+/// Copy-on-read state: fills are serialised (two readers must never allocate the same
+/// cluster twice), and committed in batches and when the chain is finished.
+struct CopyOnRead {
+    lock: Mutex<u64>,
+}
+
+/// Staged copy-on-read bytes after which a commit makes them durable.
+const COR_COMMIT_BYTES: u64 = 256 << 20;
 
 /// qemu's `path_has_protocol`: a colon before any slash ("nbd:", "http://", "json:").
 fn has_protocol(name: &str) -> bool {
@@ -90,6 +105,12 @@ pub fn combine(backed: &str, backing: &str) -> String {
 
 /// Opens one image file with the given (or probed) format and locks it.
 pub fn open_image(filename: &str, format: Option<Format>, access: Access) -> Result<Layer> {
+    open_image_for(filename, format, access, false)
+}
+
+/// As [`open_image`]; with `repair`, the image is opened to be checked and repaired, which a
+/// qcow2 image with the corrupt bit allows (as qemu-img check -r does).
+pub fn open_image_for(filename: &str, format: Option<Format>, access: Access, repair: bool) -> Result<Layer> {
     if has_protocol(filename) {
         return Err(Error::open(
             filename,
@@ -133,7 +154,7 @@ pub fn open_image(filename: &str, format: Option<Format>, access: Access) -> Res
                 })?;
                 Ok(Arc::new(FileStorage::new(file, path)))
             };
-            let opts = qcow2::OpenOptions { writable, data_file: Some(&opener) };
+            let opts = qcow2::OpenOptions { writable, data_file: Some(&opener), repair };
             Arc::new(Qcow2::open(storage, opts).map_err(|e| Error::open(filename, e.into()))?)
         }
         Format::Qed => Arc::new(Qed::open(storage, writable).map_err(|e| Error::open(filename, e.into()))?),
@@ -160,8 +181,19 @@ pub fn parse_format(name: &str) -> Result<Format> {
 
 impl Chain {
     pub fn open(filename: &str, opts: OpenOptions) -> Result<Chain> {
-        let top = open_image(filename, opts.format, opts.access)?;
-        let mut chain = Chain { layers: vec![top] };
+        let mut top = open_image(filename, opts.format, opts.access)?;
+        let mut cor = None;
+        if opts.copy_on_read && opts.access != Access::ReadShared && top.image.copy_on_read() && top.image.backing().is_some() {
+            if opts.access != Access::Write {
+                // Reopen for writing; the read-only descriptor goes first, or its own locks
+                // would look like another process's.
+                let format = Some(top.format);
+                drop(top);
+                top = open_image(filename, format, Access::Write)?;
+            }
+            cor = Some(CopyOnRead { lock: Mutex::new(0) });
+        }
+        let mut chain = Chain { layers: vec![top], cor };
         if opts.backing {
             chain.open_backing(if opts.force_share { Access::ReadShared } else { Access::Read })?;
         }
@@ -205,9 +237,69 @@ impl Chain {
         self.top().size()
     }
 
-    /// Guest data of the top image.
+    /// Guest data of the top image. With copy-on-read, whatever the top does not hold is
+    /// first copied into it, whole allocation units at a time.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if self.cor.is_some() {
+            self.copy_on_read(offset, offset + buf.len() as u64)?;
+        }
         self.read_from(0, offset, buf)
+    }
+
+    /// Whether reads copy backing data into the top.
+    pub fn copies_on_read(&self) -> bool {
+        self.cor.is_some()
+    }
+
+    fn copy_on_read(&self, start: u64, end: u64) -> Result<()> {
+        let Some(cor) = &self.cor else { return Ok(()) };
+        let top = self.top();
+        let unit = top.image.allocation_unit().max(512);
+        let size = top.size();
+        let (a, b) = (start / unit * unit, end.div_ceil(unit).saturating_mul(unit).min(size));
+        if a >= b {
+            return Ok(());
+        }
+        let err = |e| Error::image(&top.filename, e);
+        let mut staged = cor.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lock: what another reader filled meanwhile is allocated now.
+        let runs = top.image.map(a, b - a).map_err(err)?;
+        let below = self.below(0);
+        for r in runs.iter().filter(|r| r.alloc == Alloc::Unallocated) {
+            // Only what the backing chain provides; ranges nothing below holds read zeros
+            // either way and are not worth metadata.
+            let mut from_below = Vec::new();
+            crate::commands::map::status(self, 1, r.start, r.end().min(self.layers[1].size()).max(r.start), &mut from_below)?;
+            for e in from_below.iter().filter(|e| e.present) {
+                // Entries follow the backing layer's clusters: widen to the top's units.
+                let (s0, e0) = (e.start / unit * unit, (e.start + e.length).div_ceil(unit).saturating_mul(unit).min(r.end()));
+                if top.image.map(s0, e0 - s0).map_err(err)?.iter().all(|x| x.alloc != Alloc::Unallocated) {
+                    continue;
+                }
+                let mut data = vec![0u8; (e0 - s0) as usize];
+                self.read_from(1, s0, &mut data)?;
+                if cowimg_formats::is_zero(&data) {
+                    top.image.write_zeroes(s0, e0 - s0, &below).map_err(err)?;
+                } else {
+                    top.image.write(s0, &data, &below).map_err(err)?;
+                }
+                *staged += e0 - s0;
+            }
+        }
+        if *staged >= COR_COMMIT_BYTES {
+            top.image.commit().map_err(err)?;
+            *staged = 0;
+        }
+        Ok(())
+    }
+
+    /// Makes copy-on-read fills durable; call when done reading.
+    pub fn finish(&self) -> Result<()> {
+        if self.cor.is_some() {
+            let top = self.top();
+            top.image.commit().map_err(|e| Error::image(&top.filename, e))?;
+        }
+        Ok(())
     }
 
     /// Guest data as layer `i` and those below it read it; zeros past a layer's end.

@@ -163,7 +163,12 @@ impl Copier<'_> {
             return Ok(());
         }
         let mut buf = vec![0u8; c.len as usize];
-        self.source.read_from(self.source_layer, c.start, &mut buf)?;
+        if self.source_layer == 0 {
+            // Reading the named image: its copy-on-read flag applies.
+            self.source.read(c.start, &mut buf)?;
+        } else {
+            self.source.read_from(self.source_layer, c.start, &mut buf)?;
+        }
         let new = match self.compare {
             Some(other) => {
                 let mut b = vec![0u8; c.len as usize];

@@ -115,6 +115,9 @@ enum Command {
         quiet: bool,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Do not copy backing data into images flagged copy-on-read (no write lock).
+        #[arg(long)]
+        no_copy_on_read: bool,
         a: String,
         b: String,
     },
@@ -198,6 +201,9 @@ enum Command {
         jobs: Option<usize>,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Do not copy backing data into a source flagged copy-on-read (no write lock).
+        #[arg(long)]
+        no_copy_on_read: bool,
         src: String,
         dst: String,
     },
@@ -298,7 +304,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             })();
             (r, 1)
         }
-        Command::Compare { format_a, format_b, strict, quiet, force_share, a, b } => {
+        Command::Compare { format_a, format_b, strict, quiet, force_share, no_copy_on_read, a, b } => {
             let r = (|| {
                 compare::run(&compare::Args {
                     a,
@@ -308,6 +314,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     strict,
                     quiet,
                     force_share,
+                    no_copy_on_read,
                 })
             })();
             (r, 2)
@@ -367,7 +374,18 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             })();
             (r, 1)
         }
-        Command::Convert { format, out_format, options, progress, progress_format, jobs: j, force_share, src, dst } => {
+        Command::Convert {
+            format,
+            out_format,
+            options,
+            progress,
+            progress_format,
+            jobs: j,
+            force_share,
+            no_copy_on_read,
+            src,
+            dst,
+        } => {
             let r = (|| {
                 let json = progress_json(progress_format.as_deref())?;
                 convert::run(
@@ -380,6 +398,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         progress: Mode::choose(json, progress, !progress),
                         jobs: jobs(j),
                         force_share,
+                        no_copy_on_read,
                     },
                     cancel,
                 )

@@ -4,8 +4,8 @@
 use cowimg_formats::{is_zero, Format};
 
 use crate::chain::{Chain, OpenOptions};
-use crate::commands::map::{entries, Entry};
-use crate::error::Result;
+use crate::commands::map::Walker;
+use crate::error::{Error, Result};
 
 pub struct Args {
     pub a: String,
@@ -15,9 +15,10 @@ pub struct Args {
     pub strict: bool,
     pub quiet: bool,
     pub force_share: bool,
+    /// Read without honouring the images' copy-on-read flags.
+    pub no_copy_on_read: bool,
 }
 
-const WINDOW: u64 = 1 << 30;
 const IO: u64 = 2 << 20;
 
 /// Outcome of a comparison.
@@ -30,9 +31,16 @@ pub enum Outcome {
 }
 
 pub fn run(a: &Args) -> Result<i32> {
-    let c1 = Chain::open(&a.a, OpenOptions::read(a.format_a, a.force_share))?;
-    let c2 = Chain::open(&a.b, OpenOptions::read(a.format_b, a.force_share))?;
+    let open = |file: &str, format| {
+        let mut opts = OpenOptions::read(format, a.force_share);
+        opts.copy_on_read = !a.no_copy_on_read;
+        Chain::open(file, opts)
+    };
+    let c1 = open(&a.a, a.format_a)?;
+    let c2 = open(&a.b, a.format_b)?;
     let outcome = compare(&c1, &c2, a.strict)?;
+    c1.finish()?;
+    c2.finish()?;
     let say = |s: String| {
         if !a.quiet {
             println!("{s}");
@@ -64,85 +72,85 @@ pub fn run(a: &Args) -> Result<i32> {
     })
 }
 
-fn same_status(x: &Entry, y: &Entry) -> bool {
-    (x.present, x.zero, x.data, x.offset.is_some()) == (y.present, y.zero, y.data, y.offset.is_some())
-}
-
+/// qemu-img compare's loop (img_compare), answer by answer: both chains are asked for their
+/// block status at the same offset, and the shorter answer decides how far to go. In strict
+/// mode the two answers' flags must be equal, exactly as qemu compares them (so an answer that
+/// reaches the end of an image, and carries `EOF`, differs from one that does not). Ranges
+/// that read as zero in both are not read; where only one side is allocated, its bytes must
+/// be zero.
 pub fn compare(c1: &Chain, c2: &Chain, strict: bool) -> Result<Outcome> {
+    use crate::commands::map::flags::{ALLOCATED, ZERO};
     let (s1, s2) = (c1.size(), c2.size());
     if strict && s1 != s2 {
         return Ok(Outcome::StrictSize);
     }
+    let (w1, w2) = (Walker::new(c1), Walker::new(c2));
     let min = s1.min(s2);
     let mut buf1 = vec![0u8; IO as usize];
     let mut buf2 = vec![0u8; IO as usize];
-    let mut win = 0;
-    while win < min {
-        let wend = min.min(win + WINDOW);
-        let e1 = entries(c1, win, wend)?;
-        let e2 = entries(c2, win, wend)?;
-        let (mut i, mut j) = (0, 0);
-        let mut off = win;
-        while off < wend {
-            while e1[i].start + e1[i].length <= off {
-                i += 1;
-            }
-            while e2[j].start + e2[j].length <= off {
-                j += 1;
-            }
-            let (x, y) = (&e1[i], &e2[j]);
-            let end = (x.start + x.length).min(y.start + y.length);
-            if strict && !same_status(x, y) {
-                return Ok(Outcome::StrictStatus(off));
-            }
-            if !(x.zero && y.zero) {
-                let mut pos = off;
-                while pos < end {
-                    let n = (end - pos).min(IO) as usize;
-                    let diff = if x.present == y.present {
-                        c1.read(pos, &mut buf1[..n])?;
-                        c2.read(pos, &mut buf2[..n])?;
-                        first_diff_sector(&buf1[..n], &buf2[..n])
-                    } else {
-                        let (c, buf) = if x.present { (c1, &mut buf1) } else { (c2, &mut buf2) };
-                        c.read(pos, &mut buf[..n])?;
-                        first_nonzero_sector(&buf[..n])
-                    };
-                    if let Some(d) = diff {
-                        return Ok(Outcome::Mismatch { offset: pos + d, size_mismatch: false });
-                    }
-                    pos += n as u64;
+    let mut offset = 0;
+    while offset < min {
+        let st1 = w1.status_above(offset, s1 - offset)?;
+        let st2 = w2.status_above(offset, s2 - offset)?;
+        let mut chunk = st1.len.min(st2.len);
+        if chunk == 0 {
+            return Err(Error::Msg(format!("no allocation status at offset {offset}")));
+        }
+        if strict && st1.flags != st2.flags {
+            return Ok(Outcome::StrictStatus(offset));
+        }
+        let (a1, a2) = (st1.has(ALLOCATED), st2.has(ALLOCATED));
+        if st1.has(ZERO) && st2.has(ZERO) {
+            // Both read as zero: nothing to read.
+        } else if a1 == a2 {
+            if a1 {
+                chunk = chunk.min(IO);
+                let n = chunk as usize;
+                c1.read(offset, &mut buf1[..n])?;
+                c2.read(offset, &mut buf2[..n])?;
+                if let Some(d) = first_diff_sector(&buf1[..n], &buf2[..n]) {
+                    return Ok(Outcome::Mismatch { offset: offset + d, size_mismatch: false });
                 }
             }
-            off = end;
+        } else {
+            chunk = chunk.min(IO);
+            let n = chunk as usize;
+            let (c, buf) = if a1 { (c1, &mut buf1) } else { (c2, &mut buf2) };
+            c.read(offset, &mut buf[..n])?;
+            if let Some(d) = first_nonzero_sector(&buf[..n]) {
+                return Ok(Outcome::Mismatch { offset: offset + d, size_mismatch: false });
+            }
         }
-        win = wend;
+        offset += chunk;
     }
     if s1 != s2 {
-        let longer = if s1 > s2 { c1 } else { c2 };
+        // The longer image must read zeros past the shorter one's end.
+        let (longer, walker) = if s1 > s2 { (c1, &w1) } else { (c2, &w2) };
         let max = s1.max(s2);
-        let mut win = min;
-        while win < max {
-            let wend = max.min(win + WINDOW);
-            for e in entries(longer, win, wend)?.iter().filter(|e| e.present && !e.zero) {
-                let mut pos = e.start;
-                while pos < e.start + e.length {
-                    let n = (e.start + e.length - pos).min(IO) as usize;
-                    longer.read(pos, &mut buf1[..n])?;
-                    if let Some(d) = first_nonzero_sector(&buf1[..n]) {
-                        return Ok(Outcome::Mismatch { offset: pos + d, size_mismatch: true });
-                    }
-                    pos += n as u64;
+        let mut offset = min;
+        while offset < max {
+            let st = walker.status_above(offset, max - offset)?;
+            let mut chunk = st.len;
+            if chunk == 0 {
+                return Err(Error::Msg(format!("no allocation status at offset {offset}")));
+            }
+            if st.has(ALLOCATED) && !st.has(ZERO) {
+                chunk = chunk.min(IO);
+                let n = chunk as usize;
+                longer.read(offset, &mut buf1[..n])?;
+                if let Some(d) = first_nonzero_sector(&buf1[..n]) {
+                    return Ok(Outcome::Mismatch { offset: offset + d, size_mismatch: true });
                 }
             }
-            win = wend;
+            offset += chunk;
         }
         return Ok(Outcome::Identical { size_mismatch: true });
     }
     Ok(Outcome::Identical { size_mismatch: false })
 }
 
-/// Offset of the first 512-byte sector that differs (qemu reports sector offsets).
+/// Offset of the first 512-byte sector that differs (qemu reports sector offsets, counted
+/// from the start of the chunk it read).
 fn first_diff_sector(a: &[u8], b: &[u8]) -> Option<u64> {
     a.chunks(512).zip(b.chunks(512)).position(|(x, y)| x != y).map(|i| i as u64 * 512)
 }

@@ -25,10 +25,14 @@ pub struct Args {
     pub progress: Mode,
     pub jobs: usize,
     pub force_share: bool,
+    /// Read without honouring the source's copy-on-read flag.
+    pub no_copy_on_read: bool,
 }
 
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
-    let chain = Chain::open(&a.src, OpenOptions::read(a.format, a.force_share))?;
+    let mut opts = OpenOptions::read(a.format, a.force_share);
+    opts.copy_on_read = !a.no_copy_on_read;
+    let chain = Chain::open(&a.src, opts)?;
     let size = chain.size();
     let mut o = ImageOptions::default();
     for list in &a.options {
@@ -63,7 +67,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         jobs: a.jobs,
         compare: None,
     };
-    let result = copier.run(&coalesce(extents));
+    let result = copier.run(&coalesce(extents)).and_then(|()| chain.finish());
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
     result?;
     drop(target);
