@@ -511,7 +511,11 @@ def bench_row(row, runs, verify_peer_every):
             probe = timed(row.cmd(row.cow_t), row.cwd)
             if probe.rc != 0 and "not implemented" in probe.err.lower():
                 row.na = probe.err.strip().splitlines()[-1] if probe.err.strip() else "not implemented"
-                log(f"  n/a: {row.na}")
+                log(f"  n/a: {row.na}; timing the peer alone")
+                for i in range(runs + 1):
+                    r = run_one(row, "peer", verify=(i == 0))
+                    if i > 0:
+                        row.runs["peer"].append(r)
                 return
         for i in range(runs + 1):  # run 0 is the warm-up
             pair = {}
@@ -683,7 +687,12 @@ def report(args, fx, facts, rows, dd_rows, cat_rows, thr, started, loads):
     for row in rows:
         if row.na:
             L.append(f"| {row.fixture} | {row.op} | cowimg | n/a | | | | | | | n/a ({row.na}) |")
-            L.append(f"| | | {row.peer_label} | | | | | | | | |")
+            if row.runs["peer"]:
+                s = stats(row.runs["peer"])
+                L.append(f"| | | {row.peer_label} | {fmt_s(s['med'])} | {fmt_s(s['min'])}-{fmt_s(s['max'])} | | - | - | "
+                         f"{fmt_s(s['cpu'])} | {s['rss']:.0f} | |")
+            else:
+                L.append(f"| | | {row.peer_label} | | | | | | | | |")
             continue
         if row.failed and not row.runs["cowimg"]:
             L.append(f"| {row.fixture} | {row.op} | cowimg | | | | | | | | **FAILED** |")
@@ -736,21 +745,36 @@ def report(args, fx, facts, rows, dd_rows, cat_rows, thr, started, loads):
 # ---------------------------------------------------------------------------------------
 
 
-def build_cowimg(scratch):
-    log("cargo build --release")
-    p = subprocess.run(["cargo", "build", "--release", "--bin", "cowimg"], cwd=REPO, env=ENV)
+def build_cowimg(scratch, rev=None):
+    """cargo build --release of the work tree (or of commit `rev`, exported with git archive
+    into the scratch dir and built there with its own target dir); returns a private copy
+    of the binary, so that another build in this checkout cannot swap it mid-run."""
+    src_dir, env = REPO, ENV
+    if rev:
+        sha = sh(["git", "rev-parse", "--verify", rev + "^{commit}"], cwd=REPO).stdout.strip()
+        src_dir = os.path.join(scratch, "src", sha[:12])
+        if not os.path.exists(os.path.join(src_dir, "Cargo.toml")):
+            os.makedirs(src_dir, exist_ok=True)
+            archive = subprocess.Popen(["git", "archive", sha], cwd=REPO, stdout=subprocess.PIPE)
+            subprocess.run(["tar", "-x", "-C", src_dir], stdin=archive.stdout, check=True)
+            if archive.wait() != 0:
+                raise SetupError(f"git archive {sha} failed")
+        env = dict(ENV, CARGO_TARGET_DIR=os.path.join(scratch, "target"))
+    log(f"cargo build --release in {src_dir}")
+    p = subprocess.run(["cargo", "build", "--release", "--bin", "cowimg"], cwd=src_dir, env=env)
     if p.returncode != 0:
         raise SetupError("cargo build --release failed (use --cowimg PATH to bench an existing binary)")
-    src = os.path.join(REPO, "target", "release", "cowimg")
-    # run a private copy: another build in this checkout must not swap the binary mid-run
+    target = env.get("CARGO_TARGET_DIR", os.path.join(src_dir, "target"))
     dst = os.path.join(scratch, "bin", "cowimg")
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     rm(dst)
-    shutil.copy2(src, dst)
+    shutil.copy2(os.path.join(target, "release", "cowimg"), dst)
     return dst
 
 
-def git_commit():
+def git_commit(rev=None):
+    if rev:
+        return sh(["git", "rev-parse", "--short=12", rev], cwd=REPO).stdout.strip()
     head = sh(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, check=False).stdout.strip() or "unknown"
     dirty = sh(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, check=False).stdout.strip()
     return head + (" + uncommitted changes in the work tree" if dirty else "")
@@ -766,6 +790,7 @@ def main(argv):
                     help="scratch directory for fixtures and runs (default /tmp/cowimg-bench)")
     ap.add_argument("--report", help="also write the Markdown report to this file")
     ap.add_argument("--cowimg", help="bench this binary instead of building with cargo build --release")
+    ap.add_argument("--rev", help="build this commit (exported with git archive) instead of the work tree")
     ap.add_argument("--only", help="run only rows whose name matches this regex (throttle rows: 'throttle')")
     ap.add_argument("--throttle-runs", type=int, default=None, help="runs per --speed cap (default: --runs, at most 3)")
     ap.add_argument("--verify-peer-every-run", action="store_true",
@@ -789,8 +814,8 @@ def main(argv):
     loads = [os.getloadavg()]
     scratch = os.path.abspath(args.dir)
     os.makedirs(scratch, exist_ok=True)
-    cow = os.path.abspath(args.cowimg) if args.cowimg else build_cowimg(scratch)
-    commit = git_commit() if not args.cowimg else f"{git_commit()} (binary given: {args.cowimg})"
+    cow = os.path.abspath(args.cowimg) if args.cowimg else build_cowimg(scratch, args.rev)
+    commit = f"{git_commit()} (binary given: {args.cowimg})" if args.cowimg else git_commit(args.rev)
     facts = machine_facts(scratch, cow, commit)
 
     fx = Fixtures(scratch, args.size, args.seed)
