@@ -14,6 +14,7 @@ use crate::copy::Counters;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Off,
+    /// An indicatif bar on a terminal; plain percentage lines when stderr is not one.
     Bar,
     Json,
 }
@@ -64,6 +65,22 @@ impl Reporter {
                         eprintln!("{}", json_line(&counters, end, speed));
                         sleep_unless(&stop, Duration::from_millis(500));
                     }
+                }))
+            }
+            Mode::Bar if !std::io::stderr().is_terminal() => {
+                // Forced with -p but not on a terminal (a log): qemu-img's percentage lines.
+                let (stop, counters) = (stop.clone(), counters.clone());
+                Some(std::thread::spawn(move || {
+                    let line = |c: &Counters| {
+                        let done = c.done.load(Ordering::Relaxed);
+                        let pct = if end == 0 { 100.0 } else { done as f64 * 100.0 / end as f64 };
+                        eprintln!("    ({pct:.2}/100%) copied {}", indicatif::BinaryBytes(c.copied.load(Ordering::Relaxed)));
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        line(&counters);
+                        sleep_unless(&stop, Duration::from_secs(1));
+                    }
+                    line(&counters);
                 }))
             }
             Mode::Bar => {
