@@ -18,5 +18,11 @@ qemu-img convert -O raw C.qcow2 before.raw
 set -x
 "$COWIMG" info --backing-chain C.qcow2
 "$COWIMG" map C.qcow2
-"$COWIMG" convert -O qcow2 C.qcow2 flat.qcow2
+"$COWIMG" convert -O qcow2 C.qcow2 flat.qcow2     # C is flagged copy-on-read: the read pulls B's and A's clusters into C
 "$COWIMG" compare before.raw flat.qcow2
+"$COWIMG" stream B.qcow2                          # A <- B <- C becomes B <- C: B is standalone
+"$COWIMG" stream --base B.qcow2 C.qcow2 || true   # nothing to do: says so
+"$COWIMG" compare before.raw C.qcow2
+"$COWIMG" stream --progress json C.qcow2          # C standalone, progress as JSON lines
+qemu-img check C.qcow2
+"$COWIMG" info C.qcow2
