@@ -91,6 +91,8 @@ pub struct Copier<'a> {
     /// When set, units that already read the same through this chain are left alone (a
     /// safe rebase onto an unrelated backing file copies only what would change).
     pub compare: Option<&'a Chain>,
+    /// Store clusters compressed where they shrink (qcow2; whole clusters).
+    pub compress: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -104,7 +106,12 @@ impl Copier<'_> {
     /// Copies `extents` (sorted, disjoint, aligned to the target's allocation unit except at
     /// the image's end). Everything copied is committed, also when stopped or failing.
     pub fn run(&self, extents: &[Extent]) -> Result<()> {
-        let unit = self.target.allocation_unit().max(512);
+        // Compression works on whole clusters, so then the cluster is the unit.
+        let unit = if self.compress {
+            self.target.cluster_size().unwrap_or(512)
+        } else {
+            self.target.allocation_unit().max(512)
+        };
         let chunk = CHUNK.div_ceil(unit) * unit;
         let chunks: Vec<Extent> = extents
             .iter()
@@ -201,7 +208,20 @@ impl Copier<'_> {
             match k {
                 Unit::Data => {
                     self.limiter.wait((end - pos) as u64);
-                    self.target.write(at, &buf[pos..end], below).map_err(err)?;
+                    if self.compress {
+                        // Cluster by cluster, compressed on this worker; what does not shrink
+                        // is written plainly.
+                        let mut p = pos;
+                        while p < end {
+                            let q = unit_end(p).min(end);
+                            if !self.target.write_compressed(c.start + p as u64, &buf[p..q]).map_err(err)? {
+                                self.target.write(c.start + p as u64, &buf[p..q], below).map_err(err)?;
+                            }
+                            p = q;
+                        }
+                    } else {
+                        self.target.write(at, &buf[pos..end], below).map_err(err)?;
+                    }
                     self.counters.copied.fetch_add((end - pos) as u64, Ordering::Relaxed);
                 }
                 Unit::Zero if self.zero_data == ZeroData::Mark => {

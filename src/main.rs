@@ -149,6 +149,9 @@ enum Command {
         /// Length of the range to stream.
         #[arg(long)]
         length: Option<String>,
+        /// Write the copied clusters compressed (qcow2), for an archive-ready image.
+        #[arg(short = 'c', long)]
+        compress: bool,
         file: String,
     },
     /// Point an image at a new backing file. Safe by default: data that would read
@@ -179,6 +182,9 @@ enum Command {
         /// Open the new backing file shared (it may be in use elsewhere).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Write the copied clusters compressed (qcow2).
+        #[arg(short = 'c', long)]
+        compress: bool,
         file: String,
     },
     /// Write an image's guest contents (through its chain) to a new standalone image.
@@ -204,6 +210,9 @@ enum Command {
         /// Do not copy backing data into a source flagged copy-on-read (no write lock).
         #[arg(long)]
         no_copy_on_read: bool,
+        /// Compress clusters where they shrink (qcow2 output; -o compression_type=zlib|zstd).
+        #[arg(short = 'c')]
+        compress: bool,
         src: String,
         dst: String,
     },
@@ -319,7 +328,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             })();
             (r, 2)
         }
-        Command::Stream { format, base, speed, jobs: j, progress, progress_format, output, offset, length, file } => {
+        Command::Stream { format, base, speed, jobs: j, progress, progress_format, output, offset, length, compress, file } => {
             let r = (|| {
                 let json = progress_json(progress_format.as_deref())?;
                 let json_out = matches!(output, Output::Json);
@@ -334,6 +343,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         json: json_out,
                         offset: offset.as_deref().map(size_arg).transpose()?,
                         length: length.as_deref().map(size_arg).transpose()?,
+                        compress,
                     },
                     cancel,
                 )
@@ -351,6 +361,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             progress_format,
             output,
             force_share,
+            compress,
             file,
         } => {
             let r = (|| {
@@ -368,6 +379,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         progress: Mode::choose(json, progress, true),
                         json: json_out,
                         force_share,
+                        compress,
                     },
                     cancel,
                 )
@@ -383,6 +395,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             jobs: j,
             force_share,
             no_copy_on_read,
+            compress,
             src,
             dst,
         } => {
@@ -399,6 +412,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         jobs: jobs(j),
                         force_share,
                         no_copy_on_read,
+                        compress,
                     },
                     cancel,
                 )

@@ -188,6 +188,8 @@ pub struct Settings<'a> {
     pub limiter: &'a RateLimiter,
     pub cancel: &'a AtomicBool,
     pub counters: &'a Counters,
+    /// Write copied clusters compressed (qcow2).
+    pub compress: bool,
 }
 
 /// Copies what the plan asks into the chain's top image; everything copied is committed.
@@ -207,7 +209,11 @@ pub fn copy(chain: &Chain, plan: &Plan, keep_base: bool, compare: Option<&Chain>
         counters: s.counters,
         jobs: s.jobs,
         compare,
+        compress: s.compress,
     };
+    if s.compress && top.format != cowimg_formats::Format::Qcow2 {
+        return Err(Error::Usage(format!("Compression not supported for this file format ({})", top.format)));
+    }
     copier.run(&plan.extents)
 }
 

@@ -270,3 +270,21 @@ fn speed_cap_holds_loosely() {
     // 12 MiB at 4 MiB/s: the first slice is free, so at least about 2 s.
     assert!(t.elapsed().as_secs_f64() >= 2.0, "took {:?}", t.elapsed());
 }
+
+#[test]
+fn a_batch_of_only_zero_marks_is_committed() {
+    // Regression: a commit that had no new clusters to count skipped the staged L2 entries.
+    let s = Scratch::new();
+    build(
+        &s,
+        &[
+            Layer { name: "A.qcow2", create: &["-f", "qcow2"], size: Some("8M"), writes: &["write -q -P 0x11 0 8M"] },
+            Layer { name: "B.qcow2", create: &["-f", "qcow2"], size: None, writes: &["write -q -z 1M 2M"] },
+            Layer { name: "C.qcow2", create: &["-f", "qcow2"], size: None, writes: &["write -q -P 0x33 0 64k"] },
+        ],
+    );
+    snapshot(&s, "C.qcow2", "c.raw");
+    s.cowimg_ok(&["stream", "--base", "A.qcow2", "C.qcow2"]);
+    assert!(s.same("c.raw", "C.qcow2"));
+    s.assert_clean("C.qcow2");
+}

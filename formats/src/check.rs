@@ -17,6 +17,20 @@ impl CheckMode {
     }
 }
 
+/// Guest data that a repair could not keep: a mapping pointed at something that cannot be the
+/// data (past the end of the file, misaligned, into the image's own metadata) and was dropped.
+/// qemu-img leaves such mappings in place, still corrupt; cowimg removes them and says so.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostData {
+    /// Whose view lost it: "active layer", or "snapshot ID (NAME)".
+    pub layer: String,
+    /// Guest byte range that no longer reads the old (broken) mapping.
+    pub offset: u64,
+    pub length: u64,
+    /// Why the mapping was broken, and what the range reads now.
+    pub reason: String,
+}
+
 /// Counts and messages of one check pass (qemu's `BdrvCheckResult`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CheckReport {
@@ -34,9 +48,20 @@ pub struct CheckReport {
     pub allocated_clusters: u64,
     pub fragmented_clusters: u64,
     pub compressed_clusters: u64,
-    /// Per-problem lines, as qemu-img prints them on stderr.
+    /// Per-problem lines, as qemu-img prints them on stderr. Filled by [`crate::Image::check`];
+    /// [`crate::Image::check_logged`] hands them to its logger instead, as they happen.
     pub messages: Vec<String>,
     /// Set when the repair could not go on (e.g. `-r leaks` when refcounts need a rebuild);
-    /// the text is what qemu-img prints after "Check failed: ".
+    /// the text is what the command prints after "Check failed: ". No counts are meaningful then.
     pub failed: Option<String>,
+    /// Mappings a repair dropped, with the guest ranges whose old contents are gone.
+    pub lost: Vec<LostData>,
+}
+
+impl CheckReport {
+    /// Whether this pass changed the image in a way qemu-img reports as a repair (which is
+    /// when qemu-img runs its second, "double checking" pass).
+    pub fn repaired(&self) -> bool {
+        self.corruptions_fixed > 0 || self.leaks_fixed > 0
+    }
 }

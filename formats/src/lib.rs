@@ -18,7 +18,7 @@ pub mod qed;
 pub mod raw;
 mod util;
 
-pub use check::{CheckMode, CheckReport};
+pub use check::{CheckMode, CheckReport, LostData};
 pub use error::{Error, Result};
 pub use io::{FileStorage, Storage};
 pub use util::is_zero;
@@ -121,6 +121,62 @@ pub fn push_run(runs: &mut Vec<Run>, run: Run) {
     runs.push(run);
 }
 
+/// A guest range of one layer as qemu's block status describes it: a [`Run`] plus two facts
+/// only reporting (`map`, strict `compare`) needs. Runs split where qemu's driver would end a
+/// status query (the end of an L2 table), so that a query's length can be reproduced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub start: u64,
+    pub len: u64,
+    pub alloc: Alloc,
+    /// For an unallocated run: the host offset of space its cluster keeps for it (extended L2:
+    /// a subcluster not written inside an allocated cluster, qemu's UNALLOCATED_ALLOC). qemu
+    /// reports that offset although reads go to the backing file.
+    pub reserved: Option<u64>,
+    /// qcow2 with preallocated metadata: qemu asks the file about data clusters (its
+    /// BDRV_BLOCK_RECURSE), and the run is data lying in a hole of the file (or past its end),
+    /// which qemu reports as zero data.
+    pub recurse: Option<bool>,
+}
+
+impl Status {
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    /// The status of a run that has nothing beyond its allocation to report.
+    pub fn plain(run: Run) -> Status {
+        Status { start: run.start, len: run.len, alloc: run.alloc, reserved: None, recurse: None }
+    }
+}
+
+/// Appends `st`, merging it into the previous status when it continues it as qemu's drivers
+/// merge clusters into one answer (same kind, contiguous host offsets).
+pub fn push_status(out: &mut Vec<Status>, st: Status) {
+    if st.len == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        let contiguous = |a: Option<u64>, b: Option<u64>, len: u64| match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a + len == b,
+            _ => false,
+        };
+        if last.end() == st.start
+            && last.recurse == st.recurse
+            && contiguous(last.reserved, st.reserved, last.len)
+        {
+            let mut runs = vec![Run { start: last.start, len: last.len, alloc: last.alloc }];
+            push_run(&mut runs, Run { start: st.start, len: st.len, alloc: st.alloc });
+            if runs.len() == 1 {
+                last.len += st.len;
+                return;
+            }
+        }
+    }
+    out.push(st);
+}
+
 /// Reads guest data from whatever lies below a layer (its backing chain). Used to fill the
 /// untouched part of a cluster when a partial write allocates it.
 pub trait ReadBelow: Sync {
@@ -164,6 +220,16 @@ pub trait Image: Send + Sync {
     fn storage(&self) -> &Arc<dyn Storage>;
     /// Coalesced runs covering `[start, start + len)`, clipped to the virtual size.
     fn map(&self, start: u64, len: u64) -> Result<Vec<Run>>;
+    /// The runs of `[start, start + len)` as qemu's block status reports them (see
+    /// [`Status`]); reads need only [`Image::map`].
+    fn status(&self, start: u64, len: u64) -> Result<Vec<Status>> {
+        Ok(self.map(start, len)?.into_iter().map(Status::plain).collect())
+    }
+    /// The storage that holds the guest data ([`Alloc::Data`] host offsets point into it):
+    /// the image file itself, or a qcow2 image's external data file.
+    fn data_storage(&self) -> &Arc<dyn Storage> {
+        self.storage()
+    }
     /// Reads data this layer holds at host offset `host` (see [`Alloc::Data`]).
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()>;
     /// Decompresses the cluster described by [`Alloc::Compressed`] into `out` (one cluster).
@@ -189,6 +255,12 @@ pub trait Image: Send + Sync {
     /// the metadata that makes it visible is staged until [`Image::commit`]. Concurrent calls
     /// must touch disjoint allocation units.
     fn write(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()>;
+    /// Writes one whole cluster compressed if the format can and the data shrinks; returns
+    /// false when nothing was written (the caller then writes the data plainly).
+    fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        let _ = (offset, data);
+        Ok(false)
+    }
     /// Makes `[offset, offset + len)` read as zeros, hiding the backing file, with zero
     /// clusters where the format has them (whole units) and written zeros elsewhere.
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()>;
@@ -206,6 +278,17 @@ pub trait Image: Send + Sync {
 
     // ---- checking ----
 
-    /// Checks the image's metadata and, with a repair mode, fixes what can be fixed.
+    /// Checks the image's metadata and, with a repair mode, fixes what can be fixed. The
+    /// per-problem lines are collected in [`CheckReport::messages`].
     fn check(&self, mode: CheckMode) -> Result<CheckReport>;
+
+    /// As [`Image::check`], but hands each per-problem line to `log` as it is found (a damaged
+    /// image can produce one line per cluster; nothing is collected).
+    fn check_logged(&self, mode: CheckMode, log: &mut dyn FnMut(&str)) -> Result<CheckReport> {
+        let mut report = self.check(mode)?;
+        for line in std::mem::take(&mut report.messages) {
+            log(&line);
+        }
+        Ok(report)
+    }
 }

@@ -27,6 +27,8 @@ pub struct Args {
     pub force_share: bool,
     /// Read without honouring the source's copy-on-read flag.
     pub no_copy_on_read: bool,
+    /// Store clusters compressed where they shrink (qcow2 output only).
+    pub compress: bool,
 }
 
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
@@ -37,6 +39,9 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let mut o = ImageOptions::default();
     for list in &a.options {
         o.apply(a.out_format, list)?;
+    }
+    if a.compress && a.out_format != Format::Qcow2 {
+        return Err(crate::error::Error::Msg("Compression not supported for this file format".into()));
     }
     let spec = o.spec(a.out_format, size, None, false)?;
     spec.validate()?;
@@ -66,8 +71,12 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         counters: &counters,
         jobs: a.jobs,
         compare: None,
+        compress: a.compress,
     };
-    let result = copier.run(&coalesce(extents)).and_then(|()| chain.finish());
+    // Whole units of the output (whole clusters when compressing), so that no cluster is
+    // written in pieces: the widened parts read as zeros, as they are.
+    let unit = if a.compress { target.image.cluster_size().unwrap_or(512) } else { target.image.allocation_unit() };
+    let result = copier.run(&widen(extents, unit, size)).and_then(|()| chain.finish());
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
     result?;
     drop(target);
@@ -75,14 +84,28 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     Ok(0)
 }
 
-/// Joins extents that continue each other, so chunks are as large as possible.
-pub fn coalesce(extents: Vec<Extent>) -> Vec<Extent> {
+/// Widens copy extents to whole `unit`s (clipped to `size`) and joins those that touch.
+pub fn widen(extents: Vec<Extent>, unit: u64, size: u64) -> Vec<Extent> {
+    let unit = unit.max(1);
     let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
     for e in extents {
+        let start = e.start / unit * unit;
+        let end = (e.start + e.len).div_ceil(unit).saturating_mul(unit).min(size);
         match out.last_mut() {
-            Some(l) if l.action == e.action && l.start + l.len == e.start => l.len += e.len,
-            _ => out.push(e),
+            Some(l) if l.action == e.action && l.start + l.len >= start => l.len = end.max(l.start + l.len) - l.start,
+            _ => out.push(Extent { start, len: end - start, action: e.action }),
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_widen_to_units_and_merge() {
+        let e = |start, len| Extent { start, len, action: Action::Copy };
+        assert_eq!(widen(vec![e(100, 10), e(600, 10), e(5000, 100)], 512, 5050), vec![e(0, 1024), e(4608, 442)]);
+    }
 }

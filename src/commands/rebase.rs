@@ -30,6 +30,7 @@ pub struct Args {
     pub progress: Mode,
     pub json: bool,
     pub force_share: bool,
+    pub compress: bool,
 }
 
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
@@ -98,7 +99,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let limiter = RateLimiter::new(a.speed);
     let reporter = Reporter::start(a.progress, plan.range_len, a.speed, counters.clone());
     let started = Instant::now();
-    let settings = Settings { jobs: a.jobs, limiter: &limiter, cancel, counters: &counters };
+    let settings = Settings { jobs: a.jobs, limiter: &limiter, cancel, counters: &counters, compress: a.compress };
     let result = stream::copy(&chain, &plan, new.is_some(), new_chain.as_ref(), &settings)
         .and_then(|()| stream::switch(&chain, new.as_ref()));
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());

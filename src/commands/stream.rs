@@ -26,6 +26,7 @@ pub struct Args {
     pub json: bool,
     pub offset: Option<u64>,
     pub length: Option<u64>,
+    pub compress: bool,
 }
 
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
@@ -73,7 +74,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let limiter = RateLimiter::new(a.speed);
     let reporter = Reporter::start(a.progress, plan.range_len, a.speed, counters.clone());
     let started = Instant::now();
-    let settings = Settings { jobs: a.jobs, limiter: &limiter, cancel, counters: &counters };
+    let settings = Settings { jobs: a.jobs, limiter: &limiter, cancel, counters: &counters, compress: a.compress };
     let keep_base = base < chain.layers.len();
     let result = stream::copy(&chain, &plan, keep_base, None, &settings).and_then(|()| {
         if !partial {

@@ -45,6 +45,11 @@ pub struct Allocator {
     pub frees: Vec<u64>,
     /// Data written in place since the last commit (needs a sync even without metadata).
     pub data_written: bool,
+    /// Where the next compressed cluster may go: the next free byte of the host cluster
+    /// compressed data was last packed into, and how many references that cluster has.
+    cursor: Option<(u64, u64)>,
+    /// Host clusters gaining one more reference (a further compressed cluster packed in).
+    extra_refs: Vec<u64>,
     rgeo: RefGeometry,
     cluster_size: u64,
     table: Vec<u64>,
@@ -98,6 +103,8 @@ impl Allocator {
             new_clusters: Vec::new(),
             frees: Vec::new(),
             data_written: false,
+            cursor: None,
+            extra_refs: Vec::new(),
             rgeo,
             cluster_size: cs,
             table,
@@ -120,6 +127,30 @@ impl Allocator {
         host
     }
 
+    /// Space for `len` bytes of compressed data, packed after the previous compressed cluster
+    /// as qemu packs them (several per host cluster, possibly spanning into the next one).
+    /// Every host cluster the bytes touch gains a reference.
+    pub fn alloc_bytes(&mut self, len: u64) -> u64 {
+        let cs = self.cluster_size;
+        if let Some((at, refs)) = self.cursor {
+            let cluster_end = at / cs * cs + cs;
+            // Continue in the same cluster while its refcount has room, and across its end
+            // only into clusters allocated right behind it.
+            let contiguous = at + len <= cluster_end || cluster_end == self.end;
+            if at % cs != 0 && contiguous && refs < self.rgeo.max() {
+                self.extra_refs.push(at / cs * cs);
+                if at + len > cluster_end {
+                    self.reserve((at + len - cluster_end).div_ceil(cs));
+                }
+                self.cursor = Some((at + len, if at + len > cluster_end { 1 } else { refs + 1 }));
+                return at;
+            }
+        }
+        let host = self.reserve(len.div_ceil(cs));
+        self.cursor = Some((host + len, 1));
+        host
+    }
+
     /// Schedules the host clusters covering `[host, host + len)` for a refcount decrement.
     pub fn free_range(&mut self, host: u64, len: u64) {
         let cs = self.cluster_size;
@@ -131,7 +162,7 @@ impl Allocator {
     }
 
     pub fn has_work(&self) -> bool {
-        !self.new_clusters.is_empty() || !self.frees.is_empty() || self.data_written
+        !self.new_clusters.is_empty() || !self.frees.is_empty() || !self.extra_refs.is_empty() || self.data_written
     }
 
     /// The refcount block for table index `bi`, read on a miss.
@@ -154,13 +185,16 @@ impl Allocator {
         Ok(self.blocks.get_mut(&bi).expect("inserted above"))
     }
 
-    /// Adds `delta` (+1 or -1) to the refcount of host cluster `cluster`.
+    /// Changes the refcount of host cluster `cluster`: `1` gives a fresh cluster its first
+    /// reference, `2` adds one more, `-1` drops one.
     fn adjust(&mut self, storage: &dyn Storage, cluster: u64, delta: i64, file_len: u64) -> Result<()> {
         let (bi, idx) = self.rgeo.locate(cluster);
         let rgeo = self.rgeo;
         let block = self.block(storage, bi, file_len)?;
         let old = rgeo.get(&block.data, idx);
         let new = match delta {
+            2 if old >= 1 && old < rgeo.max() => old + 1,
+            2 => return Err(Error::Corrupt(format!("cluster {cluster} cannot take another reference (refcount {old})"))),
             1 if old == 0 => 1,
             1 => {
                 return Err(Error::Corrupt(format!(
@@ -209,6 +243,9 @@ impl Allocator {
                 self.blocks.insert(bi, Block { offset, data: vec![0u8; cs as usize], dirty: None, new: true });
             }
             self.adjust(storage, cluster, 1, file_len.max(self.end))?;
+        }
+        for c in std::mem::take(&mut self.extra_refs) {
+            self.adjust(storage, c / cs, 2, file_len.max(self.end))?;
         }
         Ok(())
     }
@@ -274,10 +311,10 @@ impl Qcow2 {
         let mut guard = self.meta();
         let m: &mut Meta = &mut guard;
         let s: &dyn Storage = &*self.storage;
-        let Some(alloc) = m.alloc.as_mut() else { return Ok(()) };
-        if !alloc.has_work() && m.l1_dirty.is_empty() {
+        if !m.has_staged() {
             return Ok(());
         }
+        let Some(alloc) = m.alloc.as_mut() else { return Ok(()) };
         let file_len = m.file_len;
         alloc.count_new_clusters(s, file_len)?;
 
@@ -341,12 +378,26 @@ impl Qcow2 {
         if self.data_file.is_some() {
             return Err(Error::Unsupported("writing to qcow2 images with an external data file".into()));
         }
-        let h = &m.header;
-        if h.incompatible_features & super::header::INCOMPAT_DIRTY != 0 {
+        if m.header.incompatible_features & super::header::INCOMPAT_CORRUPT != 0 {
             return Err(Error::Refused(
-                "the image is dirty (lazy refcounts were not written back); repair it with `cowimg check -r all` first".into(),
+                "qcow2: Image is corrupt; repair it with `cowimg check -r all` before writing to it".into(),
             ));
         }
+        if m.header.incompatible_features & super::header::INCOMPAT_DIRTY != 0 {
+            // As qemu does at a read-write open: the refcounts of a dirty image (lazy
+            // refcounts, interrupted) cannot be trusted, so they are repaired before anything
+            // is allocated. The repair's messages have no reader here; its outcome decides.
+            let report = super::check::run(self, m, crate::CheckMode::RepairAll, &mut |_| {})?;
+            if report.failed.is_some()
+                || report.check_errors > 0
+                || m.header.incompatible_features & super::header::INCOMPAT_DIRTY != 0
+            {
+                return Err(Error::Corrupt(
+                    "Could not repair dirty image: corruption remains; see `cowimg check` for details".into(),
+                ));
+            }
+        }
+        let h = &m.header;
         // Unknown autoclear bits must be cleared by any writer that does not understand them.
         // cowimg does not update persistent bitmaps, so the "bitmaps are consistent" bit goes
         // too, as the specification asks of such programs; qemu then drops the stale bitmaps.

@@ -74,6 +74,14 @@ impl Meta {
         Meta { header, l1, l1_dirty: BTreeSet::new(), l2: HashMap::new(), tick: 0, file_len, alloc: None }
     }
 
+    /// Whether anything is staged that a commit must write: allocations, refcount changes,
+    /// in-place data, or table entries (a zero write may change only entries).
+    pub fn has_staged(&self) -> bool {
+        self.alloc.as_ref().is_some_and(|a| a.has_work())
+            || !self.l1_dirty.is_empty()
+            || self.l2.values().any(|s| s.new || s.dirty.is_some())
+    }
+
     /// The L2 table at host offset `offset`, read and validated on a miss.
     pub fn l2_table(&mut self, storage: &dyn Storage, geo: &Geometry, offset: u64) -> Result<&mut L2Slot> {
         self.tick += 1;

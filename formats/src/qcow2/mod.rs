@@ -16,16 +16,22 @@ pub mod snapshot;
 pub mod table;
 mod write;
 
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use crate::io::{read_exact, Storage};
 use crate::util::{align_down, be32};
-use crate::{push_run, Alloc, BackingRef, CheckMode, CheckReport, Details, Error, Format, Image, ReadBelow, Result, Run};
+use crate::{
+    push_run, push_status, Alloc, BackingRef, CheckMode, CheckReport, Details, Error, Format, Image, ReadBelow, Result, Run,
+    Status,
+};
 use cache::Meta;
 use compress::CompressionType;
 use header::Header;
 pub use snapshot::{Bitmap, Snapshot};
 use table::{Geometry, Kind, OFFSET_MASK};
+
+/// Offset bits of a refcount table entry (bits 9..=63).
+const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
 /// Opens a file named by the image (its external data file).
 pub type Opener<'a> = &'a dyn Fn(&str) -> Result<Arc<dyn Storage>>;
@@ -37,6 +43,9 @@ pub struct OpenOptions<'a> {
     /// Opens the external data file by the name the header records; without it, images with
     /// an external data file are refused.
     pub data_file: Option<Opener<'a>>,
+    /// Opened to be checked and repaired: an image with the corrupt bit may then be opened
+    /// read-write (qemu's BDRV_O_CHECK). Guest writes stay refused until a repair clears it.
+    pub repair: bool,
 }
 
 /// What `info` shows of a qcow2 image.
@@ -70,6 +79,8 @@ pub struct Qcow2 {
     /// Writers hold it shared while they work; `commit` and header changes take it alone, so
     /// a commit never sees a write half done.
     gate: RwLock<()>,
+    /// Whether the image looks metadata-preallocated (decided on first use, as qemu does).
+    prealloc: OnceLock<bool>,
 }
 
 impl Qcow2 {
@@ -90,7 +101,7 @@ impl Qcow2 {
         read_exact(&*storage, &mut cluster0, 0, "the qcow2 header cluster")?;
         let header = Header::parse(&cluster0, file_len)?;
 
-        if opts.writable && header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
+        if opts.writable && !opts.repair && header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
             return Err(Error::Refused(
                 "qcow2: Image is corrupt; cannot be opened read/write (repair it with `cowimg check -r all`)".into(),
             ));
@@ -126,6 +137,7 @@ impl Qcow2 {
             bitmaps,
             meta: Mutex::new(Meta::new(header, l1, file_len)),
             gate: RwLock::new(()),
+            prealloc: OnceLock::new(),
             storage,
         })
     }
@@ -151,6 +163,130 @@ impl Qcow2 {
 
     fn data_storage(&self) -> &dyn Storage {
         self.data_file.as_deref().unwrap_or(&*self.storage)
+    }
+
+    /// Walks the L2 entries of `[start, start + len)` (clipped to the virtual size) in
+    /// order, handing `f` one piece at a time (an unallocated L1 range, a cluster, or with
+    /// extended L2 a subcluster) with, for an unallocated subcluster of an allocated cluster,
+    /// the host offset its cluster keeps for it.
+    fn walk(&self, start: u64, len: u64, f: &mut dyn FnMut(Run, Option<u64>)) -> Result<()> {
+        let end = start.saturating_add(len).min(self.size);
+        let cs = self.geo.cluster_size();
+        let sc = self.geo.subcluster_size();
+        let l1_span = cs << self.geo.l2_bits();
+        let mut meta = self.meta();
+        let mut off = start;
+        while off < end {
+            let l1i = (off / l1_span) as usize;
+            let region_end = end.min((l1i as u64 + 1) * l1_span);
+            let l2_offset = meta.l1.get(l1i).copied().unwrap_or(0) & OFFSET_MASK;
+            if l2_offset == 0 {
+                f(Run { start: off, len: region_end - off, alloc: Alloc::Unallocated }, None);
+                off = region_end;
+                continue;
+            }
+            let table = meta.l2_table(&*self.storage, &self.geo, l2_offset)?;
+            while off < region_end {
+                let cluster_start = align_down(off, cs);
+                let idx = ((off / cs) & (self.geo.l2_entries() - 1)) as usize;
+                let (entry, bitmap) = table.entry(idx);
+                let cluster_end = region_end.min(cluster_start + cs);
+                if !self.geo.extended_l2 || entry & table::OFLAG_COMPRESSED != 0 {
+                    let kind = self.geo.kind(entry, 0, 0)?;
+                    let alloc = Self::to_alloc(kind, off - cluster_start);
+                    f(Run { start: off, len: cluster_end - off, alloc }, None);
+                    off = cluster_end;
+                } else {
+                    let sub = ((off - cluster_start) / sc) as u32;
+                    let sub_start = cluster_start + u64::from(sub) * sc;
+                    let sub_end = cluster_end.min(sub_start + sc);
+                    let kind = self.geo.kind(entry, bitmap, sub)?;
+                    let alloc = Self::to_alloc(kind, off - sub_start);
+                    let host = entry & OFFSET_MASK;
+                    let reserved = (alloc == Alloc::Unallocated && host != 0).then_some(host + (off - cluster_start));
+                    f(Run { start: off, len: sub_end - off, alloc }, reserved);
+                    off = sub_end;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the status of a data run of an image with preallocated metadata: qemu asks the
+    /// file about the run's host range, and reports the parts lying in a hole of the file (or
+    /// past its end) as zero data.
+    fn push_recursed(&self, out: &mut Vec<Status>, st: Status, host: u64) -> Result<()> {
+        let file = self.data_storage();
+        let extents = file
+            .data_extents(host, host + st.len)
+            .map_err(|e| Error::io("finding holes in the data file", e))?;
+        let mut pos = host;
+        let piece = |a: u64, b: u64, hole: bool| Status {
+            start: st.start + (a - host),
+            len: b - a,
+            alloc: Alloc::Data { host: a },
+            reserved: None,
+            recurse: Some(hole),
+        };
+        for (a, b) in extents {
+            push_status(out, piece(pos, a, true));
+            push_status(out, piece(a, b, false));
+            pos = b;
+        }
+        push_status(out, piece(pos, host + st.len, true));
+        Ok(())
+    }
+
+    /// Whether the image looks preallocated with `preallocation=metadata`: many more clusters
+    /// have a reference count than the file has clusters on disk. qemu decides this once per
+    /// open the same way (qcow2_detect_metadata_preallocation: referenced clusters reach
+    /// max(real * 10 / 9, real + 2)), and then asks the file about data clusters; images it
+    /// cannot judge (damaged refcounts) count as not preallocated, as in qemu.
+    pub fn metadata_preallocated(&self) -> bool {
+        *self.prealloc.get_or_init(|| self.detect_metadata_preallocation().unwrap_or(false))
+    }
+
+    fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let h = self.header();
+        let cs = self.geo.cluster_size();
+        let io = |e| Error::io("reading the file size", e);
+        let file_len = self.storage.len().map_err(io)?;
+        let real_clusters = self.storage.allocated_bytes().map_err(io)? / cs;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end_cluster = file_len.div_ceil(cs);
+        let rgeo = refcount::RefGeometry { cluster_bits: h.cluster_bits, refcount_order: h.refcount_order };
+        let table_len = u64::from(h.refcount_table_clusters) * cs;
+        let mut table = vec![0u8; table_len as usize];
+        read_exact(&*self.storage, &mut table, h.refcount_table_offset, "the refcount table")?;
+        let per_block = rgeo.entries_per_block();
+        // Nonzero entries per refcount block, by block offset: a table may name one block
+        // many times, and a hostile one must not cost a read (and a count) per entry.
+        let mut counted: std::collections::HashMap<(u64, u64), u64> = std::collections::HashMap::new();
+        let mut count = 0u64;
+        for (bi, e) in table::decode(&table).into_iter().enumerate() {
+            let first = bi as u64 * per_block;
+            if first >= end_cluster || count >= threshold {
+                break;
+            }
+            let block = e & REFT_OFFSET_MASK;
+            if block == 0 {
+                continue;
+            }
+            if block % cs != 0 || block.checked_add(cs).is_none_or(|b| b > file_len) {
+                return Err(Error::Corrupt(format!("refcount block offset {block:#x} is invalid")));
+            }
+            let n = (end_cluster - first).min(per_block);
+            if let Some(c) = counted.get(&(block, n)) {
+                count += c;
+                continue;
+            }
+            let mut buf = vec![0u8; cs as usize];
+            read_exact(&*self.storage, &mut buf, block, "a refcount block")?;
+            let c = (0..n as usize).filter(|&i| rgeo.get(&buf, i) != 0).count() as u64;
+            counted.insert((block, n), c);
+            count += c;
+        }
+        Ok(count >= threshold)
     }
 
     /// Converts a decoded entry kind at `intra` bytes into its cluster to an [`Alloc`].
@@ -192,45 +328,44 @@ impl Image for Qcow2 {
     }
 
     fn map(&self, start: u64, len: u64) -> Result<Vec<Run>> {
-        let end = start.saturating_add(len).min(self.size);
-        let cs = self.geo.cluster_size();
-        let sc = self.geo.subcluster_size();
-        let l1_span = cs << self.geo.l2_bits();
         let mut runs = Vec::new();
-        let mut meta = self.meta();
-        let mut off = start;
-        while off < end {
-            let l1i = (off / l1_span) as usize;
-            let region_end = end.min((l1i as u64 + 1) * l1_span);
-            let l2_offset = meta.l1.get(l1i).copied().unwrap_or(0) & OFFSET_MASK;
-            if l2_offset == 0 {
-                push_run(&mut runs, Run { start: off, len: region_end - off, alloc: Alloc::Unallocated });
-                off = region_end;
-                continue;
-            }
-            let table = meta.l2_table(&*self.storage, &self.geo, l2_offset)?;
-            while off < region_end {
-                let cluster_start = align_down(off, cs);
-                let idx = ((off / cs) & (self.geo.l2_entries() - 1)) as usize;
-                let (entry, bitmap) = table.entry(idx);
-                let cluster_end = region_end.min(cluster_start + cs);
-                if !self.geo.extended_l2 || entry & table::OFLAG_COMPRESSED != 0 {
-                    let kind = self.geo.kind(entry, 0, 0)?;
-                    let alloc = Self::to_alloc(kind, off - cluster_start);
-                    push_run(&mut runs, Run { start: off, len: cluster_end - off, alloc });
-                    off = cluster_end;
-                } else {
-                    let sub = ((off - cluster_start) / sc) as u32;
-                    let sub_start = cluster_start + u64::from(sub) * sc;
-                    let sub_end = cluster_end.min(sub_start + sc);
-                    let kind = self.geo.kind(entry, bitmap, sub)?;
-                    let alloc = Self::to_alloc(kind, off - sub_start);
-                    push_run(&mut runs, Run { start: off, len: sub_end - off, alloc });
-                    off = sub_end;
-                }
-            }
-        }
+        self.walk(start, len, &mut |run, _| push_run(&mut runs, run))?;
         Ok(runs)
+    }
+
+    fn status(&self, start: u64, len: u64) -> Result<Vec<Status>> {
+        let end = start.saturating_add(len).min(self.size);
+        let l2_span = self.geo.cluster_size() << self.geo.l2_bits();
+        let recurse = self.metadata_preallocated();
+        let mut out = Vec::new();
+        let mut off = start;
+        // qemu answers a status query from one L2 table at most: runs never merge across.
+        while off < end {
+            let region_end = end.min((off / l2_span + 1) * l2_span);
+            let mut region = Vec::new();
+            let mut failed = None;
+            self.walk(off, region_end - off, &mut |run, reserved| {
+                let st = Status { start: run.start, len: run.len, alloc: run.alloc, reserved, recurse: None };
+                match (recurse, run.alloc) {
+                    (true, Alloc::Data { host }) => {
+                        if let Err(e) = self.push_recursed(&mut region, st, host) {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                    _ => push_status(&mut region, st),
+                }
+            })?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            out.extend(region);
+            off = region_end;
+        }
+        Ok(out)
+    }
+
+    fn data_storage(&self) -> &Arc<dyn Storage> {
+        self.data_file.as_ref().unwrap_or(&self.storage)
     }
 
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
@@ -279,6 +414,10 @@ impl Image for Qcow2 {
         self.write_zeroes_impl(offset, len, below)
     }
 
+    fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        self.write_compressed_impl(offset, data)
+    }
+
     fn commit(&self) -> Result<()> {
         self.commit_impl()
     }
@@ -293,5 +432,9 @@ impl Image for Qcow2 {
 
     fn check(&self, mode: CheckMode) -> Result<CheckReport> {
         check::check(self, mode)
+    }
+
+    fn check_logged(&self, mode: CheckMode, log: &mut dyn FnMut(&str)) -> Result<CheckReport> {
+        self.check_with(mode, log)
     }
 }

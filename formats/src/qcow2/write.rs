@@ -81,6 +81,40 @@ impl Qcow2 {
         self.stage(&mut m, &plans)
     }
 
+    /// Writes one whole cluster compressed, into a cluster the image does not hold. Returns
+    /// false when it wrote nothing: data that does not shrink, or a cluster already allocated
+    /// (compressed clusters are only ever written into unallocated ones, as qemu does).
+    pub(super) fn write_compressed_impl(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        let cs = self.geo.cluster_size();
+        // The last cluster may be short: it is compressed padded with zeros.
+        let short = offset + data.len() as u64 == self.size && (data.len() as u64) < cs;
+        if offset % cs != 0 || (data.len() as u64 != cs && !short) {
+            return Ok(false);
+        }
+        let padded;
+        let input = if short {
+            padded = [data, &vec![0u8; (cs as usize) - data.len()]].concat();
+            &padded[..]
+        } else {
+            data
+        };
+        let Some(bytes) = super::compress::compress(self.compression, input)? else { return Ok(false) };
+        let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let host = {
+            let mut m = self.meta();
+            self.prepare_write(&mut m)?;
+            let (entry, _) = self.entry_at(&mut m, offset)?;
+            if entry & OFFSET_MASK != 0 || entry & OFLAG_COMPRESSED != 0 {
+                return Ok(false);
+            }
+            m.alloc.as_mut().expect("prepared").alloc_bytes(bytes.len() as u64)
+        };
+        write_all(&*self.storage, &bytes, host, "a compressed cluster")?;
+        let mut m = self.meta();
+        self.set_entry(&mut m, offset, self.geo.compressed_entry(host, bytes.len() as u64), 0)?;
+        Ok(true)
+    }
+
     /// Classifies the clusters of `[offset, end)` and reserves fresh ones.
     fn plan(&self, m: &mut Meta, offset: u64, end: u64) -> Result<Vec<ClusterPlan>> {
         let geo = self.geo;
@@ -348,7 +382,7 @@ impl Qcow2 {
     fn header_for_change(&self) -> Result<Header> {
         let mut m = self.meta();
         self.prepare_write(&mut m)?;
-        if m.alloc.as_ref().is_some_and(|a| a.has_work()) || !m.l1_dirty.is_empty() {
+        if m.has_staged() {
             return Err(Error::Refused("internal: header change with uncommitted writes".into()));
         }
         Ok(m.header.clone())

@@ -227,6 +227,10 @@ impl Image for Qed {
     fn check(&self, mode: CheckMode) -> Result<CheckReport> {
         check::check(self, mode)
     }
+
+    fn check_logged(&self, mode: CheckMode, log: &mut dyn FnMut(&str)) -> Result<CheckReport> {
+        self.check_with(mode, log)
+    }
 }
 
 impl Meta {

@@ -46,9 +46,14 @@ impl Qed {
             return Err(Error::Refused("the image is open read-only".into()));
         }
         if m.header.features & header::F_NEED_CHECK != 0 {
-            return Err(Error::Refused(
-                "the image needs a consistency check (QED need-check bit); run `cowimg check -r all` first".into(),
-            ));
+            // As qemu at a read-write open: an image whose writer was interrupted is checked
+            // and repaired before anything is allocated. Its messages have no reader here.
+            let report = super::check::run(self, m, crate::CheckMode::RepairAll, &mut |_| {})?;
+            if report.check_errors > 0 || m.header.features & header::F_NEED_CHECK != 0 {
+                return Err(Error::Corrupt(
+                    "the image needs a consistency check (QED need-check bit) and the repair could not fix it; see `cowimg check`".into(),
+                ));
+            }
         }
         if m.header.autoclear_features != 0 {
             // No autoclear bits are defined: a writer must clear the ones it finds.
