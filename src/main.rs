@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use cowimg::chain::parse_format;
-use cowimg::commands::{check, compare, convert, create, info, map, rebase, stream};
+use cowimg::commands::{check, compare, convert, create, info, map, measure, rebase, stream};
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
 use cowimg::size::parse_size;
@@ -186,6 +186,27 @@ enum Command {
         #[arg(short = 'c', long)]
         compress: bool,
         file: String,
+    },
+    /// How big a new image made from FILE (or of --size) would be.
+    Measure {
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Output format: qcow2, qed or raw.
+        #[arg(short = 'O', default_value = "raw")]
+        out_format: String,
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Measure an empty image of this size instead of FILE.
+        #[arg(long)]
+        size: Option<String>,
+        /// Estimate the compressed size (qcow2) from a sample of FILE.
+        #[arg(short = 'c')]
+        compress: bool,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        file: Option<String>,
     },
     /// Write an image's guest contents (through its chain) to a new standalone image.
     Convert {
@@ -383,6 +404,21 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     },
                     cancel,
                 )
+            })();
+            (r, 1)
+        }
+        Command::Measure { format, out_format, options, size, compress, output, force_share, file } => {
+            let r = (|| {
+                measure::run(&measure::Args {
+                    file,
+                    format: fmt_opt(&format)?,
+                    out_format: parse_format(&out_format)?,
+                    options,
+                    size: size.as_deref().map(size_arg).transpose()?,
+                    compress,
+                    json: matches!(output, Output::Json),
+                    force_share,
+                })
             })();
             (r, 1)
         }
