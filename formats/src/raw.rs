@@ -13,7 +13,10 @@ pub struct Raw {
 
 impl Raw {
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Raw> {
-        let size = storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        let len = storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        // qemu counts a raw image in whole 512-byte sectors: a file of 1000 bytes is a disk of
+        // 1024, whose last 24 bytes read as zeros (past the end of the file).
+        let size = len.div_ceil(512) * 512;
         Ok(Raw { storage, size, writable })
     }
 }

@@ -4,7 +4,8 @@
 use serde_json::{json, Map, Value};
 
 use cowimg_formats::qcow2::Qcow2Details;
-use cowimg_formats::{Details, Format};
+use cowimg_formats::probe::{probe, Probed};
+use cowimg_formats::{Details, FileStorage, Format};
 
 use crate::chain::{combine, Chain, Layer, OpenOptions};
 use crate::error::{Error, Result};
@@ -37,7 +38,10 @@ pub fn run(a: &Args) -> Result<i32> {
         let err = |e| Error::io(format!("reading the size of '{}'", layer.filename), e);
         facts.push(Facts {
             layer,
-            probed_backing: chain.layers.get(i + 1).filter(|b| b.probed).map(|b| b.format),
+            probed_backing: match chain.layers.get(i + 1) {
+                Some(b) => b.probed.then_some(b.format),
+                None => probe_backing(layer),
+            },
             file_length: storage.len().map_err(err)?,
             actual_size: storage.allocated_bytes().map_err(err)?,
         });
@@ -51,6 +55,24 @@ pub fn run(a: &Args) -> Result<i32> {
         print!("{}", blocks.join("\n"));
     }
     Ok(0)
+}
+
+/// The format a backing file that the image does not record a format for is detected as,
+/// when `info` does not open the chain: its first sector is probed (as opening the chain
+/// would), so the plain view also says that the format was guessed. A backing file that
+/// cannot be read is left out, as qemu-img info leaves it.
+fn probe_backing(layer: &Layer) -> Option<Format> {
+    let backing = layer.image.backing().filter(|b| b.format.is_none())?;
+    let full = combine(&layer.filename, &backing.name);
+    let file = std::fs::File::open(&full).ok()?;
+    let kind = file.metadata().ok()?.file_type();
+    if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+        return None;
+    }
+    match probe(&FileStorage::new(file, &full)).ok()? {
+        Probed::Known(f) => Some(f),
+        Probed::Other(_) => None,
+    }
 }
 
 fn to_json(f: &Facts) -> Value {

@@ -1,9 +1,33 @@
 //! `cowimg map`: where each guest range of a chain comes from, as qemu-img map reports it.
+//!
+//! The answers are qemu's block status, reproduced step by step, because `map` and strict
+//! `compare` print what it says: the format driver's answer for one layer (one run, never past
+//! an L2 table), what qemu's generic block layer adds to it (`ALLOCATED`, zeros without or
+//! past the end of a backing file, `EOF`), and the walk down the chain. Query lengths matter
+//! as much as the flags: strict `compare` reports a mismatch where two answers differ, and an
+//! answer that reaches the end of the image carries `EOF`.
 
-use cowimg_formats::{Alloc, Format};
+use std::cell::RefCell;
+
+use cowimg_formats::{Alloc, Format, Status};
 
 use crate::chain::{Chain, OpenOptions};
 use crate::error::{Error, Result};
+
+/// qemu's block status flags (include/block/block-common.h), for exact comparisons.
+pub mod flags {
+    pub const DATA: u32 = 0x01;
+    pub const ZERO: u32 = 0x02;
+    pub const OFFSET_VALID: u32 = 0x04;
+    pub const ALLOCATED: u32 = 0x10;
+    pub const EOF: u32 = 0x20;
+    pub const COMPRESSED: u32 = 0x80;
+}
+
+/// qemu-img map asks at most this much per query.
+const MAP_QUERY: u64 = 1 << 30;
+/// qcow2 answers at most this many bytes per query (its byte count is an `int`).
+const QCOW2_MAX_ANSWER: u64 = i32::MAX as u64;
 
 pub struct Args {
     pub file: String,
@@ -25,12 +49,15 @@ pub struct Entry {
     pub data: bool,
     pub compressed: bool,
     pub offset: Option<u64>,
-    /// Layer index the offset refers to.
+    /// Layer index the entry's status comes from.
     pub layer: usize,
+    /// The file `offset` points into (the layer's file, or its external data file).
+    pub file: Option<String>,
 }
 
 impl Entry {
-    /// qemu-img merges entries that continue each other with the same status.
+    /// qemu-img merges entries that continue each other with the same status
+    /// (its entry_mergeable).
     fn continues(&self, next: &Entry) -> bool {
         self.start + self.length == next.start
             && self.present == next.present
@@ -38,47 +65,296 @@ impl Entry {
             && self.data == next.data
             && self.zero == next.zero
             && self.compressed == next.compressed
+            && self.file == next.file
             && self.offset.is_some() == next.offset.is_some()
-            && self.offset.is_none_or(|o| Some(o + self.length) == next.offset)
-            && self.layer == next.layer
+            && self
+                .offset
+                .is_none_or(|o| Some(o + self.length) == next.offset)
     }
 }
 
-/// The status of `[start, end)` of layer `i` and what shows through from below it.
-pub fn status(chain: &Chain, i: usize, start: u64, end: u64, out: &mut Vec<Entry>) -> Result<()> {
-    let layer = &chain.layers[i];
-    let runs = layer.image.map(start, end - start).map_err(|e| Error::image(&layer.filename, e))?;
-    for r in runs {
-        let base = Entry {
-            start: r.start,
-            length: r.len,
-            depth: i,
-            present: true,
-            zero: false,
-            data: false,
-            compressed: false,
-            offset: None,
-            layer: i,
-        };
-        match r.alloc {
-            Alloc::Data { host } => out.push(Entry { data: true, offset: Some(host), ..base }),
-            Alloc::Compressed { .. } => out.push(Entry { data: true, compressed: true, ..base }),
-            Alloc::Zero { host } => out.push(Entry { zero: true, offset: host, ..base }),
-            Alloc::Unallocated => {
-                let Some(next) = chain.layers.get(i + 1) else {
-                    out.push(Entry { present: false, zero: true, ..base });
-                    continue;
+/// One answer of qemu's block status: `flags` hold for `[offset, offset + len)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockStatus {
+    pub flags: u32,
+    pub len: u64,
+    /// Host offset (with `OFFSET_VALID`).
+    pub host: Option<u64>,
+    /// The file `host` points into.
+    pub file: Option<String>,
+    /// Layer that answered.
+    pub layer: usize,
+}
+
+impl BlockStatus {
+    pub fn has(&self, f: u32) -> bool {
+        self.flags & f != 0
+    }
+}
+
+/// Answers status queries about one chain, remembering the last window of driver answers
+/// per layer: consecutive queries walk forward through the same L2 table (or the same range
+/// of a raw file), which is then read once.
+pub struct Walker<'a> {
+    chain: &'a Chain,
+    windows: RefCell<Vec<Option<Window>>>,
+}
+
+struct Window {
+    start: u64,
+    end: u64,
+    /// `end` is a boundary no answer crosses (an L2 table's end, or the layer's end).
+    hard_end: bool,
+    runs: Vec<Status>,
+}
+
+impl Window {
+    /// The run holding `offset`, when this window can tell all of it up to `limit`.
+    fn run_at(&self, offset: u64, limit: u64) -> Option<Status> {
+        if offset < self.start || offset >= self.end {
+            return None;
+        }
+        let r = *self
+            .runs
+            .get(self.runs.partition_point(|r| r.end() <= offset))?;
+        // A run cut by the window's soft end may go on past it.
+        if r.end() == self.end && !self.hard_end && self.end < limit {
+            return None;
+        }
+        Some(r)
+    }
+}
+
+impl<'a> Walker<'a> {
+    pub fn new(chain: &'a Chain) -> Walker<'a> {
+        Walker {
+            chain,
+            windows: RefCell::new((0..chain.layers.len()).map(|_| None).collect()),
+        }
+    }
+
+    /// The driver's answer for layer `i` at `offset`, at most `bytes` long (qemu's
+    /// `drv->bdrv_co_block_status`).
+    fn driver_status(&self, i: usize, offset: u64, bytes: u64) -> Result<Status> {
+        let layer = &self.chain.layers[i];
+        let img = &*layer.image;
+        let limit = offset.saturating_add(bytes);
+        let cached = self.windows.borrow()[i]
+            .as_ref()
+            .and_then(|w| w.run_at(offset, limit));
+        let run = match cached {
+            Some(r) => r,
+            None => {
+                let size = layer.size();
+                // qcow2 and QED answers end at an L2 table's end: a window of that table is
+                // exact. A raw file's answer is its data or hole extent, up to what is asked.
+                let (end, hard_end) = match layer.format {
+                    Format::Raw => (limit.min(size), limit >= size),
+                    _ => (
+                        (offset / l2_span(img) + 1)
+                            .saturating_mul(l2_span(img))
+                            .min(size),
+                        true,
+                    ),
                 };
-                // Past the end of a shorter backing file the image reads zeros.
-                let split = r.end().min(next.size()).max(r.start);
-                if split > r.start {
-                    status(chain, i + 1, r.start, split, out)?;
-                }
-                if split < r.end() {
-                    out.push(Entry { start: split, length: r.end() - split, present: false, zero: true, ..base });
-                }
+                let runs = img
+                    .status(offset, end - offset)
+                    .map_err(|e| Error::image(&layer.filename, e))?;
+                let w = Window {
+                    start: offset,
+                    end,
+                    hard_end,
+                    runs,
+                };
+                let found = w.run_at(offset, limit);
+                self.windows.borrow_mut()[i] = Some(w);
+                found.ok_or_else(|| {
+                    Error::image(
+                        &layer.filename,
+                        cowimg_formats::Error::invalid(format!(
+                            "no allocation status for offset {offset}"
+                        )),
+                    )
+                })?
+            }
+        };
+        let len = run.end().min(limit) - offset;
+        let intra = offset - run.start;
+        let at = |h: u64| h + intra;
+        Ok(Status {
+            start: offset,
+            len,
+            alloc: match run.alloc {
+                Alloc::Data { host } => Alloc::Data { host: at(host) },
+                Alloc::Zero { host } => Alloc::Zero { host: host.map(at) },
+                other => other,
+            },
+            reserved: run.reserved.map(at),
+            recurse: run.recurse,
+        })
+    }
+
+    /// qemu's `bdrv_co_block_status` for layer `i` alone: the driver's answer, and what the
+    /// generic block layer adds.
+    pub fn layer_status(&self, i: usize, offset: u64, bytes: u64) -> Result<BlockStatus> {
+        use flags::*;
+        let layer = &self.chain.layers[i];
+        let size = layer.size();
+        if offset >= size {
+            return Ok(BlockStatus {
+                flags: EOF,
+                len: 0,
+                host: None,
+                file: None,
+                layer: i,
+            });
+        }
+        let bytes = bytes.min(size - offset);
+        let st = self.driver_status(i, offset, bytes)?;
+        let mut len = st.len;
+        if layer.format == Format::Qcow2 {
+            len = len.min(QCOW2_MAX_ANSWER);
+        }
+        let data_file = || {
+            Some(
+                layer
+                    .image
+                    .data_storage()
+                    .path()
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        };
+        let (mut f, host, file) = match st.alloc {
+            Alloc::Data { host } => {
+                // Asking the file (qemu's BDRV_BLOCK_RECURSE, cleared once done since qemu
+                // 9.0) adds only what it says of a hole.
+                let hole = if st.recurse == Some(true) { ZERO } else { 0 };
+                (DATA | OFFSET_VALID | hole, Some(host), data_file())
+            }
+            Alloc::Compressed { .. } => (DATA | COMPRESSED, None, None),
+            Alloc::Zero { host: Some(h) } => (ZERO | OFFSET_VALID, Some(h), data_file()),
+            Alloc::Zero { host: None } => (ZERO, None, None),
+            Alloc::Unallocated => match st.reserved {
+                Some(h) => (OFFSET_VALID, Some(h), data_file()),
+                None => (0, None, None),
+            },
+        };
+        if f & (DATA | ZERO) != 0 {
+            f |= ALLOCATED;
+        } else {
+            // Unallocated: zeros without a backing file, and past the end of a shorter one.
+            match self.chain.layers.get(i + 1) {
+                None => f |= ZERO,
+                Some(below) if offset >= below.size() => f |= ZERO,
+                Some(_) => {}
             }
         }
+        if offset + len == size {
+            f |= EOF;
+        }
+        Ok(BlockStatus {
+            flags: f,
+            len,
+            host,
+            file,
+            layer: i,
+        })
+    }
+
+    /// qemu's `bdrv_block_status_above(top, NULL, ...)`: the status of the whole chain at
+    /// `offset`, as `compare` asks it.
+    pub fn status_above(&self, offset: u64, bytes: u64) -> Result<BlockStatus> {
+        use flags::*;
+        let first = self.layer_status(0, offset, bytes)?;
+        if first.len == 0 || first.has(ALLOCATED) || self.chain.layers.len() == 1 {
+            return Ok(first);
+        }
+        let eof = first.has(EOF).then(|| offset + first.len);
+        let mut bytes = first.len;
+        let mut st = first;
+        for i in 1..self.chain.layers.len() {
+            st = self.layer_status(i, offset, bytes)?;
+            if st.len == 0 {
+                // This layer is shorter: the zeros read past its end count as its own.
+                st = BlockStatus {
+                    flags: ZERO | ALLOCATED,
+                    len: bytes,
+                    host: None,
+                    file: None,
+                    layer: i,
+                };
+                break;
+            }
+            if st.has(ALLOCATED) {
+                st.flags &= !EOF;
+                break;
+            }
+            bytes = st.len;
+        }
+        if Some(offset + st.len) == eof {
+            st.flags |= EOF;
+        }
+        Ok(st)
+    }
+
+    /// qemu-img map's `get_block_status`: the first layer from `i` down that holds
+    /// `[offset, offset + bytes)` or reads it as zero.
+    pub fn map_entry(&self, i: usize, offset: u64, bytes: u64) -> Result<Entry> {
+        use flags::*;
+        let mut depth = i;
+        let mut bytes = bytes;
+        let st = loop {
+            let st = self.layer_status(depth, offset, bytes)?;
+            bytes = st.len;
+            if st.has(ZERO | DATA) || depth + 1 == self.chain.layers.len() {
+                break st;
+            }
+            depth += 1;
+        };
+        let host = if st.has(OFFSET_VALID) { st.host } else { None };
+        Ok(Entry {
+            start: offset,
+            length: st.len,
+            depth,
+            present: st.has(ALLOCATED),
+            zero: st.has(ZERO),
+            data: st.has(DATA),
+            compressed: st.has(COMPRESSED),
+            offset: host,
+            layer: depth,
+            file: if host.is_some() { st.file } else { None },
+        })
+    }
+}
+
+/// Guest bytes one L2 table covers (no status answer crosses its end).
+fn l2_span(img: &dyn cowimg_formats::Image) -> u64 {
+    use cowimg_formats::Details;
+    let cs = img.cluster_size().unwrap_or(512);
+    match img.details() {
+        Details::Qcow2(d) => cs * (cs / if d.extended_l2 { 16 } else { 8 }),
+        Details::Qed(d) => cs * (u64::from(d.table_size) * cs / 8),
+        Details::Raw => u64::MAX,
+    }
+}
+
+/// The status of `[start, end)` of layer `i` and what shows through from below it, one
+/// entry per answer (not merged).
+pub fn status(chain: &Chain, i: usize, start: u64, end: u64, out: &mut Vec<Entry>) -> Result<()> {
+    let walker = Walker::new(chain);
+    let mut pos = start;
+    while pos < end {
+        let e = walker.map_entry(i, pos, (end - pos).min(MAP_QUERY))?;
+        if e.length == 0 {
+            // Only past the end of layer `i`, which callers do not ask for.
+            return Err(Error::image(
+                &chain.layers[i].filename,
+                cowimg_formats::Error::invalid(format!("no allocation status at offset {pos}")),
+            ));
+        }
+        pos += e.length;
+        out.push(e);
     }
     Ok(())
 }
@@ -102,7 +378,9 @@ pub fn entries(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
 pub fn run(a: &Args) -> Result<i32> {
     let chain = Chain::open(&a.file, OpenOptions::read(a.format, a.force_share))?;
     let size = chain.size();
-    let end = a.max_length.map_or(size, |l| a.start.saturating_add(l).min(size));
+    let end = a
+        .max_length
+        .map_or(size, |l| a.start.saturating_add(l).min(size));
     let list = entries(&chain, a.start.min(size), end)?;
     let mut out = String::new();
     if a.json {
@@ -122,14 +400,31 @@ pub fn run(a: &Args) -> Result<i32> {
         }
         out += "]\n";
     } else {
-        out += &format!("{:<16}{:<16}{:<16}{}\n", "Offset", "Length", "Mapped to", "File");
-        for e in list.iter().filter(|e| e.data && e.offset.is_some()) {
+        out += &format!(
+            "{:<16}{:<16}{:<16}{}\n",
+            "Offset", "Length", "Mapped to", "File"
+        );
+        for e in &list {
+            // Data without a host offset (compressed clusters) cannot be shown as a mapping:
+            // qemu-img stops there with this error, after the lines before it.
+            let (true, Some(host)) = (e.data, e.offset) else {
+                if e.data {
+                    print!("{out}");
+                    return Err(Error::Msg(
+                        "File contains external, encrypted or compressed clusters.".into(),
+                    ));
+                }
+                continue;
+            };
+            if e.zero {
+                continue;
+            }
             out += &format!(
                 "{:<16}{:<16}{:<16}{}\n",
                 hex(e.start),
                 hex(e.length),
-                hex(e.offset.unwrap_or(0)),
-                chain.layers[e.layer].filename
+                hex(host),
+                e.file.as_deref().unwrap_or_default()
             );
         }
     }

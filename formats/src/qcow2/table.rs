@@ -104,6 +104,9 @@ impl Geometry {
                 self.check_aligned(host)?;
                 Ok(Kind::Normal(host + u64::from(sc) * self.subcluster_size()))
             }
+            // A zero subcluster of an allocated cluster keeps its host space (qemu's
+            // ZERO_ALLOC, whose offset qemu reports).
+            (false, true) if host != 0 => Ok(Kind::ZeroAlloc(host + u64::from(sc) * self.subcluster_size())),
             (false, true) => Ok(Kind::Zero),
             (false, false) => Ok(Kind::Unallocated),
         }
@@ -155,7 +158,8 @@ mod tests {
         let bitmap = 0x0000_0004_0000_0001;
         assert_eq!(g.kind(entry, bitmap, 0).unwrap(), Kind::Normal(0x50000));
         assert_eq!(g.kind(entry, bitmap, 1).unwrap(), Kind::Unallocated);
-        assert_eq!(g.kind(entry, bitmap, 2).unwrap(), Kind::Zero);
+        assert_eq!(g.kind(entry, bitmap, 2).unwrap(), Kind::ZeroAlloc(0x50000 + 2 * 2048));
+        assert_eq!(g.kind(0, 1 << 34, 2).unwrap(), Kind::Zero);
         assert!(g.kind(entry, 1 | 1 << 32, 0).is_err());
     }
 }

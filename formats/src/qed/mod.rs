@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::io::{read_exact, Storage};
 use crate::util::align_down;
-use crate::{push_run, Alloc, BackingRef, CheckMode, CheckReport, Details, Error, Format, Image, ReadBelow, Result, Run};
+use crate::{
+    push_run, Alloc, BackingRef, CheckMode, CheckReport, Details, Error, Format, Image, ReadBelow, Result, Run, Status,
+};
 use header::Header;
 use table::Pages;
 
@@ -185,6 +187,22 @@ impl Image for Qed {
             }
         }
         Ok(runs)
+    }
+
+    fn status(&self, start: u64, len: u64) -> Result<Vec<Status>> {
+        let h = self.header();
+        let l2_span = h.table_entries() * h.cluster_size;
+        let end = start.saturating_add(len).min(h.image_size);
+        let mut out = Vec::new();
+        let mut off = start;
+        // qemu's QED driver answers a status query from one L2 table at most
+        // (qed_find_cluster limits the length to the L2 boundary): runs never merge across.
+        while off < end {
+            let region_end = end.min((off / l2_span + 1) * l2_span);
+            out.extend(self.map(off, region_end - off)?.into_iter().map(Status::plain));
+            off = region_end;
+        }
+        Ok(out)
     }
 
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {

@@ -1,0 +1,333 @@
+//! The read matrix: for every fixture of `common/fixtures.rs` (one per on-disk feature, made
+//! by qemu-img/qemu-io at test time), cowimg must read exactly what QEMU reads:
+//! - `convert -O raw` gives the same bytes as `qemu-img convert -O raw`;
+//! - `map --output json` (and the human map) is the same text as qemu-img's;
+//! - `info --output json` and `info --backing-chain --output json` carry qemu-img's keys with
+//!   qemu-img's values (except `actual-size`, and only the child names under `children`);
+//!   cowimg may add keys, and must say when a backing format was probed;
+//! - human `info` has qemu-img's lines (cowimg's additions aside);
+//! - `compare` gives qemu-img compare's status and stdout on identical, different, longer,
+//!   shorter and strict-mode pairs.
+//!
+//! One test per fixture, so a failure names the feature; each test reports every
+//! disagreement it finds, not only the first.
+
+mod common;
+#[path = "common/fixtures.rs"]
+mod fixtures;
+
+use common::Scratch;
+use serde_json::Value;
+
+macro_rules! matrix {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                differential(stringify!($name));
+            }
+        )*
+        const TESTED: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+matrix!(
+    raw_sparse,
+    qcow2_v2,
+    qcow2_v2_over_raw,
+    qcow2_v3,
+    qcow2_v3_over_raw,
+    qcow2_cluster_512,
+    qcow2_cluster_2m,
+    qcow2_refcount_1,
+    qcow2_refcount_64,
+    qcow2_odd_size,
+    qcow2_zlib_convert,
+    qcow2_zstd_convert,
+    qcow2_zlib_convert_512,
+    qcow2_zstd_convert_2m,
+    qcow2_zlib_write_c,
+    qcow2_zstd_write_c,
+    qcow2_extended_l2,
+    qcow2_extended_l2_32k,
+    qcow2_zero_clusters,
+    qcow2_v2_zero_over_backing,
+    qcow2_snapshot,
+    qcow2_bitmap,
+    qcow2_dirty_lazy_refcounts,
+    qcow2_data_file,
+    qcow2_data_file_raw,
+    qed_4k_table16,
+    qed_over_raw,
+    qed_over_qcow2,
+    qed_backing_shorter,
+    chain_mixed_dirs,
+    backing_shorter,
+    backing_longer,
+    unrecorded_qcow2_over_qcow2,
+    unrecorded_qcow2_over_raw,
+    unrecorded_v2_over_qcow2,
+);
+
+#[test]
+fn every_fixture_is_in_the_matrix() {
+    let mut a: Vec<&str> = fixtures::NAMES.to_vec();
+    let mut b: Vec<&str> = TESTED.to_vec();
+    a.sort_unstable();
+    b.sort_unstable();
+    assert_eq!(a, b);
+}
+
+/// Runs every differential check on one fixture and fails with the full list of
+/// disagreements.
+fn differential(name: &'static str) {
+    let f = fixtures::build(name);
+    let s = &f.scratch;
+    let top = f.top.as_str();
+    let mut bad = Vec::new();
+
+    check_convert(s, top, &mut bad);
+    check_map(s, top, &mut bad);
+    check_info(s, top, &mut bad);
+    check_compare(s, top, &mut bad);
+
+    assert!(
+        bad.is_empty(),
+        "fixture {name}: cowimg disagrees with qemu-img:\n  {}",
+        bad.join("\n  ")
+    );
+}
+
+fn check_convert(s: &Scratch, top: &str, bad: &mut Vec<String>) {
+    s.qemu_img(&["convert", "-O", "raw", top, "ref.raw"]);
+    let r = s.cowimg(&["convert", "-O", "raw", top, "mine.raw"]);
+    if r.status != 0 {
+        bad.push(format!(
+            "convert -O raw failed ({}): {}",
+            r.status,
+            r.stderr.trim()
+        ));
+        return;
+    }
+    let (want, got) = (s.read_file("ref.raw"), s.read_file("mine.raw"));
+    if want != got {
+        let at = want.iter().zip(&got).position(|(a, b)| a != b);
+        bad.push(format!(
+            "convert -O raw: {} bytes vs qemu's {}, first difference at {:?}",
+            got.len(),
+            want.len(),
+            at
+        ));
+    }
+}
+
+fn check_map(s: &Scratch, top: &str, bad: &mut Vec<String>) {
+    for (mine, theirs) in [
+        (
+            vec!["map", "--output", "json", top],
+            vec!["map", "--output=json", top],
+        ),
+        (vec!["map", top], vec!["map", top]),
+    ] {
+        // The human form fails on compressed clusters (no host offset to show): then both
+        // must fail alike, after the same lines.
+        let want = s.run("qemu-img", &theirs);
+        let r = s.cowimg(&mine);
+        if (r.status, &r.stdout, r.stderr.is_empty())
+            != (want.status, &want.stdout, want.stderr.is_empty())
+        {
+            bad.push(format!(
+                "{mine:?}: status {} {}\n--- cowimg\n{}--- qemu-img (status {} {})\n{}",
+                r.status, r.stderr, r.stdout, want.status, want.stderr, want.stdout
+            ));
+        }
+    }
+}
+
+fn check_info(s: &Scratch, top: &str, bad: &mut Vec<String>) {
+    for chain in [false, true] {
+        let mut theirs = vec!["info", "--output=json"];
+        let mut mine = vec!["info", "--output", "json"];
+        if chain {
+            theirs.push("--backing-chain");
+            mine.push("--backing-chain");
+        }
+        theirs.push(top);
+        mine.push(top);
+        let want: Value = serde_json::from_str(&s.qemu_img(&theirs)).expect("qemu-img info JSON");
+        let r = s.cowimg(&mine);
+        if r.status != 0 {
+            bad.push(format!(
+                "{mine:?} failed ({}): {}",
+                r.status,
+                r.stderr.trim()
+            ));
+            continue;
+        }
+        let got: Value = match serde_json::from_str(&r.stdout) {
+            Ok(v) => v,
+            Err(e) => {
+                bad.push(format!("{mine:?}: not JSON ({e}): {}", r.stdout));
+                continue;
+            }
+        };
+        let before = bad.len();
+        agree(if chain { "chain" } else { "info" }, &want, &got, bad);
+        if chain {
+            probed_said(&want, &got, bad);
+        }
+        if bad.len() > before {
+            bad.push(format!(
+                "--- cowimg {mine:?}\n{}--- qemu-img\n{want:#}",
+                r.stdout
+            ));
+        }
+    }
+    for chain in [false, true] {
+        let mut args = vec!["info"];
+        if chain {
+            args.push("--backing-chain");
+        }
+        args.push(top);
+        let want = s.qemu_img(&args);
+        let r = s.cowimg(&args);
+        let (w, g) = (human_lines(&want, false), human_lines(&r.stdout, true));
+        if r.status != 0 || w != g {
+            bad.push(format!(
+                "{args:?}: status {} {}\n--- cowimg\n{}--- qemu-img\n{want}",
+                r.status, r.stderr, r.stdout
+            ));
+        }
+        // An image that does not record its backing file's format: cowimg says what it
+        // probed, in the plain and in the chain view.
+        let unrecorded = want.contains("backing file: ") && !want.contains("backing file format: ");
+        if unrecorded && !r.stdout.contains("(probed") {
+            bad.push(format!(
+                "{args:?}: the backing format was probed but info does not say so:\n{}",
+                r.stdout
+            ));
+        }
+    }
+}
+
+/// Lines of human `info` output that both tools must print alike: the disk-size lines
+/// (allocation on the host) and cowimg's own additions are left out.
+fn human_lines(text: &str, cowimg: bool) -> Vec<String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with("disk size:"))
+        .filter(|l| !(cowimg && (l.starts_with("copy-on-read:") || l.contains("(probed"))))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every key qemu-img prints must be there with qemu-img's value; "actual-size" is the host's
+/// business, and under "children" only the child names are compared.
+fn agree(path: &str, want: &Value, got: &Value, bad: &mut Vec<String>) {
+    match (want, got) {
+        (Value::Object(w), Value::Object(g)) => {
+            for (k, wv) in w {
+                let p = format!("{path}.{k}");
+                match g.get(k) {
+                    _ if k == "actual-size" => {}
+                    None => bad.push(format!("{p}: missing (qemu-img: {wv})")),
+                    Some(gv) if k == "children" => {
+                        let names = |v: &Value| -> Vec<Value> {
+                            v.as_array()
+                                .map(|a| a.iter().map(|c| c["name"].clone()).collect())
+                                .unwrap_or_default()
+                        };
+                        if names(wv) != names(gv) {
+                            bad.push(format!(
+                                "{p}: child names {:?}, qemu-img {:?}",
+                                names(gv),
+                                names(wv)
+                            ));
+                        }
+                    }
+                    Some(gv) => agree(&p, wv, gv, bad),
+                }
+            }
+        }
+        (Value::Array(w), Value::Array(g)) if w.len() == g.len() => {
+            for (i, (wv, gv)) in w.iter().zip(g).enumerate() {
+                agree(&format!("{path}[{i}]"), wv, gv, bad);
+            }
+        }
+        _ if want == got => {}
+        _ => bad.push(format!("{path}: {got}, qemu-img {want}")),
+    }
+}
+
+/// In the chain view, an image whose backing format qemu had to probe carries cowimg's
+/// "probed-backing-filename-format", naming the format the next element has.
+fn probed_said(want: &Value, got: &Value, bad: &mut Vec<String>) {
+    let (Some(w), Some(g)) = (want.as_array(), got.as_array()) else {
+        return;
+    };
+    for (i, e) in w.iter().enumerate() {
+        if e.get("backing-filename").is_some() && e.get("backing-filename-format").is_none() {
+            let expected = w.get(i + 1).map(|n| n["format"].clone());
+            let said = g
+                .get(i)
+                .and_then(|m| m.get("probed-backing-filename-format"))
+                .cloned();
+            if said != expected {
+                bad.push(format!(
+                    "chain[{i}].probed-backing-filename-format: {said:?}, backing is {expected:?}"
+                ));
+            }
+        }
+    }
+}
+
+fn check_compare(s: &Scratch, top: &str, bad: &mut Vec<String>) {
+    let reference = s.read_file("ref.raw");
+    let size = reference.len();
+    s.qemu_img(&["convert", "-O", "qcow2", top, "ref.qcow2"]);
+    // One byte changed in the middle, one near the end.
+    let mut t = reference.clone();
+    t[size * 3 / 8 + 777] ^= 0x40;
+    s.write_file("mid.raw", &t);
+    let mut t = reference.clone();
+    t[size - 3] ^= 0x01;
+    s.write_file("end.raw", &t);
+    // Longer with a zero tail, longer with data in the tail, shorter.
+    let mut t = reference.clone();
+    t.resize(size + (1 << 20), 0);
+    s.write_file("longer.raw", &t);
+    t[size + 1000] = 1;
+    s.write_file("longer-data.raw", &t);
+    s.write_file("shorter.raw", &reference[..size - (64 << 10)]);
+
+    let pairs: Vec<Vec<&str>> = vec![
+        vec![top, "ref.raw"],
+        vec!["ref.raw", top],
+        vec![top, "ref.qcow2"],
+        vec![top, top],
+        vec![top, "mid.raw"],
+        vec![top, "end.raw"],
+        vec![top, "longer.raw"],
+        vec!["longer-data.raw", top],
+        vec![top, "shorter.raw"],
+        vec!["-s", top, "ref.raw"],
+        vec!["-s", top, "ref.qcow2"],
+        vec!["-s", top, top],
+        vec!["-s", top, "longer.raw"],
+    ];
+    for p in pairs {
+        let args = [&["compare"][..], &p].concat();
+        let theirs = s.run("qemu-img", &args);
+        let mine = s.cowimg(&args);
+        if (mine.status, &mine.stdout) != (theirs.status, &theirs.stdout) {
+            bad.push(format!(
+                "{args:?}: cowimg {} {:?} {}, qemu-img {} {:?} {}",
+                mine.status,
+                mine.stdout,
+                mine.stderr.trim(),
+                theirs.status,
+                theirs.stdout,
+                theirs.stderr.trim()
+            ));
+        }
+    }
+}
