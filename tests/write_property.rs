@@ -14,18 +14,21 @@ enum Op {
     Zero { off: u64, len: u64 },
 }
 
-/// Image set-ups: (qemu-img create arguments, with a backing file, with a snapshot).
-const SETUPS: &[(&[&str], bool, bool)] = &[
-    (&["-f", "qcow2"], false, false),
-    (&["-f", "qcow2"], true, true),
-    (&["-f", "qcow2", "-o", "compat=0.10"], true, false),
-    (&["-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k"], true, false),
-    (&["-f", "qcow2", "-o", "cluster_size=512,refcount_bits=1"], false, false),
-    (&["-f", "qcow2", "-o", "cluster_size=512"], true, true),
-    (&["-f", "qcow2", "-o", "cluster_size=2M"], true, false),
-    (&["-f", "qcow2", "-o", "refcount_bits=64,lazy_refcounts=on"], false, true),
-    (&["-f", "qed"], false, false),
-    (&["-f", "qed", "-o", "cluster_size=4k,table_size=2"], true, false),
+/// Image set-ups: (qemu-img create arguments, with a backing file, with a snapshot, made by
+/// `qemu-img convert -c` so that it starts full of compressed clusters).
+const SETUPS: &[(&[&str], bool, bool, bool)] = &[
+    (&["-f", "qcow2"], false, false, false),
+    (&["-f", "qcow2"], true, true, false),
+    (&["-f", "qcow2", "-o", "compat=0.10"], true, false, false),
+    (&["-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k"], true, false, false),
+    (&["-f", "qcow2", "-o", "cluster_size=512,refcount_bits=1"], false, false, false),
+    (&["-f", "qcow2", "-o", "cluster_size=512"], true, true, false),
+    (&["-f", "qcow2", "-o", "cluster_size=2M"], true, false, false),
+    (&["-f", "qcow2", "-o", "refcount_bits=64,lazy_refcounts=on"], false, true, false),
+    (&["-f", "qcow2"], false, false, true),
+    (&["-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k,compression_type=zstd"], false, true, true),
+    (&["-f", "qed"], false, false, false),
+    (&["-f", "qed", "-o", "cluster_size=4k,table_size=2"], true, false, false),
 ];
 
 const SIZE: u64 = 6 << 20;
@@ -39,17 +42,26 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn run_case(setup: usize, batches: &[Vec<Op>]) {
-    let (create, backed, snapshot) = SETUPS[setup];
+    let (create, backed, snapshot, compressed) = SETUPS[setup];
     let s = Scratch::new();
-    let mut args = vec!["create", "-q"];
-    args.extend_from_slice(create);
-    if backed {
-        s.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "6M"]);
-        s.qemu_io("base.qcow2", &["write -q -P 0x5a 0 6M"]);
-        args.extend(["-b", "base.qcow2", "-F", "qcow2"]);
+    if compressed {
+        s.qemu_img(&["create", "-q", "-f", "raw", "src.raw", "6M"]);
+        s.qemu_io("src.raw", &["write -q -P 0x31 0 2M", "write -q -P 0x32 3M 2M"]);
+        let mut args = vec!["convert", "-c", "-O", "qcow2"];
+        args.extend_from_slice(&create[2..]);
+        args.extend(["src.raw", "img"]);
+        s.qemu_img(&args);
+    } else {
+        let mut args = vec!["create", "-q"];
+        args.extend_from_slice(create);
+        if backed {
+            s.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "6M"]);
+            s.qemu_io("base.qcow2", &["write -q -P 0x5a 0 6M"]);
+            args.extend(["-b", "base.qcow2", "-F", "qcow2"]);
+        }
+        args.extend(["img", "6M"]);
+        s.qemu_img(&args);
     }
-    args.extend(["img", "6M"]);
-    s.qemu_img(&args);
     s.qemu_io("img", &["write -q -P 0x77 1M 100k"]);
     if snapshot {
         s.qemu_img(&["snapshot", "-c", "s", "img"]);
@@ -100,6 +112,8 @@ fn every_setup_once() {
         Op::Zero { off: 2 << 20, len: 1 << 20 },
         Op::Write { off: (1 << 20) + 512, len: 512, byte: 9 },
         Op::Zero { off: 100, len: 300 },
+        // Whole subclusters inside a (compressed) cluster: the rest of it must survive.
+        Op::Zero { off: (3 << 20) + 4096, len: 8192 },
     ];
     for setup in 0..SETUPS.len() {
         run_case(setup, &[batch.clone(), batch.clone()]);

@@ -286,14 +286,22 @@ impl Qcow2 {
         // no zero clusters, get written zeros.
         let (mid_lo, mid_hi) = if version >= 3 { (align_up(offset, unit), align_down(end, unit)) } else { (end, end) };
         if mid_lo < mid_hi {
-            let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
-            let mut m = self.meta();
-            self.prepare_write(&mut m)?;
-            self.zero_units(&mut m, mid_lo, mid_hi)?;
+            let mut partial = vec![(offset, mid_lo), (mid_hi, end)];
+            {
+                let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+                let mut m = self.meta();
+                self.prepare_write(&mut m)?;
+                partial.extend(self.zero_units(&mut m, mid_lo, mid_hi)?);
+            }
+            return self.write_zero_data(&partial, len, below);
         }
-        let partial = if mid_lo < mid_hi { vec![(offset, mid_lo), (mid_hi, end)] } else { vec![(offset, end)] };
+        self.write_zero_data(&[(offset, end)], len, below)
+    }
+
+    /// Writes zero bytes over the given ranges (those a zero marker cannot express).
+    fn write_zero_data(&self, ranges: &[(u64, u64)], len: u64, below: &dyn ReadBelow) -> Result<()> {
         let zeros = vec![0u8; (1 << 20).min(len) as usize];
-        for (a, b) in partial {
+        for &(a, b) in ranges {
             let mut pos = a;
             while pos < b {
                 let n = (b - pos).min(zeros.len() as u64);
@@ -304,8 +312,10 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Marks whole allocation units of `[lo, hi)` as zero (v3).
-    fn zero_units(&self, m: &mut Meta, lo: u64, hi: u64) -> Result<()> {
+    /// Marks whole allocation units of `[lo, hi)` as zero (v3). Returns the ranges a marker
+    /// cannot express (part of a compressed cluster): those need written zeros.
+    fn zero_units(&self, m: &mut Meta, lo: u64, hi: u64) -> Result<Vec<(u64, u64)>> {
+        let mut rest = Vec::new();
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut cluster = align_down(lo, cs);
@@ -322,10 +332,16 @@ impl Qcow2 {
                     _ => None,
                 };
                 ((OFLAG_ZERO, 0), free)
-            } else if compressed || (a == 0 && b == cs) {
+            } else if a == 0 && b == cs {
                 // The whole cluster reads zero: drop any host cluster.
                 let free = if compressed { Some(geo.compressed(entry)) } else { (host != 0).then_some((host, cs)) };
                 ((0, u64::from(u32::MAX) << SUBCLUSTERS), free)
+            } else if compressed {
+                // Subclusters of a compressed cluster cannot be marked: the cluster is
+                // rewritten plainly with these parts zeroed.
+                rest.push((cluster + a, cluster + b));
+                cluster += cs;
+                continue;
             } else {
                 let unit = geo.subcluster_size();
                 let mask = unit_mask(a / unit, (b - 1) / unit);
@@ -339,7 +355,7 @@ impl Qcow2 {
             }
             cluster += cs;
         }
-        Ok(())
+        Ok(rest)
     }
 
     pub(super) fn set_backing_impl(&self, backing: Option<&crate::BackingRef>) -> Result<()> {
