@@ -147,11 +147,19 @@ pub fn open_image_for(filename: &str, format: Option<Format>, access: Access, re
     let writable = access.writable();
     let image: Arc<dyn Image> = match format {
         Format::Qcow2 => {
+            // qemu opens the data file by the name as recorded: a relative name is relative
+            // to the working directory, not to the image (as `qemu-img create -o data_file=`
+            // creates it). Resolving it against the image would read another file than qemu.
             let opener = |name: &str| -> cowimg_formats::Result<Arc<dyn Storage>> {
-                let path = combine(filename, name);
-                let file = fs::OpenOptions::new().read(true).open(&path).map_err(|e| {
-                    cowimg_formats::Error::io(format!("opening the external data file '{path}'"), e)
-                })?;
+                let path = name.to_string();
+                let io = |e| cowimg_formats::Error::io(format!("opening the external data file '{path}'"), e);
+                let file = fs::OpenOptions::new().read(true).open(&path).map_err(io)?;
+                let kind = file.metadata().map_err(io)?.file_type();
+                if !kind.is_file() && !kind.is_block_device() {
+                    return Err(cowimg_formats::Error::invalid(format!(
+                        "the external data file '{path}' is not a regular file or block device"
+                    )));
+                }
                 Ok(Arc::new(FileStorage::new(file, path)))
             };
             let opts = qcow2::OpenOptions { writable, data_file: Some(&opener), repair };

@@ -16,6 +16,10 @@ mod common;
 #[path = "common/fixtures.rs"]
 mod fixtures;
 
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
 use common::Scratch;
 use serde_json::Value;
 
@@ -67,6 +71,19 @@ matrix!(
     unrecorded_qcow2_over_qcow2,
     unrecorded_qcow2_over_raw,
     unrecorded_v2_over_qcow2,
+    raw_odd_size,
+    qcow2_over_odd_raw,
+    qcow2_prealloc_metadata,
+    qcow2_prealloc_falloc,
+    qcow2_prealloc_full,
+    qcow2_lazy_refcounts_clean,
+    qcow2_data_file_subdir,
+    qcow2_data_file_absolute,
+    qcow2_corrupt_bit,
+    qcow2_unknown_compat_and_extension,
+    qcow2_extended_l2_2m,
+    qcow2_large_sparse,
+    qcow2_2m_beyond_2g,
 );
 
 #[test]
@@ -109,16 +126,35 @@ fn check_convert(s: &Scratch, top: &str, bad: &mut Vec<String>) {
         ));
         return;
     }
-    let (want, got) = (s.read_file("ref.raw"), s.read_file("mine.raw"));
-    if want != got {
-        let at = want.iter().zip(&got).position(|(a, b)| a != b);
-        bad.push(format!(
-            "convert -O raw: {} bytes vs qemu's {}, first difference at {:?}",
-            got.len(),
-            want.len(),
-            at
-        ));
+    if let Some(diff) = first_difference(&s.path("ref.raw"), &s.path("mine.raw")) {
+        bad.push(format!("convert -O raw: {diff}"));
     }
+}
+
+/// Compares two (possibly large, sparse) files piece by piece.
+fn first_difference(a: &Path, b: &Path) -> Option<String> {
+    let (la, lb) = (len(a), len(b));
+    if la != lb {
+        return Some(format!("{} bytes, qemu-img's {} bytes", lb, la));
+    }
+    let (fa, fb) = (File::open(a).expect("open"), File::open(b).expect("open"));
+    let mut x = vec![0u8; 16 << 20];
+    let mut y = vec![0u8; 16 << 20];
+    let mut pos = 0;
+    while pos < la {
+        let n = (la - pos).min(x.len() as u64) as usize;
+        fa.read_exact_at(&mut x[..n], pos).expect("read");
+        fb.read_exact_at(&mut y[..n], pos).expect("read");
+        if let Some(i) = x[..n].iter().zip(&y[..n]).position(|(p, q)| p != q) {
+            return Some(format!("first difference at offset {}", pos + i as u64));
+        }
+        pos += n as u64;
+    }
+    None
+}
+
+fn len(p: &Path) -> u64 {
+    std::fs::metadata(p).expect("stat").len()
 }
 
 fn check_map(s: &Scratch, top: &str, bad: &mut Vec<String>) {
@@ -281,23 +317,32 @@ fn probed_said(want: &Value, got: &Value, bad: &mut Vec<String>) {
 }
 
 fn check_compare(s: &Scratch, top: &str, bad: &mut Vec<String>) {
-    let reference = s.read_file("ref.raw");
-    let size = reference.len();
+    let size = len(&s.path("ref.raw"));
     s.qemu_img(&["convert", "-O", "qcow2", top, "ref.qcow2"]);
-    // One byte changed in the middle, one near the end.
-    let mut t = reference.clone();
-    t[size * 3 / 8 + 777] ^= 0x40;
-    s.write_file("mid.raw", &t);
-    let mut t = reference.clone();
-    t[size - 3] ^= 0x01;
-    s.write_file("end.raw", &t);
-    // Longer with a zero tail, longer with data in the tail, shorter.
-    let mut t = reference.clone();
-    t.resize(size + (1 << 20), 0);
-    s.write_file("longer.raw", &t);
-    t[size + 1000] = 1;
-    s.write_file("longer-data.raw", &t);
-    s.write_file("shorter.raw", &reference[..size - (64 << 10)]);
+    // Copies of the reference (sparse, as the images may be large): one byte changed in
+    // the middle, one near the end; longer with a zero tail, longer with data in the tail,
+    // shorter.
+    let variant = |name: &str, new_len: u64, flip: Option<u64>| {
+        let copy = s.run("cp", &["--sparse=always", "ref.raw", name]);
+        assert_eq!(copy.status, 0, "cp: {}", copy.stderr);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(s.path(name))
+            .expect("open");
+        f.set_len(new_len).expect("set_len");
+        if let Some(at) = flip {
+            let mut byte = [0u8];
+            f.read_exact_at(&mut byte, at).expect("read");
+            byte[0] ^= 0x41;
+            f.write_all_at(&byte, at).expect("write");
+        }
+    };
+    variant("mid.raw", size, Some(size * 3 / 8 + 777));
+    variant("end.raw", size, Some(size - 3));
+    variant("longer.raw", size + (1 << 20), None);
+    variant("longer-data.raw", size + (1 << 20), Some(size + 1000));
+    variant("shorter.raw", size - (64 << 10), None);
 
     let pairs: Vec<Vec<&str>> = vec![
         vec![top, "ref.raw"],

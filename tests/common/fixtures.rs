@@ -56,6 +56,19 @@ pub const NAMES: &[&str] = &[
     "unrecorded_qcow2_over_qcow2",
     "unrecorded_qcow2_over_raw",
     "unrecorded_v2_over_qcow2",
+    "raw_odd_size",
+    "qcow2_over_odd_raw",
+    "qcow2_prealloc_metadata",
+    "qcow2_prealloc_falloc",
+    "qcow2_prealloc_full",
+    "qcow2_lazy_refcounts_clean",
+    "qcow2_data_file_subdir",
+    "qcow2_data_file_absolute",
+    "qcow2_corrupt_bit",
+    "qcow2_unknown_compat_and_extension",
+    "qcow2_extended_l2_2m",
+    "qcow2_large_sparse",
+    "qcow2_2m_beyond_2g",
 ];
 
 /// Builds the fixture called `name` in a fresh scratch directory.
@@ -97,6 +110,21 @@ pub fn build(name: &'static str) -> Fixture {
         "unrecorded_qcow2_over_qcow2" => unrecorded(&s, "compat=1.1", "qcow2"),
         "unrecorded_qcow2_over_raw" => unrecorded(&s, "compat=1.1", "raw"),
         "unrecorded_v2_over_qcow2" => unrecorded(&s, "compat=0.10", "qcow2"),
+        "raw_odd_size" => raw_odd_size(&s),
+        "qcow2_over_odd_raw" => qcow2_over_odd_raw(&s),
+        "qcow2_prealloc_metadata" => preallocated(&s, "metadata"),
+        "qcow2_prealloc_falloc" => preallocated(&s, "falloc"),
+        "qcow2_prealloc_full" => preallocated(&s, "full"),
+        "qcow2_lazy_refcounts_clean" => {
+            qcow2(&s, "lazy.qcow2", "lazy_refcounts=on", 64 << 10, Some("raw"))
+        }
+        "qcow2_data_file_subdir" => data_file_elsewhere(&s, false),
+        "qcow2_data_file_absolute" => data_file_elsewhere(&s, true),
+        "qcow2_corrupt_bit" => corrupt_bit(&s),
+        "qcow2_unknown_compat_and_extension" => unknown_compat_and_extension(&s),
+        "qcow2_extended_l2_2m" => extended_l2(&s, 2 << 20, true),
+        "qcow2_large_sparse" => large_sparse(&s),
+        "qcow2_2m_beyond_2g" => beyond_2g(&s),
         other => panic!("no fixture called {other}"),
     };
     Fixture {
@@ -301,7 +329,7 @@ fn write_compressed(s: &Scratch, kind: &str) -> String {
 /// Extended L2 entries: subclusters partly written, zeroed, discarded; a compressed
 /// cluster (zero bitmap); over a raw backing when `backing`.
 fn extended_l2(s: &Scratch, cs: u64, backing: bool) -> String {
-    let size = 8 * MIB;
+    let size = size_for(cs);
     let name = "ext.qcow2";
     let opts = format!("extended_l2=on,cluster_size={cs}");
     let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &opts];
@@ -735,4 +763,170 @@ pub fn remove_backing_format(path: &std::path::Path) {
     kept.resize(end - start, 0);
     b[start..end].copy_from_slice(&kept);
     std::fs::write(path, &b).expect("write image");
+}
+
+/// A raw image whose length is not a multiple of 512: qemu counts whole sectors, the tail
+/// past the end of the file reads as zeros.
+fn raw_odd_size(s: &Scratch) -> String {
+    let mut data = mixed_data(3 * MIB as usize + 1000);
+    data[..4096].fill(0x77);
+    s.write_file("odd.raw", &data);
+    "odd.raw".into()
+}
+
+/// An overlay over a raw backing of odd length (the overlay's size is rounded up to 512).
+fn qcow2_over_odd_raw(s: &Scratch) -> String {
+    let mut data = vec![0x5au8; 3 * MIB as usize + 100];
+    data[MIB as usize..MIB as usize + 4096].fill(0);
+    s.write_file("base.raw", &data);
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2",
+    ]);
+    s.qemu_io(
+        "ov.qcow2",
+        &[
+            "write -q -P 0x11 64k 4096",
+            &format!("write -q -P 0x12 {} 512", 3 * MIB),
+        ],
+    );
+    "ov.qcow2".into()
+}
+
+/// Preallocated qcow2 (`metadata`: L2 tables and cluster offsets, file sparse; `falloc` and
+/// `full`: the file's space too), then written. With metadata preallocation qemu asks the
+/// file about every data cluster and reports its holes as zero data.
+fn preallocated(s: &Scratch, mode: &str) -> String {
+    let opts = format!("preallocation={mode}");
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &opts,
+        "pre.qcow2",
+        "8M",
+    ]);
+    s.qemu_io(
+        "pre.qcow2",
+        &[
+            "write -q -P 0x11 64k 4096",
+            "write -q -P 0x12 1M 128k",
+            "write -q -z 2M 64k",
+        ],
+    );
+    "pre.qcow2".into()
+}
+
+/// An external data file named with a directory (relative names are relative to qemu's
+/// working directory, not to the image), or by an absolute name, with the image elsewhere.
+fn data_file_elsewhere(s: &Scratch, absolute: bool) -> String {
+    for d in ["img", "dd"] {
+        std::fs::create_dir(s.path(d)).expect("mkdir");
+    }
+    let name = if absolute {
+        s.path("dd/ext.raw").to_string_lossy().into_owned()
+    } else {
+        "dd/ext.raw".into()
+    };
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={name}"),
+        "img/df.qcow2",
+        "8M",
+    ]);
+    let p = pattern(64 << 10, 8 * MIB);
+    s.qemu_io(
+        "img/df.qcow2",
+        &p.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    "img/df.qcow2".into()
+}
+
+/// The corrupt bit set on a consistent image: qemu reads it (read-only) and says so in info.
+fn corrupt_bit(s: &Scratch) -> String {
+    let name = qcow2(s, "c.qcow2", "compat=1.1", 64 << 10, None);
+    let mut b = s.read_file(&name);
+    b[79] |= 0x02;
+    s.write_file(&name, &b);
+    name
+}
+
+/// A third-party tool's marks that qemu ignores: an unknown compatible bit, an unknown
+/// autoclear bit (read-only opens leave it) and an unknown header extension.
+fn unknown_compat_and_extension(s: &Scratch) -> String {
+    let name = qcow2(s, "u.qcow2", "compat=1.1", 64 << 10, None);
+    let mut b = s.read_file(&name);
+    b[87] |= 0x20; // compatible bit 5
+    b[95] |= 0x20; // autoclear bit 5
+    add_extension(&mut b, 0x1234_5678, b"third-party data");
+    s.write_file(&name, &b);
+    name
+}
+
+/// 3 GiB, 64 KiB clusters: data on both sides of L2 table boundaries (every 512 MiB), so
+/// status answers end there.
+fn large_sparse(s: &Scratch) -> String {
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "big.qcow2", "3G"]);
+    s.qemu_io(
+        "big.qcow2",
+        &[
+            "write -q -P 0x11 0 64k",
+            "write -q -P 0x12 511M 2M",
+            "write -q -P 0x13 1023M 64k",
+            "write -q -z 1536M 4M",
+            "write -q -P 0x14 3071M 1M",
+        ],
+    );
+    "big.qcow2".into()
+}
+
+/// 5 GiB, 2 MiB clusters: one L2 table covers everything, so a status answer is only capped
+/// by qemu's 2 GiB - 1 limit per answer (and the next query starts unaligned).
+fn beyond_2g(s: &Scratch) -> String {
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        "b2.qcow2",
+        "5G",
+    ]);
+    s.qemu_io(
+        "b2.qcow2",
+        &[
+            "write -q -P 0x11 0 4k",
+            "write -q -P 0x12 2100M 4M",
+            "write -q -P 0x13 5118M 2M",
+        ],
+    );
+    "b2.qcow2".into()
+}
+
+/// Inserts a header extension before the end marker of a qcow2 image without a backing
+/// file (whose extension area ends at the end marker).
+pub fn add_extension(b: &mut [u8], kind: u32, data: &[u8]) {
+    let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+    assert_eq!(&b[8..16], &[0; 8], "only for images without a backing file");
+    let mut off = if be32(b, 4) >= 3 {
+        be32(b, 100) as usize
+    } else {
+        72
+    };
+    while be32(b, off) != 0 {
+        off += 8 + (be32(b, off + 4) as usize).div_ceil(8) * 8;
+    }
+    let mut rec = Vec::new();
+    rec.extend_from_slice(&kind.to_be_bytes());
+    rec.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    rec.extend_from_slice(data);
+    rec.resize(8 + data.len().div_ceil(8) * 8, 0);
+    rec.extend_from_slice(&[0; 8]);
+    b[off..off + rec.len()].copy_from_slice(&rec);
 }
