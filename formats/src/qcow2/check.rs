@@ -58,9 +58,7 @@ const BME_ALL_ONES: u64 = 1;
 /// qemu refuses to check files of more clusters than this (its counters are `int`).
 const MAX_CLUSTERS: u64 = i32::MAX as u64;
 /// Table bytes read per batch: neighbouring tables are fetched in one request.
-const WINDOW_BYTES: u64 = 32 << 20;
-/// Largest single read request.
-const MAX_REQUEST: u64 = 8 << 20;
+const WINDOW_BYTES: u64 = 4 << 20;
 /// Largest bitmap table cowimg reads (qemu's limit is 2^27 entries, far beyond any image).
 const MAX_BITMAP_TABLE_BYTES: u64 = 64 << 20;
 
@@ -154,48 +152,52 @@ impl Counts {
 // ---------------------------------------------------------------------------------------------
 // Batched table reads
 
-/// Tables read in as few requests as possible: tables that follow each other on disk are
-/// fetched together.
+/// A window of tables read in as few requests as possible: tables that follow each other on
+/// disk are fetched together. One buffer serves every window (no allocation per table).
 struct Tables {
-    runs: Vec<Vec<u8>>,
-    at: HashMap<u64, (usize, usize)>,
+    buf: Vec<u8>,
+    at: HashMap<u64, usize>,
     size: usize,
 }
 
 impl Tables {
-    fn read(s: &dyn Storage, offsets: &[u64], size: u64, what: &str) -> Result<Tables> {
+    fn new(size: u64) -> Tables {
+        Tables {
+            buf: Vec::new(),
+            at: HashMap::new(),
+            size: size as usize,
+        }
+    }
+
+    /// Reads the tables at `offsets` (at most a window's worth), replacing the previous ones.
+    fn load(&mut self, s: &dyn Storage, offsets: &[u64], what: &str) -> Result<()> {
         let mut sorted: Vec<u64> = offsets.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
-        let mut t = Tables {
-            runs: Vec::new(),
-            at: HashMap::new(),
-            size: size as usize,
-        };
+        let size = self.size;
+        if self.buf.len() < sorted.len() * size {
+            self.buf.resize(sorted.len() * size, 0);
+        }
+        self.at.clear();
         let mut i = 0;
         while i < sorted.len() {
             let start = sorted[i];
             let mut j = i + 1;
-            while j < sorted.len()
-                && sorted[j] == sorted[j - 1].saturating_add(size)
-                && (j - i + 1) as u64 * size <= MAX_REQUEST
-            {
+            while j < sorted.len() && sorted[j] == sorted[j - 1].saturating_add(size as u64) {
                 j += 1;
             }
-            let mut buf = vec![0u8; (j - i) * size as usize];
-            read_exact(s, &mut buf, start, what)?;
+            read_exact(s, &mut self.buf[i * size..j * size], start, what)?;
             for (k, &off) in sorted[i..j].iter().enumerate() {
-                t.at.insert(off, (t.runs.len(), k * size as usize));
+                self.at.insert(off, (i + k) * size);
             }
-            t.runs.push(buf);
             i = j;
         }
-        Ok(t)
+        Ok(())
     }
 
     fn get(&self, offset: u64) -> &[u8] {
         match self.at.get(&offset) {
-            Some(&(run, at)) => &self.runs[run][at..at + self.size],
+            Some(&at) => &self.buf[at..at + self.size],
             // Every offset asked for was read; an empty table reads as unallocated.
             None => &[],
         }
@@ -234,7 +236,11 @@ enum Type {
 /// Stored refcounts, as read from the refcount table and blocks.
 struct Stored {
     reftable: Vec<u64>,
-    counts: Counts,
+    /// Stored counts that differ from the computed ones, as count + 1 (0: the same). Only
+    /// damage takes memory here.
+    diff: Counts,
+    /// The highest cluster of the compared range with a non-zero stored count.
+    highest: Option<u64>,
     /// Refcount table indices whose block offset is misaligned: their counts cannot be read.
     bad_blocks: BTreeSet<u64>,
     /// Non-zero stored counts of clusters past the compared range (past the end of the file).
@@ -535,6 +541,7 @@ impl<'a, 'l> Checker<'a, 'l> {
         let cs = self.cs;
         let l1_span = cs << self.geo.l2_bits();
         let per_window = (WINDOW_BYTES / cs).max(1) as usize;
+        let mut tables = Tables::new(cs);
         let mut w = 0;
         while w < l1.len() {
             let end = (w + per_window).min(l1.len());
@@ -543,7 +550,7 @@ impl<'a, 'l> Checker<'a, 'l> {
                 .filter(|&&e| e != 0 && self.l1_drop_reason(e & OFFSET_MASK).is_none())
                 .map(|&e| e & OFFSET_MASK)
                 .collect();
-            let tables = Tables::read(self.s, &wanted, cs, "an L2 table")?;
+            tables.load(self.s, &wanted, "an L2 table")?;
             for (i, &entry) in l1.iter().enumerate().take(end).skip(w) {
                 if entry == 0 {
                     continue;
@@ -577,8 +584,13 @@ impl<'a, 'l> Checker<'a, 'l> {
                     self.say(format!("ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"));
                     self.res.corruptions += 1;
                 }
-                let table = tables.get(l2_offset).to_vec();
-                self.scan_l2(&table, l2_offset, i as u64 * l1_span, active, owner);
+                self.scan_l2(
+                    tables.get(l2_offset),
+                    l2_offset,
+                    i as u64 * l1_span,
+                    active,
+                    owner,
+                );
             }
             w = end;
         }
@@ -616,6 +628,10 @@ impl<'a, 'l> Checker<'a, 'l> {
         for i in 0..(table.len() / esize) {
             let entry = be64(table, i * esize);
             let bitmap = if ext { be64(table, i * esize + 8) } else { 0 };
+            if entry == 0 && bitmap == 0 {
+                // Unallocated, nothing to count or check (most entries of a sparse image).
+                continue;
+            }
             let guest = guest_base + i as u64 * cs;
             let ty = self.classify(entry);
             if ty != Type::Compressed && entry & L2E_STD_RESERVED_MASK != 0 {
@@ -917,15 +933,17 @@ impl<'a, 'l> Checker<'a, 'l> {
 
     // ---- stored refcounts ----
 
-    /// Reads the stored refcounts of clusters `0..n`; with `beyond`, also every non-zero
-    /// count of later clusters (a repair clears those).
+    /// Reads the stored refcounts of clusters `0..n` and keeps those that differ from the
+    /// computed ones; with `beyond`, also every non-zero count of later clusters (a repair
+    /// clears those).
     fn load_stored(&mut self, n: u64, beyond: bool) -> Result<Stored> {
         let reftable = self.read_reftable()?;
         let epb = self.rgeo.entries_per_block();
         let blocks_needed = n.div_ceil(epb);
         let mut st = Stored {
             reftable,
-            counts: Counts::with_len(n),
+            diff: Counts::with_len(n),
+            highest: None,
             bad_blocks: BTreeSet::new(),
             beyond: Vec::new(),
         };
@@ -935,44 +953,62 @@ impl<'a, 'l> Checker<'a, 'l> {
             blocks_needed.min(st.reftable.len() as u64)
         };
         let mut wanted: Vec<(u64, u64)> = Vec::new();
-        for bi in 0..last {
-            let off = st.reftable[bi as usize] & REFT_OFFSET_MASK;
-            if off == 0 {
-                continue;
-            }
-            if off % self.cs != 0 {
+        for bi in 0..blocks_needed.max(last) {
+            let e = st.reftable.get(bi as usize).copied().unwrap_or(0);
+            let off = e & REFT_OFFSET_MASK;
+            if off != 0 && off % self.cs != 0 {
                 st.bad_blocks.insert(bi);
                 continue;
             }
             if bi >= blocks_needed
-                && (off >= self.file_len || st.reftable[bi as usize] & REFT_RESERVED_MASK != 0)
+                && (off == 0 || off >= self.file_len || e & REFT_RESERVED_MASK != 0)
             {
+                continue;
+            }
+            if off == 0 {
+                // No block: every count of its range is 0.
+                for c in bi * epb..((bi + 1) * epb).min(n) {
+                    if self.refs.get(c) != 0 {
+                        st.diff.set(c, 1);
+                    }
+                }
                 continue;
             }
             wanted.push((bi, off));
         }
         let per_window = (WINDOW_BYTES / self.cs).max(1) as usize;
+        let mut tables = Tables::new(self.cs);
         for win in wanted.chunks(per_window) {
             let offs: Vec<u64> = win.iter().map(|&(_, o)| o).collect();
-            let tables = Tables::read(self.s, &offs, self.cs, "a refcount block")?;
+            tables.load(self.s, &offs, "a refcount block")?;
             for &(bi, off) in win {
                 let block = tables.get(off);
                 let base = bi * epb;
                 for idx in 0..epb as usize {
                     let v = self.rgeo.get(block, idx);
-                    if v == 0 {
-                        continue;
-                    }
                     let c = base + idx as u64;
                     if c < n {
-                        st.counts.set(c, v);
-                    } else {
+                        if v != self.refs.get(c) {
+                            st.diff.set(c, v + 1);
+                        }
+                        if v != 0 {
+                            st.highest = Some(c);
+                        }
+                    } else if v != 0 {
                         st.beyond.push((c, v));
                     }
                 }
             }
         }
         Ok(st)
+    }
+
+    /// The stored count of cluster `i` (below the compared range, outside a bad block).
+    fn stored_get(&self, st: &Stored, i: u64) -> u64 {
+        match st.diff.get(i) {
+            0 => self.refs.get(i),
+            d => d - 1,
+        }
     }
 
     /// The stored refcount of any cluster, `None` when it cannot be read (qemu's
@@ -982,8 +1018,8 @@ impl<'a, 'l> Checker<'a, 'l> {
         if st.bad_blocks.contains(&bi) {
             return Ok(None);
         }
-        if cluster < st.counts.len() {
-            return Ok(Some(st.counts.get(cluster)));
+        if cluster < st.diff.len() {
+            return Ok(Some(self.stored_get(st, cluster)));
         }
         let Some(&e) = st.reftable.get(bi as usize) else {
             return Ok(Some(0));
@@ -1001,45 +1037,60 @@ impl<'a, 'l> Checker<'a, 'l> {
         Ok(Some(self.rgeo.get(&block, idx)))
     }
 
-    /// qemu's `compare_refcounts`. Returns the highest cluster in use and the corrections to
-    /// make (cluster, new stored count), which the caller writes.
-    fn compare(&mut self, st: &Stored, fix: CheckMode) -> (u64, Vec<(u64, u64)>) {
-        let n = self.refs.len().max(st.counts.len());
+    /// qemu's `compare_refcounts`. Returns the highest cluster in use. With a repair mode the
+    /// corrections are written block by block (each block's entries between the old and the
+    /// right value, so every intermediate state is at least as good), then synced.
+    fn compare(&mut self, st: &mut Stored, fix: CheckMode) -> Result<u64> {
+        let n = self.refs.len().max(st.diff.len());
         let epb = self.rgeo.entries_per_block();
-        let mut highest = 0;
-        let mut changes = Vec::new();
+        let mut highest = st.highest.unwrap_or(0);
+        // The highest computed reference outside unreadable blocks.
+        let mut bi = n.div_ceil(epb);
+        while bi > 0 {
+            bi -= 1;
+            let (a, b) = (bi * epb, ((bi + 1) * epb).min(n));
+            if st.bad_blocks.contains(&bi) || !self.refs.any(a, b) {
+                continue;
+            }
+            if let Some(i) = (a..b).rev().find(|&i| self.refs.get(i) != 0) {
+                highest = highest.max(i);
+            }
+            break;
+        }
+        let mut wrote = false;
         let mut bi = 0;
         while bi * epb < n {
             let (a, b) = (bi * epb, ((bi + 1) * epb).min(n));
             let bad = st.bad_blocks.contains(&bi);
-            if !bad && !self.refs.any(a, b) && !st.counts.any(a, b) {
+            if !bad && !st.diff.any(a, b) {
                 bi += 1;
                 continue;
             }
-            if bad && !self.signalled {
-                self.signalled = true;
-                let off = st.reftable.get(bi as usize).copied().unwrap_or(0) & REFT_OFFSET_MASK;
-                self.say(format!(
-                    "qcow2: Image is corrupt: Refblock offset {off:#x} unaligned (reftable index: {}); further non-fatal corruption events will be suppressed",
-                    c_hex(bi)
-                ));
-            }
-            for i in a..b {
-                if bad {
+            if bad {
+                if !self.signalled {
+                    self.signalled = true;
+                    let off = st.reftable.get(bi as usize).copied().unwrap_or(0) & REFT_OFFSET_MASK;
+                    self.say(format!(
+                        "qcow2: Image is corrupt: Refblock offset {off:#x} unaligned (reftable index: {}); further non-fatal corruption events will be suppressed",
+                        c_hex(bi)
+                    ));
+                }
+                for i in a..b {
                     self.say(format!(
                         "Can't get refcount for cluster {i}: Input/output error"
                     ));
                     self.res.check_errors += 1;
+                }
+                bi += 1;
+                continue;
+            }
+            let mut changes: Vec<(u64, u64)> = Vec::new();
+            for i in a..b {
+                if st.diff.get(i) == 0 {
                     continue;
                 }
-                let r1 = st.counts.get(i);
+                let r1 = self.stored_get(st, i);
                 let r2 = self.refs.get(i);
-                if r1 > 0 || r2 > 0 {
-                    highest = i;
-                }
-                if r1 == r2 {
-                    continue;
-                }
                 let fixed = if r1 == 0 {
                     self.rebuild = true;
                     false
@@ -1067,30 +1118,41 @@ impl<'a, 'l> Checker<'a, 'l> {
                     self.res.leaks += 1;
                 }
             }
+            if !changes.is_empty() {
+                self.write_refcounts(st, &changes)?;
+                wrote = true;
+            }
             bi += 1;
         }
-        if fix.repairs() {
-            // cowimg: counts stored for clusters past the end of the file would stop its
-            // allocator (which appends) from using them; nothing references them.
-            for &(c, v) in &st.beyond {
+        if fix.repairs() && !st.beyond.is_empty() {
+            // cowimg: counts stored for clusters past the end of the file would make its
+            // allocator, which appends after the last counted cluster, leave a hole.
+            let beyond = std::mem::take(&mut st.beyond);
+            for &(c, v) in &beyond {
                 self.say(format!(
                     "Repairing cluster {c} refcount={v} reference=0 (past the end of the file)"
                 ));
                 self.res.leaks_fixed += 1;
-                changes.push((c, 0));
             }
+            let zeroed: Vec<(u64, u64)> = beyond.iter().map(|&(c, _)| (c, 0)).collect();
+            self.write_refcounts(st, &zeroed)?;
+            wrote = true;
         }
-        (highest, changes)
+        if wrote {
+            sync(self.s)?;
+        }
+        Ok(highest)
     }
 
-    /// Writes refcount corrections into their blocks, then syncs.
+    /// Writes refcount corrections into their blocks (not synced).
     fn write_refcounts(&mut self, st: &mut Stored, changes: &[(u64, u64)]) -> Result<()> {
         let mut by_block: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
         for &(c, v) in changes {
             let (bi, idx) = self.rgeo.locate(c);
             by_block.entry(bi).or_default().push((idx, v));
-            if c < st.counts.len() {
-                st.counts.set(c, v);
+            if c < st.diff.len() {
+                let same = v == self.refs.get(c);
+                st.diff.set(c, if same { 0 } else { v + 1 });
             }
         }
         for (bi, list) in by_block {
@@ -1112,7 +1174,7 @@ impl<'a, 'l> Checker<'a, 'l> {
             }
             write_all(self.s, &block[lo..hi], off + lo as u64, "refcount entries")?;
         }
-        sync(self.s)
+        Ok(())
     }
 
     /// Writes the entry rewrites the scan decided (dropped mappings), then syncs: references
@@ -1148,6 +1210,7 @@ impl<'a, 'l> Checker<'a, 'l> {
         let ext = self.geo.extended_l2;
         let esize = if ext { 16 } else { 8 };
         let per_window = (WINDOW_BYTES / cs).max(1) as usize;
+        let mut tables = Tables::new(cs);
         let mut w = 0;
         while w < l1.len() {
             let end = (w + per_window).min(l1.len());
@@ -1156,7 +1219,7 @@ impl<'a, 'l> Checker<'a, 'l> {
                 .map(|e| e & OFFSET_MASK)
                 .filter(|&o| o != 0)
                 .collect();
-            let tables = Tables::read(self.s, &wanted, cs, "an L2 table")?;
+            tables.load(self.s, &wanted, "an L2 table")?;
             for (i, &l1e) in l1.iter().enumerate().take(end).skip(w) {
                 let l2_offset = l1e & OFFSET_MASK;
                 if l2_offset == 0 {
@@ -1184,10 +1247,15 @@ impl<'a, 'l> Checker<'a, 'l> {
                         self.res.corruptions_fixed += 1;
                     }
                 }
-                let mut table = tables.get(l2_offset).to_vec();
+                // Copied only when an entry changes.
+                let mut changed: Option<Vec<u8>> = None;
+                let table = tables.get(l2_offset);
                 let mut dirty = 0;
                 for j in 0..table.len() / esize {
-                    let entry = be64(&table, j * esize);
+                    let entry = be64(table, j * esize);
+                    if entry == 0 {
+                        continue;
+                    }
                     let ty = self.classify(entry);
                     if ty != Type::Normal && ty != Type::ZeroAlloc {
                         continue;
@@ -1211,7 +1279,8 @@ impl<'a, 'l> Checker<'a, 'l> {
                             } else {
                                 entry & !OFLAG_COPIED
                             };
-                            table[j * esize..j * esize + 8].copy_from_slice(&new.to_be_bytes());
+                            changed.get_or_insert_with(|| table.to_vec())[j * esize..j * esize + 8]
+                                .copy_from_slice(&new.to_be_bytes());
                             dirty += 1;
                         }
                     }
@@ -1224,7 +1293,8 @@ impl<'a, 'l> Checker<'a, 'l> {
                         self.res.check_errors += 1;
                         continue;
                     }
-                    write_all(self.s, &table, l2_offset, "an L2 table")?;
+                    let table = changed.as_deref().unwrap_or(table);
+                    write_all(self.s, table, l2_offset, "an L2 table")?;
                     self.res.corruptions -= dirty;
                     self.res.corruptions_fixed += dirty;
                 }
@@ -1388,7 +1458,7 @@ fn pass(
     let n = c.refs.len();
     let mut st = c.load_stored(n, mode.repairs())?;
     let pre = c.res.clone();
-    let (mut highest, _) = c.compare(&st, CheckMode::ReadOnly);
+    let mut highest = c.compare(&mut st, CheckMode::ReadOnly)?;
 
     if c.rebuild && mode == CheckMode::RepairAll {
         c.say("Rebuilding refcount structure".into());
@@ -1403,7 +1473,7 @@ fn pass(
         f.calculate()?;
         let n = f.refs.len();
         st = f.load_stored(n, false)?;
-        let (h, _) = f.compare(&st, CheckMode::ReadOnly);
+        let h = f.compare(&mut st, CheckMode::ReadOnly)?;
         highest = h;
         f.res.corruptions_fixed =
             old.corruptions_fixed + old.corruptions.saturating_sub(f.res.corruptions);
@@ -1422,9 +1492,7 @@ fn pass(
         }
         if c.res.leaks > 0 || c.res.corruptions > 0 || !st.beyond.is_empty() {
             c.res = pre;
-            let (h, changes) = c.compare(&st, mode);
-            highest = h;
-            c.write_refcounts(&mut st, &changes)?;
+            highest = c.compare(&mut st, mode)?;
         }
     }
 
