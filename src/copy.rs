@@ -147,7 +147,9 @@ impl Copier<'_> {
                 j += 1;
             }
             let result = pool.install(|| chunks[i..j].par_iter().try_for_each(|c| self.copy_chunk(c, unit)));
+            let pause = std::time::Instant::now();
             let committed = self.target.commit().map_err(|e| Error::image(self.target_name, e));
+            self.limiter.credit(pause.elapsed());
             result?;
             committed?;
             if self.cancel.load(Ordering::Relaxed) {

@@ -5,9 +5,15 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use cowimg_formats::{qcow2, qed, FileStorage, Format};
+use std::sync::Arc;
 
-use crate::chain::os_text;
+use cowimg_formats::io::Unsynced;
+use cowimg_formats::qcow2::Qcow2;
+use cowimg_formats::qed::Qed;
+use cowimg_formats::raw::Raw;
+use cowimg_formats::{qcow2, qed, FileStorage, Format, Image, Storage};
+
+use crate::chain::{os_text, Layer};
 use crate::error::{Error, Result};
 use crate::lock::{self, Access};
 
@@ -105,7 +111,6 @@ impl Output {
             Spec::Qcow2(o) => qcow2::create::create(&s, o).map_err(err)?,
             Spec::Qed(o) => qed::create::create(&s, o).map_err(err)?,
             Spec::Raw { size } => {
-                use cowimg_formats::Storage;
                 s.set_len(*size).map_err(|e| Error::io("sizing the new image", e))?;
                 s.sync().map_err(|e| Error::io("syncing the new image", e))?;
             }
@@ -113,8 +118,29 @@ impl Output {
         Ok(())
     }
 
-    /// Renames the finished (and synced) temporary file into place and syncs the directory.
+    /// Opens the temporary file for filling. Its syncs are skipped: ordering inside a file
+    /// nobody sees yet does not matter, and [`Output::persist`] syncs it once, whole.
+    pub fn open(&self, format: Format) -> Result<Layer> {
+        let name = self.tmp_name();
+        let file = fs::OpenOptions::new().read(true).write(true).open(&self.tmp).map_err(|e| Error::io(format!("opening '{name}'"), e))?;
+        lock::lock(&file, &name, Access::Write)?;
+        let storage: Arc<dyn Storage> = Arc::new(Unsynced(FileStorage::new(file, &self.tmp)));
+        let err = |e: cowimg_formats::Error| Error::open(&name, e.into());
+        let image: Arc<dyn Image> = match format {
+            Format::Qcow2 => {
+                Arc::new(Qcow2::open(storage, qcow2::OpenOptions { writable: true, ..Default::default() }).map_err(err)?)
+            }
+            Format::Qed => Arc::new(Qed::open(storage, true).map_err(err)?),
+            Format::Raw => Arc::new(Raw::open(storage, true).map_err(err)?),
+        };
+        Ok(Layer { image, filename: name, format, probed: false })
+    }
+
+    /// Syncs the finished temporary file, renames it into place and syncs the directory.
     pub fn persist(mut self) -> Result<()> {
+        let f = fs::File::open(&self.tmp).map_err(|e| Error::io(format!("opening '{}'", self.tmp.display()), e))?;
+        f.sync_all().map_err(|e| Error::io(format!("syncing '{}'", self.tmp.display()), e))?;
+        drop(f);
         fs::rename(&self.tmp, &self.dst)
             .map_err(|e| Error::io(format!("renaming the new image into '{}'", self.dst.display()), e))?;
         self.persisted = true;

@@ -20,6 +20,9 @@ struct State {
     slice_start: Instant,
     slice_end: Instant,
     dispatched: u64,
+    /// Bytes that may go without waiting: the cap's worth of time the copy spent paused for
+    /// commits, so that the average over the whole copy is the cap.
+    credit: u64,
 }
 
 impl RateLimiter {
@@ -27,7 +30,7 @@ impl RateLimiter {
     pub fn new(bytes_per_sec: u64) -> RateLimiter {
         let quota = if bytes_per_sec == 0 { 0 } else { (bytes_per_sec / 10).max(1) };
         let now = Instant::now();
-        RateLimiter { quota, state: Mutex::new(State { slice_start: now, slice_end: now, dispatched: 0 }) }
+        RateLimiter { quota, state: Mutex::new(State { slice_start: now, slice_end: now, dispatched: 0, credit: 0 }) }
     }
 
     pub fn unlimited(&self) -> bool {
@@ -39,6 +42,18 @@ impl RateLimiter {
         self.quota * 10
     }
 
+    /// Gives back the time the copy spent not copying (a commit's syncs): that much data may
+    /// then go at once, so pauses do not pull the average below the cap. At most two
+    /// seconds' worth is kept.
+    pub fn credit(&self, paused: Duration) {
+        if self.quota == 0 {
+            return;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes = (self.rate() as f64 * paused.as_secs_f64()) as u64;
+        s.credit = (s.credit + bytes).min(self.rate() * 2);
+    }
+
     /// Accounts `bytes` about to be copied; returns the time to wait before copying them.
     pub fn take(&self, bytes: u64) -> Duration {
         if self.quota == 0 {
@@ -46,6 +61,12 @@ impl RateLimiter {
         }
         let now = Instant::now();
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let from_credit = s.credit.min(bytes);
+        s.credit -= from_credit;
+        let bytes = bytes - from_credit;
+        if bytes == 0 {
+            return Duration::ZERO;
+        }
         if now >= s.slice_end {
             s.slice_start = now;
             s.slice_end = now + SLICE;
@@ -81,6 +102,16 @@ mod tests {
         // 1 MiB quota per slice; 3 MiB more makes four slices' worth: about 300 ms more.
         let d = r.take(3 << 20);
         assert!(d > Duration::from_millis(250) && d <= Duration::from_millis(400), "{d:?}");
+    }
+
+    #[test]
+    fn pauses_are_made_up_for() {
+        let r = RateLimiter::new(10 << 20);
+        r.credit(Duration::from_millis(300));
+        // 3 MiB of credit plus the 1 MiB slice quota go without waiting.
+        assert!(r.take(3 << 20).is_zero());
+        assert!(r.take(1 << 20).is_zero());
+        assert!(!r.take(1 << 20).is_zero());
     }
 
     #[test]

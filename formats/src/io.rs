@@ -136,6 +136,39 @@ impl Storage for FileStorage {
     }
 }
 
+/// Storage whose syncs do nothing: for a new file that is synced once, as a whole, before it
+/// is renamed into place (an interrupted run leaves only a temporary file, so ordering
+/// inside it does not matter and per-batch syncs would only cost time).
+#[derive(Debug)]
+pub struct Unsynced<S: Storage>(pub S);
+
+impl<S: Storage> Storage for Unsynced<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.0.allocated_bytes()
+    }
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+    fn data_extents(&self, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        self.0.data_extents(start, end)
+    }
+}
+
 /// Reads exactly `buf.len()` bytes at `offset`, with a message naming what was read.
 pub(crate) fn read_exact(s: &dyn Storage, buf: &mut [u8], offset: u64, what: &str) -> crate::Result<()> {
     s.read_at(buf, offset)

@@ -6,12 +6,11 @@ use std::sync::Arc;
 
 use cowimg_formats::{Format, ZerosBelow};
 
-use crate::chain::{open_image, Chain, OpenOptions};
+use crate::chain::{Chain, OpenOptions};
 use crate::commands::create::ImageOptions;
 use crate::commands::map::entries;
 use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
 use crate::error::Result;
-use crate::lock::Access;
 use crate::output::Output;
 use crate::progress::{Mode, Reporter};
 use crate::ratelimit::RateLimiter;
@@ -48,7 +47,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     // qemu-img convert replaces an existing destination; cowimg does too, atomically.
     let out = Output::begin(&a.dst, true)?;
     out.create(&spec)?;
-    let target = open_image(&out.tmp_name(), Some(a.out_format), Access::Write)?;
+    let target = out.open(a.out_format)?;
 
     // Copy what the source holds; ranges that read as zero stay unallocated.
     let extents: Vec<Extent> = entries(&chain, 0, size)?

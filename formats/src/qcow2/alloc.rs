@@ -6,11 +6,14 @@
 //! by [`Qcow2::commit_impl`] in the order that keeps the image consistent at every instant:
 //!
 //! 1. data clusters (already written by the writers), new L2 tables, new refcount blocks and a
-//!    new refcount table are written whole; sync;
-//! 2. refcount entries in existing blocks, refcount table entries (or the header, when the
-//!    table moved); sync;
+//!    new refcount table are written whole, and refcount entries in existing blocks; sync
+//!    (none of it is pointed to yet: a refcount points at nothing);
+//! 2. refcount table entries pointing at new blocks (or the header, when the table moved),
+//!    only when there are any; sync;
 //! 3. L2 entries in existing tables and L1 entries; sync;
-//! 4. refcount decrements of clusters no longer referenced; sync.
+//! 4. refcount decrements of clusters no longer referenced, only when there are any; sync.
+//!
+//! The common batch therefore costs two syncs.
 //!
 //! Nothing is pointed to before it is on disk and a refcount never lags a reference, so an
 //! interruption at any point leaves at worst leaked clusters.
@@ -283,17 +286,23 @@ impl Allocator {
     }
 
     /// Writes changed refcount entries and refcount table entries.
-    fn write_dirty(&mut self, storage: &dyn Storage) -> Result<()> {
+    fn write_dirty_blocks(&mut self, storage: &dyn Storage) -> Result<()> {
         for b in self.blocks.values_mut() {
             if let Some((a, z)) = b.dirty.take() {
                 write_all(storage, &b.data[a..z], b.offset + a as u64, "refcount entries")?;
             }
         }
+        Ok(())
+    }
+
+    /// Writes changed refcount table entries; true if there were any.
+    fn write_table_entries(&mut self, storage: &dyn Storage) -> Result<bool> {
+        let any = !self.table_dirty.is_empty();
         for &i in &self.table_dirty {
             write_all(storage, &self.table[i].to_be_bytes(), self.table_offset + 8 * i as u64, "a refcount table entry")?;
         }
         self.table_dirty.clear();
-        Ok(())
+        Ok(any)
     }
 
     /// Drops clean blocks so memory stays bounded across batches.
@@ -318,17 +327,21 @@ impl Qcow2 {
         let file_len = m.file_len;
         alloc.count_new_clusters(s, file_len)?;
 
-        // 1. Everything new, written whole; nothing points at it yet.
+        // 1. Everything new, written whole, and the refcounts of new clusters in existing
+        // blocks: nothing points at any of it yet (refcounts point at nothing).
         for (&off, slot) in m.l2.iter_mut().filter(|(_, slot)| slot.new) {
             write_all(s, &table::encode(&slot.words), off, "a new L2 table")?;
             slot.new = false;
         }
         alloc.write_new(s)?;
+        alloc.write_dirty_blocks(s)?;
         sync(s)?;
 
-        // 2. Reference counts, before any reference.
-        alloc.write_dirty(s)?;
-        sync(s)?;
+        // 2. The refcount table's pointers to new blocks (rare), before any reference that
+        // needs those blocks to be found.
+        if alloc.write_table_entries(s)? {
+            sync(s)?;
+        }
         if let Some((old_offset, old_clusters)) = alloc.moved_from.take() {
             m.header.refcount_table_offset = alloc.table_offset;
             m.header.refcount_table_clusters = alloc.table_clusters;
@@ -356,7 +369,7 @@ impl Qcow2 {
             for c in frees {
                 alloc.adjust(s, c / alloc.cluster_size, -1, len)?;
             }
-            alloc.write_dirty(s)?;
+            alloc.write_dirty_blocks(s)?;
             sync(s)?;
         }
         alloc.new_clusters.clear();
