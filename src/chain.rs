@@ -152,7 +152,9 @@ pub fn open_image_for(filename: &str, format: Option<Format>, access: Access, re
             // creates it). Resolving it against the image would read another file than qemu.
             let opener = |name: &str| -> cowimg_formats::Result<Arc<dyn Storage>> {
                 let path = name.to_string();
-                let io = |e| cowimg_formats::Error::io(format!("opening the external data file '{path}'"), e);
+                let io = |e: std::io::Error| {
+                    cowimg_formats::Error::Invalid(format!("Could not open data file '{path}': {}", os_text(&e)))
+                };
                 let file = fs::OpenOptions::new().read(true).open(&path).map_err(io)?;
                 let kind = file.metadata().map_err(io)?.file_type();
                 if !kind.is_file() && !kind.is_block_device() {

@@ -222,9 +222,10 @@ impl Header {
         // Backing file name: inside cluster 0, at most 1023 bytes.
         if h.backing_file_offset != 0 {
             let len = u64::from(h.backing_file_size);
-            if h.backing_file_offset > cluster_size
-                || len > (MAX_BACKING_NAME as u64).min(cluster_size - h.backing_file_offset)
-            {
+            if h.backing_file_offset > cluster_size {
+                return Err(Error::invalid("Invalid backing file offset"));
+            }
+            if len > (MAX_BACKING_NAME as u64).min(cluster_size - h.backing_file_offset) {
                 return Err(Error::invalid("Backing file name too long"));
             }
             let start = h.backing_file_offset as usize;

@@ -17,6 +17,9 @@ pub const MAX_CLUSTER_SIZE: u64 = 64 << 20;
 pub const MAX_TABLE_SIZE: u32 = 16;
 /// The longest backing name cowimg writes (as qcow2's limit).
 pub const MAX_BACKING_NAME: usize = 1023;
+/// The longest backing name cowimg reads: qemu's limit (it reads names into a PATH_MAX
+/// buffer, NUL included).
+pub const MAX_READ_BACKING_NAME: usize = 4095;
 
 /// cowimg's record: at a fixed place in cluster 0, well behind the header and any backing
 /// name qemu writes (qemu only ever writes the 64-byte header and the name after it).
@@ -95,10 +98,18 @@ impl Header {
         {
             return Err(Error::invalid("QED table offset is invalid"));
         }
-        if h.features & F_BACKING_FILE != 0
-            && u64::from(h.backing_filename_offset) + u64::from(h.backing_filename_size) > h.header_bytes()
-        {
-            return Err(Error::invalid("QED backing file name lies outside the header"));
+        if h.features & F_BACKING_FILE != 0 {
+            if u64::from(h.backing_filename_offset) + u64::from(h.backing_filename_size) > h.header_bytes() {
+                return Err(Error::invalid("QED backing file name lies outside the header"));
+            }
+            // qemu reads the name into a PATH_MAX buffer and refuses longer ones; the check
+            // also keeps a hostile size from making cowimg allocate gigabytes.
+            if h.backing_filename_size as usize > MAX_READ_BACKING_NAME {
+                return Err(Error::invalid(format!(
+                    "QED backing file name too long ({} bytes, at most {MAX_READ_BACKING_NAME})",
+                    h.backing_filename_size
+                )));
+            }
         }
         Ok(h)
     }
