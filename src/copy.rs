@@ -7,12 +7,11 @@
 //! crate). An interruption therefore loses at most the batch in flight, and what was committed
 //! stays: re-running resumes.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use cowimg_formats::{is_zero, Image, ReadBelow};
-use rayon::prelude::*;
 
 use crate::chain::Chain;
 use crate::error::{Error, Result};
@@ -95,6 +94,57 @@ pub struct Copier<'a> {
     pub compress: bool,
 }
 
+/// Whose turn it is to store, in chunk order (compressing copies).
+#[derive(Default)]
+struct Turn {
+    state: Mutex<(usize, bool)>,
+    cv: Condvar,
+}
+
+impl Turn {
+    fn aborted(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    fn abort(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
+}
+
+/// A chunk's place in the order. Its turn passes on when the ticket is dropped, whatever
+/// the chunk did (stored, found nothing to store, failed, was cancelled).
+struct Ticket<'a> {
+    turn: &'a Turn,
+    index: usize,
+}
+
+impl Ticket<'_> {
+    /// Waits until every earlier chunk of the batch has stored its data.
+    fn wait(&self) -> Result<()> {
+        let mut s = self.turn.state.lock().unwrap_or_else(|e| e.into_inner());
+        while s.0 < self.index && !s.1 {
+            s = self.turn.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        if s.1 {
+            return Err(Error::Msg("another copy worker failed".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut s = self.turn.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Wait for our turn only to pass it on: earlier chunks may still be storing.
+        while s.0 < self.index && !s.1 {
+            s = self.turn.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.0 = s.0.max(self.index + 1);
+        self.turn.cv.notify_all();
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Unit {
     Same,
@@ -146,7 +196,7 @@ impl Copier<'_> {
                 }
                 j += 1;
             }
-            let result = pool.install(|| chunks[i..j].par_iter().try_for_each(|c| self.copy_chunk(c, unit)));
+            let result = self.run_batch(&pool, &chunks[i..j], unit);
             let pause = std::time::Instant::now();
             let committed = self.target.commit().map_err(|e| Error::image(self.target_name, e));
             self.limiter.credit(pause.elapsed());
@@ -160,7 +210,36 @@ impl Copier<'_> {
         Ok(())
     }
 
-    fn copy_chunk(&self, c: &Extent, unit: u64) -> Result<()> {
+    /// Copies one batch with `jobs` workers taking chunks in order. When compressing, the
+    /// workers compress in parallel but store in chunk order (each waits for its turn), so
+    /// compressed clusters pack back to back as qemu packs them.
+    fn run_batch(&self, pool: &rayon::ThreadPool, chunks: &[Extent], unit: u64) -> Result<()> {
+        let next = AtomicUsize::new(0);
+        let turn = Turn::default();
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        pool.scope(|scope| {
+            for _ in 0..self.jobs.max(1) {
+                scope.spawn(|_| loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= chunks.len() || turn.aborted() {
+                        return;
+                    }
+                    let ticket = self.compress.then(|| Ticket { turn: &turn, index: i });
+                    if let Err(e) = self.copy_chunk(&chunks[i], unit, ticket.as_ref()) {
+                        turn.abort();
+                        failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                        return;
+                    }
+                });
+            }
+        });
+        match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn copy_chunk(&self, c: &Extent, unit: u64, ticket: Option<&Ticket>) -> Result<()> {
         if self.cancel.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -210,16 +289,26 @@ impl Copier<'_> {
             match k {
                 Unit::Data => {
                     self.limiter.wait((end - pos) as u64);
-                    if self.compress {
-                        // Cluster by cluster, compressed on this worker; what does not shrink
-                        // is written plainly.
+                    if let Some(ticket) = ticket {
+                        // Cluster by cluster, compressed on this worker, stored in chunk order;
+                        // what does not shrink is written plainly.
+                        let mut compressed = Vec::new();
                         let mut p = pos;
                         while p < end {
                             let q = unit_end(p).min(end);
-                            if !self.target.write_compressed(c.start + p as u64, &buf[p..q]).map_err(err)? {
-                                self.target.write(c.start + p as u64, &buf[p..q], below).map_err(err)?;
-                            }
+                            compressed.push((p, q, self.target.compress_cluster(&buf[p..q]).map_err(err)?));
                             p = q;
+                        }
+                        ticket.wait()?;
+                        for (p, q, z) in compressed {
+                            let at = c.start + p as u64;
+                            let stored = match &z {
+                                Some(z) => self.target.write_compressed(at, z).map_err(err)?,
+                                None => false,
+                            };
+                            if !stored {
+                                self.target.write(at, &buf[p..q], below).map_err(err)?;
+                            }
                         }
                     } else {
                         self.target.write(at, &buf[pos..end], below).map_err(err)?;

@@ -255,10 +255,17 @@ pub trait Image: Send + Sync {
     /// the metadata that makes it visible is staged until [`Image::commit`]. Concurrent calls
     /// must touch disjoint allocation units.
     fn write(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()>;
-    /// Writes one whole cluster compressed if the format can and the data shrinks; returns
-    /// false when nothing was written (the caller then writes the data plainly).
-    fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<bool> {
-        let _ = (offset, data);
+    /// Compresses one cluster's data for [`Image::write_compressed`] (pure computation, for
+    /// the copy workers); `None` when the format has no compression or the data does not
+    /// shrink.
+    fn compress_cluster(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        let _ = data;
+        Ok(None)
+    }
+    /// Stores compressed data as the cluster at `offset`, packed after the previous compressed
+    /// cluster; returns false when nothing was written (the caller writes the data plainly).
+    fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<bool> {
+        let _ = (offset, compressed);
         Ok(false)
     }
     /// Makes `[offset, offset + len)` read as zeros, hiding the backing file, with zero

@@ -414,8 +414,12 @@ impl Image for Qcow2 {
         self.write_zeroes_impl(offset, len, below)
     }
 
-    fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<bool> {
-        self.write_compressed_impl(offset, data)
+    fn compress_cluster(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.compress_cluster_impl(data)
+    }
+
+    fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<bool> {
+        self.write_compressed_impl(offset, compressed)
     }
 
     fn commit(&self) -> Result<()> {

@@ -81,24 +81,29 @@ impl Qcow2 {
         self.stage(&mut m, &plans)
     }
 
-    /// Writes one whole cluster compressed, into a cluster the image does not hold. Returns
-    /// false when it wrote nothing: data that does not shrink, or a cluster already allocated
-    /// (compressed clusters are only ever written into unallocated ones, as qemu does).
-    pub(super) fn write_compressed_impl(&self, offset: u64, data: &[u8]) -> Result<bool> {
+    /// Compresses one cluster's data (the image's last cluster may be short: it is padded
+    /// with zeros); `None` when it does not shrink.
+    pub(super) fn compress_cluster_impl(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        let cs = self.geo.cluster_size() as usize;
+        if data.len() > cs {
+            return Ok(None);
+        }
+        if data.len() < cs {
+            let mut padded = data.to_vec();
+            padded.resize(cs, 0);
+            return super::compress::compress(self.compression, &padded);
+        }
+        super::compress::compress(self.compression, data)
+    }
+
+    /// Writes compressed data (from [`Self::compress_cluster_impl`]) as the cluster at
+    /// `offset`, which the image must not hold: compressed clusters are only ever written into
+    /// unallocated ones, as qemu does. Returns false when it wrote nothing.
+    pub(super) fn write_compressed_impl(&self, offset: u64, bytes: &[u8]) -> Result<bool> {
         let cs = self.geo.cluster_size();
-        // The last cluster may be short: it is compressed padded with zeros.
-        let short = offset + data.len() as u64 == self.size && (data.len() as u64) < cs;
-        if offset % cs != 0 || (data.len() as u64 != cs && !short) {
+        if offset % cs != 0 || offset >= self.size || bytes.len() as u64 >= cs {
             return Ok(false);
         }
-        let padded;
-        let input = if short {
-            padded = [data, &vec![0u8; (cs as usize) - data.len()]].concat();
-            &padded[..]
-        } else {
-            data
-        };
-        let Some(bytes) = super::compress::compress(self.compression, input)? else { return Ok(false) };
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let host = {
             let mut m = self.meta();
@@ -109,7 +114,7 @@ impl Qcow2 {
             }
             m.alloc.as_mut().expect("prepared").alloc_bytes(bytes.len() as u64)
         };
-        write_all(&*self.storage, &bytes, host, "a compressed cluster")?;
+        write_all(&*self.storage, bytes, host, "a compressed cluster")?;
         let mut m = self.meta();
         self.set_entry(&mut m, offset, self.geo.compressed_entry(host, bytes.len() as u64), 0)?;
         Ok(true)
