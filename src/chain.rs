@@ -132,6 +132,12 @@ pub fn open_image_for(filename: &str, format: Option<Format>, access: Access, re
         .map_err(|e| Error::open(filename, Error::Msg(os_text(&e))))?;
     lock::lock(&file, filename, access).map_err(|e| Error::open(filename, e))?;
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file, filename));
+    open_layer(storage, filename, format, access.writable(), repair)
+}
+
+/// Opens an image held by any [`Storage`] (tests put recording or failing storage under the
+/// formats this way); the format is probed when not given.
+pub fn open_layer(storage: Arc<dyn Storage>, filename: &str, format: Option<Format>, writable: bool, repair: bool) -> Result<Layer> {
     let (format, probed) = match format {
         Some(f) => (f, false),
         None => match probe(&*storage).map_err(|e| Error::open(filename, e.into()))? {
@@ -144,7 +150,6 @@ pub fn open_image_for(filename: &str, format: Option<Format>, access: Access, re
             }
         },
     };
-    let writable = access.writable();
     let image: Arc<dyn Image> = match format {
         Format::Qcow2 => {
             // qemu opens the data file by the name as recorded: a relative name is relative
@@ -190,6 +195,11 @@ pub fn parse_format(name: &str) -> Result<Format> {
 }
 
 impl Chain {
+    /// A chain of layers opened by the caller (top first), e.g. over test storage.
+    pub fn from_layers(layers: Vec<Layer>) -> Chain {
+        Chain { layers, cor: None }
+    }
+
     pub fn open(filename: &str, opts: OpenOptions) -> Result<Chain> {
         let mut top = open_image(filename, opts.format, opts.access)?;
         let mut cor = None;
