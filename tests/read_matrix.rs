@@ -106,6 +106,7 @@ fn differential(name: &'static str) {
     check_convert(s, top, &mut bad);
     check_map(s, top, &mut bad);
     check_info(s, top, &mut bad);
+    check_own_output(s, top, &mut bad);
     check_compare(s, top, &mut bad);
 
     assert!(
@@ -158,12 +159,36 @@ fn len(p: &Path) -> u64 {
 }
 
 fn check_map(s: &Scratch, top: &str, bad: &mut Vec<String>) {
+    // Whole image, and an unaligned window from a third in.
+    let size = len(&s.path("ref.raw"));
+    let (from, length) = ((size / 3 + 1234).to_string(), (size / 3).to_string());
     for (mine, theirs) in [
         (
             vec!["map", "--output", "json", top],
             vec!["map", "--output=json", top],
         ),
         (vec!["map", top], vec!["map", top]),
+        (
+            vec![
+                "map",
+                "--output",
+                "json",
+                "--start-offset",
+                &from,
+                "--max-length",
+                &length,
+                top,
+            ],
+            vec![
+                "map",
+                "--output=json",
+                "--start-offset",
+                &from,
+                "--max-length",
+                &length,
+                top,
+            ],
+        ),
     ] {
         // The human form fails on compressed clusters (no host offset to show): then both
         // must fail alike, after the same lines.
@@ -316,6 +341,37 @@ fn probed_said(want: &Value, got: &Value, bad: &mut Vec<String>) {
     }
 }
 
+/// What cowimg writes from the fixture (convert to qcow2 and QED) must read, in qemu, as the
+/// fixture does, and pass qemu-img check.
+fn check_own_output(s: &Scratch, top: &str, bad: &mut Vec<String>) {
+    for fmt in ["qcow2", "qed"] {
+        let out = format!("own.{fmt}");
+        let r = s.cowimg(&["convert", "-O", fmt, top, &out]);
+        if r.status != 0 {
+            bad.push(format!(
+                "convert -O {fmt} failed ({}): {}",
+                r.status,
+                r.stderr.trim()
+            ));
+            continue;
+        }
+        let cmp = s.run("qemu-img", &["compare", "ref.raw", &out]);
+        if cmp.status != 0 {
+            bad.push(format!(
+                "qemu-img compare ref.raw {out}: {}{}",
+                cmp.stdout, cmp.stderr
+            ));
+        }
+        let check = s.run("qemu-img", &["check", &out]);
+        if check.status != 0 {
+            bad.push(format!(
+                "qemu-img check {out}: {}{}",
+                check.stdout, check.stderr
+            ));
+        }
+    }
+}
+
 fn check_compare(s: &Scratch, top: &str, bad: &mut Vec<String>) {
     let size = len(&s.path("ref.raw"));
     s.qemu_img(&["convert", "-O", "qcow2", top, "ref.qcow2"]);
@@ -358,6 +414,8 @@ fn check_compare(s: &Scratch, top: &str, bad: &mut Vec<String>) {
         vec!["-s", top, "ref.qcow2"],
         vec!["-s", top, top],
         vec!["-s", top, "longer.raw"],
+        vec!["-s", top, "own.qcow2"],
+        vec!["-s", "own.qed", top],
     ];
     for p in pairs {
         let args = [&["compare"][..], &p].concat();
