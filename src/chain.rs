@@ -94,7 +94,9 @@ fn has_protocol(name: &str) -> bool {
 
 /// qemu's backing name resolution: relative to the directory of the image naming it.
 pub fn combine(backed: &str, backing: &str) -> String {
-    if backing.starts_with('/') {
+    // Absolute names and protocol names ("nbd://host/x") stand as they are, as in qemu's
+    // bdrv_get_full_backing_filename_from_filename.
+    if backing.starts_with('/') || has_protocol(backing) {
         return backing.to_string();
     }
     match backed.rfind('/') {
@@ -396,6 +398,7 @@ mod tests {
         assert_eq!(combine("ov.qcow2", "base.raw"), "base.raw");
         assert_eq!(combine("/a/b/c.qcow2", "/abs/base"), "/abs/base");
         assert_eq!(combine("/a/b/c.qcow2", "d/e"), "/a/b/d/e");
+        assert_eq!(combine("a/b.qcow2", "nbd://host/x"), "nbd://host/x");
     }
 
     #[test]

@@ -518,3 +518,30 @@ fn a_missing_data_file_is_refused() {
         &["Could not open data file 'd.raw': No such file or directory"],
     );
 }
+
+#[test]
+fn protocols_are_refused() {
+    let s = Scratch::new();
+    all_refuse(&s, "nbd://localhost:1/x", &["protocols", "not supported"]);
+    // As a backing file name, also from an image in another directory (a protocol name is
+    // not relative to the image's directory).
+    std::fs::create_dir(s.path("d")).unwrap();
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "nbd://localhost:1/x",
+        "-F",
+        "raw",
+        "d/ov.qcow2",
+        "1M",
+    ]);
+    chain_refused(
+        &s,
+        "d/ov.qcow2",
+        &["'nbd://localhost:1/x'", "protocols", "not supported"],
+    );
+}
