@@ -148,6 +148,8 @@ fn make(s: &Scratch, name: &str) -> &'static str {
             "d-l1mis" => poke(s, &img, l1, &(l2 + 0x200).to_le_bytes()),
             "d-dup" => poke(s, &img, l2e(16), &data0.to_le_bytes()),
             "d-table-twice" => poke(s, &img, l1 + 8, &l2.to_le_bytes()),
+            // An entry far past the image's end whose "table" is the L1 table itself.
+            "d-l1-garbage" => poke(s, &img, l1 + 8 * 5000, &l1.to_le_bytes()),
             "d-needcheck" => poke(s, &img, 16, &2u64.to_le_bytes()),
             "d-needcheck-eof" => {
                 poke(s, &img, 16, &2u64.to_le_bytes());
@@ -184,6 +186,12 @@ fn make(s: &Scratch, name: &str) -> &'static str {
         "dirty" => poke(s, &img, 72, &1u64.to_be_bytes()),
         "corruptbit" => poke(s, &img, 72, &2u64.to_be_bytes()),
         "overlap" => poke(s, &img, q.l2e(0), &copied(q.reftable)),
+        "reserved" => poke(
+            s,
+            &img,
+            q.l2e(1),
+            &(be64(&s.read_file(&img), q.l2e(1)) | 0x100).to_be_bytes(),
+        ),
         "truncated" => truncate(s, &img, len - cs),
         "l2-truncated" => truncate(s, &img, q.l2),
         other => panic!("unknown qcow2 scenario {other}"),
@@ -206,6 +214,7 @@ const QCOW2_CORPUS: &[&str] = &[
     "dirty.qcow2",
     "corruptbit.qcow2",
     "overlap.qcow2",
+    "reserved.qcow2",
     "truncated.qcow2",
     "l2-truncated.qcow2",
 ];
@@ -219,6 +228,7 @@ const QED_CORPUS: &[&str] = &[
     "d-l1mis.qed",
     "d-dup.qed",
     "d-table-twice.qed",
+    "d-l1-garbage.qed",
     "d-needcheck.qed",
     "d-needcheck-eof.qed",
     "d-truncated.qed",

@@ -556,10 +556,22 @@ impl<'a, 'l> Checker<'a, 'l> {
                     continue;
                 }
                 if entry & L1E_RESERVED_MASK != 0 {
-                    self.say(format!(
-                        "ERROR found L1 entry with reserved bits set: {entry:x}"
-                    ));
-                    self.res.corruptions += 1;
+                    if self.fixing_errors() {
+                        // cowimg: qemu reads through the entry with the bits masked off, so
+                        // clearing them changes nothing that is read.
+                        self.say(format!(
+                            "Repairing L1 entry with reserved bits set: {entry:x}"
+                        ));
+                        self.res.corruptions_fixed += 1;
+                        let clean = entry & !L1E_RESERVED_MASK;
+                        self.edits
+                            .insert(l1_offset + 8 * i as u64, clean.to_be_bytes().to_vec());
+                    } else {
+                        self.say(format!(
+                            "ERROR found L1 entry with reserved bits set: {entry:x}"
+                        ));
+                        self.res.corruptions += 1;
+                    }
                 }
                 let l2_offset = entry & OFFSET_MASK;
                 if let Some(why) = self.l1_drop_reason(l2_offset) {
@@ -626,7 +638,7 @@ impl<'a, 'l> Checker<'a, 'l> {
         let cs = self.cs;
         let mut next_contiguous = 0u64;
         for i in 0..(table.len() / esize) {
-            let entry = be64(table, i * esize);
+            let mut entry = be64(table, i * esize);
             let bitmap = if ext { be64(table, i * esize + 8) } else { 0 };
             if entry == 0 && bitmap == 0 {
                 // Unallocated, nothing to count or check (most entries of a sparse image).
@@ -635,10 +647,21 @@ impl<'a, 'l> Checker<'a, 'l> {
             let guest = guest_base + i as u64 * cs;
             let ty = self.classify(entry);
             if ty != Type::Compressed && entry & L2E_STD_RESERVED_MASK != 0 {
-                self.say(format!(
-                    "ERROR found l2 entry with reserved bits set: {entry:x}"
-                ));
-                self.res.corruptions += 1;
+                if self.fixing_errors() {
+                    // cowimg: qemu masks the bits off when it reads, so clearing them
+                    // changes nothing that is read. Later decisions use the clean entry.
+                    self.say(format!(
+                        "Repairing l2 entry with reserved bits set: {entry:x}"
+                    ));
+                    self.res.corruptions_fixed += 1;
+                    entry &= !L2E_STD_RESERVED_MASK;
+                    self.edit_l2(l2_offset, i, entry, bitmap);
+                } else {
+                    self.say(format!(
+                        "ERROR found l2 entry with reserved bits set: {entry:x}"
+                    ));
+                    self.res.corruptions += 1;
+                }
             }
             match ty {
                 Type::Compressed => {
@@ -967,7 +990,11 @@ impl<'a, 'l> Checker<'a, 'l> {
             }
             if off == 0 {
                 // No block: every count of its range is 0.
-                for c in bi * epb..((bi + 1) * epb).min(n) {
+                let (lo, hi) = (bi * epb, ((bi + 1) * epb).min(n));
+                if !self.refs.any(lo, hi) {
+                    continue;
+                }
+                for c in lo..hi {
                     if self.refs.get(c) != 0 {
                         st.diff.set(c, 1);
                     }

@@ -27,6 +27,8 @@ use crate::{CheckMode, CheckReport, Error, LostData, Result};
 
 /// Bytes of a table read per request.
 const PAGE_BYTES: u64 = 8 << 20;
+/// Most clusters a checked file may have (qcow2's limit, qemu's `int` counters).
+const MAX_CLUSTERS: u64 = i32::MAX as u64;
 
 /// One bit per cluster, in chunks allocated on first use (a sparse file of absurd length
 /// costs nothing until its clusters are referenced).
@@ -221,7 +223,39 @@ impl Checker<'_, '_> {
             }
         })?;
         for (l1i, table) in tables {
-            if self.set_used(table, u64::from(h.table_size)) > 0 {
+            let ts = u64::from(h.table_size);
+            let again = (table / cs..table / cs + ts)
+                .filter(|&c| self.used.get(c))
+                .count() as u64;
+            if again > 0 && self.mode == CheckMode::RepairAll {
+                // cowimg: certain cases only. An entry past the image's end maps nothing the
+                // guest can read; a "table" on the header or the L1 table (whose places the
+                // header gives) cannot be one. Clearing them loses nothing readable.
+                let beyond = l1i * n * cs >= h.image_size;
+                let l1_clusters = h.l1_table_offset / cs..h.l1_table_offset / cs + ts;
+                let on_fixed = (table / cs..table / cs + ts)
+                    .any(|c| c < u64::from(h.header_size) || l1_clusters.contains(&c));
+                if beyond || on_fixed {
+                    let why = if beyond {
+                        "lies past the end of the image"
+                    } else {
+                        "overlaps the header or the L1 table"
+                    };
+                    self.say(format!(
+                        "Repairing L1 entry {l1i}: L2 table at {table:#x} {why}; entry cleared"
+                    ));
+                    self.res.corruptions_fixed += 1;
+                    self.edits.insert(h.l1_table_offset + 8 * l1i, 0);
+                    if !beyond {
+                        let reason = format!(
+                            "its L2 table at {table:#x} {why}; the L1 entry was cleared and the range now reads from the backing file (or zeros)"
+                        );
+                        self.lose(l1i * n * cs, n * cs, reason);
+                    }
+                    continue;
+                }
+            }
+            if self.set_used(table, ts) > 0 {
                 self.say(format!(
                     "ERROR L1 entry {l1i}: L2 table at {table:#x} overlaps clusters already in use; table skipped"
                 ));
@@ -338,6 +372,15 @@ pub(super) fn run(
     let h = m.header.clone();
     let cs = h.cluster_size;
     let file_size = align_down(file_len, cs);
+    if file_size / cs > MAX_CLUSTERS {
+        // A (sparse) file of absurd length: refuse as qemu does when it cannot allocate
+        // its cluster bitmap, rather than walk billions of clusters.
+        return Ok(CheckReport {
+            check_errors: 1,
+            failed: Some("File too large".into()),
+            ..CheckReport::default()
+        });
+    }
     let mut c = Checker {
         s,
         cs,
