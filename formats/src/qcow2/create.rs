@@ -116,9 +116,24 @@ pub fn create(s: &dyn Storage, o: &Options) -> Result<()> {
         tables = tables.max(need_tables);
     }
     let reftable_offset = cs;
-    let refblocks_offset = (1 + tables) * cs;
+    // qemu's order: header, refcount table, the first refcount block, the L1 table, and the
+    // blocks the L1 table needs beyond the first one behind it. (When the refcount table
+    // itself needs more than a cluster, qemu moves it as it grows; cowimg then puts all the
+    // refcount structures before the L1 table instead: same sizes, also valid.)
+    let qemu_order = tables == 1;
+    let block_offset = |i: u64| -> u64 {
+        if !qemu_order || i == 0 {
+            (1 + tables + i) * cs
+        } else {
+            (3 + l1_clusters + i - 1) * cs
+        }
+    };
     // A zero-sized image has no L1 table at all (offset 0), as qemu makes it.
-    let l1_offset = if l1_entries == 0 { 0 } else { (1 + tables + blocks) * cs };
+    let l1_offset = match (l1_entries, qemu_order) {
+        (0, _) => 0,
+        (_, true) => 3 * cs,
+        (_, false) => (1 + tables + blocks) * cs,
+    };
     let total = 1 + tables + blocks + l1_clusters;
 
     let mut h = Header {
@@ -181,8 +196,7 @@ pub fn create(s: &dyn Storage, o: &Options) -> Result<()> {
 
     let mut reftable = vec![0u8; (tables * cs) as usize];
     for i in 0..blocks {
-        let off = refblocks_offset + i * cs;
-        reftable[8 * i as usize..8 * i as usize + 8].copy_from_slice(&off.to_be_bytes());
+        reftable[8 * i as usize..8 * i as usize + 8].copy_from_slice(&block_offset(i).to_be_bytes());
     }
     let mut refblocks = vec![0u8; (blocks * cs) as usize];
     for c in 0..total {
@@ -193,9 +207,14 @@ pub fn create(s: &dyn Storage, o: &Options) -> Result<()> {
 
     write_all(s, &cluster0, 0, "the header")?;
     write_all(s, &reftable, reftable_offset, "the refcount table")?;
-    write_all(s, &refblocks, refblocks_offset, "the refcount blocks")?;
-    // The L1 table is all zeros: extend the file to its end, as qemu leaves it.
-    s.set_len(if l1_entries == 0 { (1 + tables + blocks) * cs } else { l1_offset + l1_entries * 8 })
-        .map_err(|e| Error::io("sizing the new image", e))?;
+    for i in 0..blocks {
+        let block = &refblocks[(i * cs) as usize..((i + 1) * cs) as usize];
+        write_all(s, block, block_offset(i), "a refcount block")?;
+    }
+    // The L1 table is all zeros: the file ends right after it (or after the last refcount
+    // block behind it), as qemu leaves it.
+    let end = (0..blocks).map(|i| block_offset(i) + cs).max().unwrap_or(0);
+    let end = if l1_entries == 0 { end } else { end.max(l1_offset + l1_entries * 8) };
+    s.set_len(end).map_err(|e| Error::io("sizing the new image", e))?;
     sync(s)
 }
