@@ -202,6 +202,12 @@ impl Chain {
         Chain { layers, cor: None }
     }
 
+    /// As [`Chain::from_layers`], with reads copying what the backing chain provides into the
+    /// top, as its copy-on-read flag asks (tests run copy-on-read over recording storage so).
+    pub fn from_layers_copy_on_read(layers: Vec<Layer>) -> Chain {
+        Chain { layers, cor: Some(CopyOnRead { lock: Mutex::new(0) }) }
+    }
+
     pub fn open(filename: &str, opts: OpenOptions) -> Result<Chain> {
         let mut top = open_image(filename, opts.format, opts.access)?;
         let mut cor = None;

@@ -139,11 +139,14 @@ impl Output {
     /// Syncs the finished temporary file, renames it into place and syncs the directory.
     pub fn persist(mut self) -> Result<()> {
         let f = fs::File::open(&self.tmp).map_err(|e| Error::io(format!("opening '{}'", self.tmp.display()), e))?;
+        cowimg_formats::io::fault_point();
         f.sync_all().map_err(|e| Error::io(format!("syncing '{}'", self.tmp.display()), e))?;
         drop(f);
+        cowimg_formats::io::fault_point();
         fs::rename(&self.tmp, &self.dst)
             .map_err(|e| Error::io(format!("renaming the new image into '{}'", self.dst.display()), e))?;
         self.persisted = true;
+        cowimg_formats::io::fault_point();
         let dir = self.dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         if let Ok(d) = fs::File::open(dir) {
             let _ = d.sync_all();

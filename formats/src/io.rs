@@ -9,6 +9,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// Byte-addressed storage under an image (a file, or a test double).
 pub trait Storage: Send + Sync + Debug {
@@ -31,6 +33,25 @@ pub trait Storage: Send + Sync + Debug {
     /// Storage that cannot tell reports everything as data.
     fn data_extents(&self, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
         Ok(if start < end { vec![(start, end)] } else { vec![] })
+    }
+}
+
+/// Test hook for the crash tests (`tests/reliability_kill.rs`): with `COWIMG_TEST_KILL_AT_IO=N`
+/// the process kills itself (SIGKILL, as `kill -9` would) just before its Nth change to a file:
+/// a write, sync or resize of [`FileStorage`], or a step of renaming a new output into place.
+/// Running with N = 1, 2, ... until a run completes visits every write/sync boundary.
+/// Without the variable this is one load of a cached `None`.
+pub fn fault_point() {
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let limit = *LIMIT.get_or_init(|| std::env::var("COWIMG_TEST_KILL_AT_IO").ok().and_then(|v| v.parse().ok()));
+    if let Some(n) = limit {
+        if COUNT.fetch_add(1, Ordering::SeqCst) + 1 >= n {
+            // SAFETY: signalling our own process; nothing is touched.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
     }
 }
 
@@ -71,10 +92,12 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        fault_point();
         self.file.write_all_at(buf, offset)
     }
 
     fn sync(&self) -> io::Result<()> {
+        fault_point();
         self.file.sync_data()
     }
 
@@ -90,6 +113,7 @@ impl Storage for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        fault_point();
         self.file.set_len(len)
     }
 
