@@ -81,3 +81,14 @@ fn qed_and_raw_refuse_compression() {
         assert!(r.stderr.contains("Compression not supported for this file format"), "{}", r.stderr);
     }
 }
+
+#[test]
+fn rebase_c_flattens_into_compressed_clusters() {
+    let s = Scratch::new();
+    source(&s);
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "N.qcow2", "12M"]);
+    s.cowimg_ok(&["rebase", "-c", "-b", "N.qcow2", "-F", "qcow2", "C.qcow2"]);
+    assert!(s.same("ref.raw", "C.qcow2"));
+    s.assert_clean("C.qcow2");
+    assert!(compressed_share(&s, "C.qcow2").0 >= 3 << 20);
+}
