@@ -415,6 +415,14 @@ def make_rows(fx, cow):
                                     ["qemu-img", "convert", *cache, "-m", "8", "-W", "-O", ofmt, C, "{O}"],
                                     f"qemu-img convert {label} -m 8 -W",
                                     img_check(ofmt, None), out=f"run-out.{ofmt}"))
+            # Archival output (issue 9): compressed convert, and the output sizes (below).
+            for ctype in ("zlib", "zstd"):
+                rows.append(Row(fmt, f"convert -c -O qcow2 ({ctype}) C", d, "output",
+                                [cow, "convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}", C, "{O}"],
+                                ["qemu-img", "convert", "-c", *WB, "-m", "8", "-W", "-O", "qcow2", "-o",
+                                 f"compression_type={ctype}", C, "{O}"],
+                                "qemu-img convert -c -t writeback -m 8 -W",
+                                img_check("qcow2", None), out=f"run-out-{ctype}.qcow2"))
         rows.append(Row(fmt, f"check A ({human(allocated(os.path.join(d, A)))} allocated)", d, "readonly",
                         [cow, "check", "--output", "json", A], ["qemu-img", "check", "--output", "json", A],
                         "qemu-img check", check_verify(), na_probe=True))
