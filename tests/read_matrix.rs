@@ -84,6 +84,12 @@ matrix!(
     qcow2_extended_l2_2m,
     qcow2_large_sparse,
     qcow2_2m_beyond_2g,
+    qcow2_extended_l2_16k,
+    qcow2_extended_l2_data_file,
+    qcow2_data_file_over_backing,
+    qcow2_resized,
+    qed_resized,
+    qed_need_check,
 );
 
 #[test]

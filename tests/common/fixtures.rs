@@ -69,6 +69,12 @@ pub const NAMES: &[&str] = &[
     "qcow2_extended_l2_2m",
     "qcow2_large_sparse",
     "qcow2_2m_beyond_2g",
+    "qcow2_extended_l2_16k",
+    "qcow2_extended_l2_data_file",
+    "qcow2_data_file_over_backing",
+    "qcow2_resized",
+    "qed_resized",
+    "qed_need_check",
 ];
 
 /// Builds the fixture called `name` in a fresh scratch directory.
@@ -125,6 +131,12 @@ pub fn build(name: &'static str) -> Fixture {
         "qcow2_extended_l2_2m" => extended_l2(&s, 2 << 20, true),
         "qcow2_large_sparse" => large_sparse(&s),
         "qcow2_2m_beyond_2g" => beyond_2g(&s),
+        "qcow2_extended_l2_16k" => extended_l2(&s, 16 << 10, true),
+        "qcow2_extended_l2_data_file" => extended_l2_data_file(&s),
+        "qcow2_data_file_over_backing" => data_file_over_backing(&s),
+        "qcow2_resized" => resized(&s, "qcow2"),
+        "qed_resized" => resized(&s, "qed"),
+        "qed_need_check" => qed_need_check(&s),
         other => panic!("no fixture called {other}"),
     };
     Fixture {
@@ -929,4 +941,100 @@ pub fn add_extension(b: &mut [u8], kind: u32, data: &[u8]) {
     rec.resize(8 + data.len().div_ceil(8) * 8, 0);
     rec.extend_from_slice(&[0; 8]);
     b[off..off + rec.len()].copy_from_slice(&rec);
+}
+
+/// Extended L2 with an external data file: guest cluster 0 lies at data file offset 0, an
+/// entry qemu tells from "unallocated" by its COPIED flag.
+fn extended_l2_data_file(s: &Scratch) -> String {
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,data_file=ext-data.raw",
+        "edf.qcow2",
+        "8M",
+    ]);
+    s.qemu_io(
+        "edf.qcow2",
+        &[
+            "write -q -P 1 0 4k",
+            "write -q -P 2 64k 64k",
+            "write -q -z 8k 2k",
+            "write -q -P 3 1M 3000",
+        ],
+    );
+    "edf.qcow2".into()
+}
+
+/// An external data file and a backing file: unallocated clusters read from the backing.
+fn data_file_over_backing(s: &Scratch) -> String {
+    raw_base(s, "base.raw", 8 * MIB);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=ext-data.raw",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "dfb.qcow2",
+    ]);
+    s.qemu_io(
+        "dfb.qcow2",
+        &[
+            "write -q -P 1 0 4k",
+            "write -q -P 2 1M 64k",
+            "write -q -z 2M 64k",
+        ],
+    );
+    "dfb.qcow2".into()
+}
+
+/// Written, grown past its first L1 table (qcow2 moves the L1 table), written again, and
+/// (qcow2) shrunk a little.
+fn resized(s: &Scratch, fmt: &str) -> String {
+    let name = format!("rs.{fmt}");
+    s.qemu_img(&["create", "-q", "-f", fmt, &name, "8M"]);
+    s.qemu_io(&name, &["write -q -P 1 0 64k", "write -q -P 2 7M 1M"]);
+    s.qemu_img(&["resize", "-q", "-f", fmt, &name, "1100M"]);
+    s.qemu_io(
+        &name,
+        &["write -q -P 3 1000M 64k", "write -q -P 4 1099M 1M"],
+    );
+    if fmt == "qcow2" {
+        s.qemu_img(&["resize", "-q", "-f", fmt, "--shrink", &name, "1099M"]);
+    }
+    name
+}
+
+/// QED left with the need-check bit by a crash during an allocating write.
+fn qed_need_check(s: &Scratch) -> String {
+    s.qemu_img(&["create", "-q", "-f", "qed", "nc.qed", "8M"]);
+    let r = s.run(
+        "qemu-io",
+        &[
+            "-f",
+            "qed",
+            "-c",
+            "write -q -P 0x11 0 128k",
+            "-c",
+            "aio_write -P 0x12 1M 64k",
+            "-c",
+            "abort",
+            "nc.qed",
+        ],
+    );
+    assert!(
+        r.status == -1 || r.status == 134,
+        "qemu-io abort: {} {}{}",
+        r.status,
+        r.stdout,
+        r.stderr
+    );
+    "nc.qed".into()
 }

@@ -113,7 +113,7 @@ impl Qcow2 {
             },
             None => None,
         };
-        let geo = Geometry { cluster_bits, extended_l2: header.extended_l2() };
+        let geo = Geometry { cluster_bits, extended_l2: header.extended_l2(), data_file: data_file.is_some() };
 
         let mut l1_buf = vec![0u8; header.l1_size as usize * 8];
         read_exact(&*storage, &mut l1_buf, header.l1_table_offset, "the L1 table")?;
@@ -203,7 +203,8 @@ impl Qcow2 {
                     let kind = self.geo.kind(entry, bitmap, sub)?;
                     let alloc = Self::to_alloc(kind, off - sub_start);
                     let host = entry & OFFSET_MASK;
-                    let reserved = (alloc == Alloc::Unallocated && host != 0).then_some(host + (off - cluster_start));
+                    let reserved = (alloc == Alloc::Unallocated && self.geo.allocated(entry))
+                        .then_some(host + (off - cluster_start));
                     f(Run { start: off, len: sub_end - off, alloc }, reserved);
                     off = sub_end;
                 }

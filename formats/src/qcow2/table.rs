@@ -29,6 +29,9 @@ pub enum Kind {
 pub struct Geometry {
     pub cluster_bits: u32,
     pub extended_l2: bool,
+    /// The image keeps its data in an external data file, where host offset 0 is a valid
+    /// cluster (told from "unallocated" by the COPIED flag, as qemu does).
+    pub data_file: bool,
 }
 
 impl Geometry {
@@ -72,8 +75,16 @@ impl Geometry {
         OFLAG_COMPRESSED | (sectors << self.csize_shift()) | host
     }
 
+    /// Whether a (non-compressed) entry points at a host cluster. Offset 0 means
+    /// unallocated, except in an external data file, where 0 is a valid offset and all
+    /// clusters have refcount 1, so the COPIED flag tells (qemu's qcow2_get_cluster_type).
+    pub fn allocated(&self, entry: u64) -> bool {
+        entry & OFFSET_MASK != 0 || (self.data_file && entry & OFLAG_COPIED != 0)
+    }
+
     /// The kind of the whole cluster described by a standard entry, or of subcluster `sc`
-    /// of an extended entry (`bitmap` is the second word).
+    /// of an extended entry (`bitmap` is the second word). Mirrors qemu's cluster and
+    /// subcluster types, including which combinations it refuses as corrupt.
     pub fn kind(&self, entry: u64, bitmap: u64, sc: u32) -> Result<Kind> {
         if entry & OFLAG_COMPRESSED != 0 {
             let (host, len) = self.compressed(entry);
@@ -82,9 +93,13 @@ impl Geometry {
         let host = entry & OFFSET_MASK;
         if !self.extended_l2 {
             if entry & OFLAG_ZERO != 0 {
-                return Ok(if host != 0 { Kind::ZeroAlloc(host) } else { Kind::Zero });
+                if host == 0 {
+                    return Ok(Kind::Zero);
+                }
+                self.check_aligned(host)?;
+                return Ok(Kind::ZeroAlloc(host));
             }
-            return Ok(if host != 0 || entry & OFLAG_COPIED != 0 {
+            return Ok(if self.allocated(entry) {
                 self.check_aligned(host)?;
                 Kind::Normal(host)
             } else {
@@ -93,23 +108,29 @@ impl Geometry {
         }
         let alloc = bitmap & (1 << sc) != 0;
         let zero = bitmap & (1 << (sc + 32)) != 0;
-        match (alloc, zero) {
-            (true, true) => Err(Error::Corrupt(format!(
-                "subcluster {sc} is marked both allocated and zero (L2 bitmap {bitmap:#018x})"
-            ))),
-            (true, false) if host == 0 => Err(Error::Corrupt(format!(
-                "subcluster {sc} is allocated but its cluster has no host offset"
-            ))),
-            (true, false) => {
-                self.check_aligned(host)?;
-                Ok(Kind::Normal(host + u64::from(sc) * self.subcluster_size()))
+        if !self.allocated(entry) {
+            // No host cluster: no subcluster may be allocated.
+            if bitmap & u64::from(u32::MAX) != 0 {
+                return Err(Error::Corrupt(format!(
+                    "subclusters are allocated but their cluster has no host offset (L2 bitmap {bitmap:#018x})"
+                )));
             }
+            return Ok(if zero { Kind::Zero } else { Kind::Unallocated });
+        }
+        if (bitmap >> 32) & bitmap & u64::from(u32::MAX) != 0 {
+            return Err(Error::Corrupt(format!(
+                "subclusters are marked both allocated and zero (L2 bitmap {bitmap:#018x})"
+            )));
+        }
+        self.check_aligned(host)?;
+        let sub = host + u64::from(sc) * self.subcluster_size();
+        Ok(match (alloc, zero) {
+            (true, _) => Kind::Normal(sub),
             // A zero subcluster of an allocated cluster keeps its host space (qemu's
             // ZERO_ALLOC, whose offset qemu reports).
-            (false, true) if host != 0 => Ok(Kind::ZeroAlloc(host + u64::from(sc) * self.subcluster_size())),
-            (false, true) => Ok(Kind::Zero),
-            (false, false) => Ok(Kind::Unallocated),
-        }
+            (false, true) => Kind::ZeroAlloc(sub),
+            (false, false) => Kind::Unallocated,
+        })
     }
 
     fn check_aligned(&self, host: u64) -> Result<()> {
@@ -141,19 +162,19 @@ mod tests {
     #[test]
     fn compressed_descriptor_round_trips() {
         // From qemu-img's output (64 KiB clusters): 0x40400000000501da is 2 sectors at 0x501da.
-        let g = Geometry { cluster_bits: 16, extended_l2: false };
+        let g = Geometry { cluster_bits: 16, extended_l2: false, data_file: false };
         let (host, len) = g.compressed(0x4040_0000_0005_01da);
         assert_eq!(host, 0x501da);
         assert_eq!(len, 2 * 512 - 0x1da);
         assert_eq!(g.compressed_entry(host, len), 0x4040_0000_0005_01da);
-        let g = Geometry { cluster_bits: 21, extended_l2: false };
+        let g = Geometry { cluster_bits: 21, extended_l2: false, data_file: false };
         let e = g.compressed_entry(0x1234_5600, 70_000);
         assert_eq!(g.compressed(e), (0x1234_5600, 70_144));
     }
 
     #[test]
     fn extended_entries_decode_per_subcluster() {
-        let g = Geometry { cluster_bits: 16, extended_l2: true };
+        let g = Geometry { cluster_bits: 16, extended_l2: true, data_file: false };
         let entry = OFLAG_COPIED | 0x50000;
         let bitmap = 0x0000_0004_0000_0001;
         assert_eq!(g.kind(entry, bitmap, 0).unwrap(), Kind::Normal(0x50000));
@@ -161,5 +182,22 @@ mod tests {
         assert_eq!(g.kind(entry, bitmap, 2).unwrap(), Kind::ZeroAlloc(0x50000 + 2 * 2048));
         assert_eq!(g.kind(0, 1 << 34, 2).unwrap(), Kind::Zero);
         assert!(g.kind(entry, 1 | 1 << 32, 0).is_err());
+        // qemu refuses the whole cluster when any subcluster is both allocated and zero.
+        assert!(g.kind(entry, 1 | 1 << 33 | 1 << 1, 0).is_err());
+        // Allocated subclusters need a host cluster; with a data file, offset 0 is one.
+        assert!(g.kind(0, 1, 0).is_err());
+        let d = Geometry { data_file: true, ..g };
+        assert_eq!(d.kind(OFLAG_COPIED, 1, 0).unwrap(), Kind::Normal(0));
+        assert_eq!(d.kind(OFLAG_COPIED, 1, 1).unwrap(), Kind::Unallocated);
+        assert!(d.allocated(OFLAG_COPIED) && !g.allocated(OFLAG_COPIED));
+    }
+
+    #[test]
+    fn copied_offset_zero_is_unallocated_without_a_data_file() {
+        let g = Geometry { cluster_bits: 16, extended_l2: false, data_file: false };
+        assert_eq!(g.kind(OFLAG_COPIED, 0, 0).unwrap(), Kind::Unallocated);
+        let d = Geometry { data_file: true, ..g };
+        assert_eq!(d.kind(OFLAG_COPIED, 0, 0).unwrap(), Kind::Normal(0));
+        assert!(g.kind(OFLAG_ZERO | 0x50200, 0, 0).is_err());
     }
 }
