@@ -20,7 +20,6 @@ mod common;
 #[path = "common/reliability.rs"]
 mod reliability;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 
@@ -40,64 +39,6 @@ fn setup() {
 
 fn states_per_scenario() -> usize {
     count("COWIMG_CRASH_STATES", 24) as usize
-}
-
-/// A <- B <- C (`fmt`, 8 MiB) with data, zeros and partial clusters in every layer, and an
-/// unrelated N. C's guest data is saved as `pristine.raw`.
-fn chain(s: &Scratch, fmt: &str, opts: &str) {
-    let create = |name: &str, backing: Option<&str>| {
-        let mut args = vec!["create", "-q", "-f", fmt];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        if let Some(b) = backing {
-            args.extend(["-b", b, "-F", fmt]);
-        }
-        args.extend([name, "8M"]);
-        s.qemu_img(&args);
-    };
-    let n = |x: &str| format!("{x}.{fmt}");
-    create(&n("A"), None);
-    s.qemu_io(
-        &n("A"),
-        &[
-            "write -q -P 0x11 0 2M",
-            "write -q -P 0x12 5M 1M",
-            "write -q -P 0x13 7M 300k",
-        ],
-    );
-    create(&n("B"), Some(&n("A")));
-    s.qemu_io(
-        &n("B"),
-        &[
-            "write -q -P 0x21 1M 512k",
-            "write -q -z 3M 512k",
-            "write -q -P 0x23 4608k 9k",
-            "write -q -z 5M 64k",
-        ],
-    );
-    create(&n("C"), Some(&n("B")));
-    s.qemu_io(
-        &n("C"),
-        &["write -q -P 0x31 2M 64k", "write -q -P 0x32 6M 4k"],
-    );
-    create(&n("N"), None);
-    s.qemu_io(
-        &n("N"),
-        &["write -q -P 0x11 0 1M", "write -q -P 0x44 6M 1M"],
-    );
-    s.qemu_img(&["convert", "-O", "raw", &n("C"), "pristine.raw"]);
-}
-
-/// The backing file an image names (read in process: no spawn).
-fn backing_of(path: &Path) -> Option<String> {
-    let l = cowimg::chain::open_image(
-        &path.to_string_lossy(),
-        None,
-        cowimg::lock::Access::ReadShared,
-    )
-    .expect("open state");
-    l.image.backing().map(|b| b.name)
 }
 
 /// The postconditions of a streaming-like command for one crash state written at `state`:
@@ -217,7 +158,7 @@ fn scenario(
 fn the_harness_catches_a_missing_sync() {
     setup();
     let s = Scratch::new();
-    chain(&s, "qcow2", "");
+    chain_fixture(&s, "qcow2", "");
     let run = |ch: &Chain| stream_in(ch, None, 2);
     let (initial, log) = record(&s, "C.qcow2", false, &run);
     let unsynced: Vec<IoOp> = log
@@ -251,7 +192,7 @@ fn stream_survives_power_loss() {
         ("qcow2", "compat=0.10,cluster_size=4k"),
     ] {
         let s = Scratch::new();
-        chain(&s, fmt, opts);
+        chain_fixture(&s, fmt, opts);
         let c = format!("C.{fmt}");
         let label = format!("stream {c} ({opts})");
         scenario(
@@ -274,7 +215,7 @@ fn stream_with_base_survives_power_loss() {
     let seed = first_seed(0x5eed_0002);
     for (fmt, opts) in [("qcow2", "extended_l2=on,cluster_size=32k"), ("qed", "")] {
         let s = Scratch::new();
-        chain(&s, fmt, opts);
+        chain_fixture(&s, fmt, opts);
         let (a, c) = (format!("A.{fmt}"), format!("C.{fmt}"));
         let label = format!("stream --base {a} {c} ({opts})");
         scenario(
@@ -308,7 +249,7 @@ fn rebase_survives_power_loss() {
     let seed = first_seed(0x5eed_0003);
     for (fmt, opts) in [("qcow2", ""), ("qed", "")] {
         let s = Scratch::new();
-        chain(&s, fmt, opts);
+        chain_fixture(&s, fmt, opts);
         let (c, nn) = (format!("C.{fmt}"), format!("N.{fmt}"));
         let f = Format::from_name(fmt).unwrap();
         let label = format!("rebase -b {nn} {c}");
@@ -332,7 +273,7 @@ fn copy_on_read_survives_power_loss() {
     let seed = first_seed(0x5eed_0004);
     for fmt in ["qcow2", "qed"] {
         let s = Scratch::new();
-        chain(&s, fmt, "");
+        chain_fixture(&s, fmt, "");
         let (b, f) = (format!("B.{fmt}"), format!("F.{fmt}"));
         s.cowimg_ok(&[
             "create",
@@ -364,70 +305,6 @@ fn copy_on_read_survives_power_loss() {
             "{fmt}: {map}"
         );
     }
-}
-
-/// Per-cluster contents of a standalone image over `bytes` (None where a read fails).
-fn clusters(bytes: &[u8], format: Format, cluster: u64) -> Vec<Option<Vec<u8>>> {
-    let st: Arc<dyn Storage> = Arc::new(MemStorage::new(bytes.to_vec(), "img"));
-    let Ok(layer) = open_layer(st, "img", Some(format), false, false) else {
-        return Vec::new();
-    };
-    let chain = Chain::from_layers(vec![layer]);
-    let size = chain.size();
-    (0..size.div_ceil(cluster))
-        .map(|i| {
-            let mut b = vec![0u8; cluster.min(size - i * cluster) as usize];
-            chain.read_from(0, i * cluster, &mut b).ok().map(|()| b)
-        })
-        .collect()
-}
-
-/// qemu-img check's corruption count (JSON).
-fn corruptions(s: &Scratch, image: &str) -> u64 {
-    let r = s.run("qemu-img", &["check", "--output=json", image]);
-    let v: serde_json::Value = serde_json::from_str(&r.stdout)
-        .unwrap_or_else(|_| panic!("qemu-img check {image}: {}{}", r.stdout, r.stderr));
-    v["corruptions"].as_u64().unwrap_or(0)
-}
-
-/// Damaged images for the repair scenario: leaks, a refcount too low, a mapping past the end.
-fn damaged(s: &Scratch, fmt: &str) -> String {
-    let name = format!("D.{fmt}");
-    s.qemu_img(&["create", "-q", "-f", fmt, &name, "4M"]);
-    s.qemu_io(
-        &name,
-        &[
-            "write -q -P 0x11 0 256k",
-            "write -q -P 0x22 1M 128k",
-            "write -q -P 0x33 3M 64k",
-        ],
-    );
-    let mut b = s.read_file(&name);
-    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
-    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
-    if fmt == "qcow2" {
-        let l1 = be64(&b, 40) as usize;
-        let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
-        // Cluster 1 (64 KiB): unmapped, so its data cluster leaks.
-        b[l2 + 8..l2 + 16].fill(0);
-        // Cluster 16 (1 MiB): pointed past the end of the file.
-        let e = be64(&b, l2 + 16 * 8);
-        b[l2 + 16 * 8..l2 + 17 * 8]
-            .copy_from_slice(&((e & 0xff00_0000_0000_0000) | (1 << 40)).to_be_bytes());
-        // The refcount of cluster 48's data (3 MiB) dropped to 0: a corruption.
-        let data = (be64(&b, l2 + 48 * 8) & 0x00ff_ffff_ffff_fe00) >> 16;
-        let rt = be64(&b, 48) as usize;
-        let rb = be64(&b, rt) as usize;
-        b[rb + 2 * data as usize..rb + 2 * data as usize + 2].fill(0);
-    } else {
-        let l1 = le64(&b, 40) as usize;
-        let l2 = le64(&b, l1) as usize;
-        // Cluster 1 unmapped: leaked. Cluster 16 past the end of the file.
-        b[l2 + 8..l2 + 16].fill(0);
-        b[l2 + 16 * 8..l2 + 17 * 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
-    }
-    s.write_file(&name, &b);
-    name
 }
 
 #[test]
@@ -522,7 +399,7 @@ fn check_repair_survives_power_loss() {
 fn recording_storage_changes_nothing() {
     setup();
     let s = Scratch::new();
-    chain(&s, "qcow2", "");
+    chain_fixture(&s, "qcow2", "");
     std::fs::copy(s.path("C.qcow2"), s.path("C2.qcow2")).unwrap();
     let rec = Arc::new(Recording::new(file_storage(&s.path("C.qcow2"))));
     stream_in(&chain_over(&s.path("C.qcow2"), rec.clone(), false), None, 1).unwrap();

@@ -573,3 +573,125 @@ pub fn crash_states(
     }
     count
 }
+
+/// Per-cluster contents of a standalone image over `bytes` (None where a read fails).
+pub fn clusters(bytes: &[u8], format: Format, cluster: u64) -> Vec<Option<Vec<u8>>> {
+    let st: Arc<dyn Storage> = Arc::new(MemStorage::new(bytes.to_vec(), "img"));
+    let Ok(layer) = open_layer(st, "img", Some(format), false, false) else {
+        return Vec::new();
+    };
+    let chain = Chain::from_layers(vec![layer]);
+    let size = chain.size();
+    (0..size.div_ceil(cluster))
+        .map(|i| {
+            let mut b = vec![0u8; cluster.min(size - i * cluster) as usize];
+            chain.read_from(0, i * cluster, &mut b).ok().map(|()| b)
+        })
+        .collect()
+}
+
+/// qemu-img check's corruption count (JSON).
+pub fn corruptions(s: &crate::common::Scratch, image: &str) -> u64 {
+    let r = s.run("qemu-img", &["check", "--output=json", image]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout)
+        .unwrap_or_else(|_| panic!("qemu-img check {image}: {}{}", r.stdout, r.stderr));
+    v["corruptions"].as_u64().unwrap_or(0)
+}
+
+/// Damaged images for the repair scenario: leaks, a refcount too low, a mapping past the end.
+pub fn damaged(s: &crate::common::Scratch, fmt: &str) -> String {
+    let name = format!("D.{fmt}");
+    s.qemu_img(&["create", "-q", "-f", fmt, &name, "4M"]);
+    s.qemu_io(
+        &name,
+        &[
+            "write -q -P 0x11 0 256k",
+            "write -q -P 0x22 1M 128k",
+            "write -q -P 0x33 3M 64k",
+        ],
+    );
+    let mut b = s.read_file(&name);
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    if fmt == "qcow2" {
+        let l1 = be64(&b, 40) as usize;
+        let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+        // Cluster 1 (64 KiB): unmapped, so its data cluster leaks.
+        b[l2 + 8..l2 + 16].fill(0);
+        // Cluster 16 (1 MiB): pointed past the end of the file.
+        let e = be64(&b, l2 + 16 * 8);
+        b[l2 + 16 * 8..l2 + 17 * 8]
+            .copy_from_slice(&((e & 0xff00_0000_0000_0000) | (1 << 40)).to_be_bytes());
+        // The refcount of cluster 48's data (3 MiB) dropped to 0: a corruption.
+        let data = (be64(&b, l2 + 48 * 8) & 0x00ff_ffff_ffff_fe00) >> 16;
+        let rt = be64(&b, 48) as usize;
+        let rb = be64(&b, rt) as usize;
+        b[rb + 2 * data as usize..rb + 2 * data as usize + 2].fill(0);
+    } else {
+        let l1 = le64(&b, 40) as usize;
+        let l2 = le64(&b, l1) as usize;
+        // Cluster 1 unmapped: leaked. Cluster 16 past the end of the file.
+        b[l2 + 8..l2 + 16].fill(0);
+        b[l2 + 16 * 8..l2 + 17 * 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    }
+    s.write_file(&name, &b);
+    name
+}
+
+/// A <- B <- C (`fmt`, 8 MiB) with data, zeros and partial clusters in every layer, and an
+/// unrelated N. C's guest data is saved as `pristine.raw`.
+pub fn chain_fixture(s: &crate::common::Scratch, fmt: &str, opts: &str) {
+    let create = |name: &str, backing: Option<&str>| {
+        let mut args = vec!["create", "-q", "-f", fmt];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        if let Some(b) = backing {
+            args.extend(["-b", b, "-F", fmt]);
+        }
+        args.extend([name, "8M"]);
+        s.qemu_img(&args);
+    };
+    let n = |x: &str| format!("{x}.{fmt}");
+    create(&n("A"), None);
+    s.qemu_io(
+        &n("A"),
+        &[
+            "write -q -P 0x11 0 2M",
+            "write -q -P 0x12 5M 1M",
+            "write -q -P 0x13 7M 300k",
+        ],
+    );
+    create(&n("B"), Some(&n("A")));
+    s.qemu_io(
+        &n("B"),
+        &[
+            "write -q -P 0x21 1M 512k",
+            "write -q -z 3M 512k",
+            "write -q -P 0x23 4608k 9k",
+            "write -q -z 5M 64k",
+        ],
+    );
+    create(&n("C"), Some(&n("B")));
+    s.qemu_io(
+        &n("C"),
+        &["write -q -P 0x31 2M 64k", "write -q -P 0x32 6M 4k"],
+    );
+    create(&n("N"), None);
+    s.qemu_io(
+        &n("N"),
+        &["write -q -P 0x11 0 1M", "write -q -P 0x44 6M 1M"],
+    );
+    s.qemu_img(&["convert", "-O", "raw", &n("C"), "pristine.raw"]);
+}
+
+/// The backing file an image names (read in process: no spawn).
+pub fn backing_of(path: &Path) -> Option<String> {
+    let l = cowimg::chain::open_image(
+        &path.to_string_lossy(),
+        None,
+        cowimg::lock::Access::ReadShared,
+    )
+    .expect("open state");
+    l.image.backing().map(|b| b.name)
+}
