@@ -161,6 +161,22 @@ fn make(s: &Scratch, name: &str) -> &'static str {
         }
         return "qed";
     }
+    if let Some(kind) = name.strip_prefix("x-") {
+        // Extended L2 (16-byte entries: descriptor, then the subcluster bitmap).
+        base_qcow2(s, &img, &["extended_l2=on"]);
+        let q = Q2::read(s, &img);
+        let bitmap_at = |i: u64| q.l2 + 16 * i + 8;
+        let b0 = be64(&s.read_file(&img), bitmap_at(0));
+        match kind.trim_end_matches(".qcow2") {
+            "clean" => {}
+            // Subcluster 0 of guest cluster 0 marked allocated and zero at once.
+            "both" => poke(s, &img, bitmap_at(0), &(b0 | 1 << 32).to_be_bytes()),
+            // An unallocated cluster claiming allocated subclusters.
+            "unalloc" => poke(s, &img, bitmap_at(5), &0b101u64.to_be_bytes()),
+            other => panic!("unknown extended L2 scenario {other}"),
+        }
+        return "qcow2";
+    }
     base_qcow2(s, &img, &[]);
     let q = Q2::read(s, &img);
     let cs = q.cs;
@@ -215,6 +231,9 @@ const QCOW2_CORPUS: &[&str] = &[
     "corruptbit.qcow2",
     "overlap.qcow2",
     "reserved.qcow2",
+    "x-clean.qcow2",
+    "x-both.qcow2",
+    "x-unalloc.qcow2",
     "truncated.qcow2",
     "l2-truncated.qcow2",
 ];
@@ -447,6 +466,8 @@ fn corpus_case(name: &str) {
     let clean = format!("ref.{ext}");
     if ext == "qed" {
         base_qed(&s, &clean);
+    } else if name.starts_with("x-") {
+        base_qcow2(&s, &clean, &["extended_l2=on"]);
     } else {
         base_qcow2(&s, &clean, &[]);
     }

@@ -465,6 +465,30 @@ impl<'a, 'l> Checker<'a, 'l> {
         self.edits.insert(l2_offset + esize * i as u64, b);
     }
 
+    /// Reports the subclusters of `mask` (bit n = subcluster n) of the cluster at `guest` lost,
+    /// one range per run of subclusters.
+    fn lose_subclusters(&mut self, owner: &Owner, guest: u64, mask: u64, why: &str) {
+        let sc = self.geo.subcluster_size();
+        let mut n = 0u64;
+        while n < 32 {
+            if mask & (1 << n) == 0 {
+                n += 1;
+                continue;
+            }
+            let start = n;
+            while n < 32 && mask & (1 << n) != 0 {
+                n += 1;
+            }
+            let which = if n - start == 1 {
+                format!("subcluster {start} of the cluster")
+            } else {
+                format!("subclusters {start}-{} of the cluster", n - 1)
+            };
+            let reason = format!("{which} {why}; now read as zeros");
+            self.lose(owner, guest + start * sc, (n - start) * sc, reason);
+        }
+    }
+
     fn lose(&mut self, owner: &Owner, offset: u64, length: u64, reason: String) {
         let length = length.min(self.h.size.saturating_sub(offset));
         if length > 0 {
@@ -639,7 +663,7 @@ impl<'a, 'l> Checker<'a, 'l> {
         let mut next_contiguous = 0u64;
         for i in 0..(table.len() / esize) {
             let mut entry = be64(table, i * esize);
-            let bitmap = if ext { be64(table, i * esize + 8) } else { 0 };
+            let mut bitmap = if ext { be64(table, i * esize + 8) } else { 0 };
             if entry == 0 && bitmap == 0 {
                 // Unallocated, nothing to count or check (most entries of a sparse image).
                 continue;
@@ -721,11 +745,29 @@ impl<'a, 'l> Checker<'a, 'l> {
                 }
                 Type::ZeroAlloc | Type::Normal => {
                     let offset = entry & OFFSET_MASK;
-                    if (bitmap >> 32) & bitmap != 0 {
-                        self.res.corruptions += 1;
-                        self.say(format!(
-                            "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
-                        ));
+                    let both = (bitmap >> 32) & bitmap & BITMAP_ALL_ALLOC;
+                    if both != 0 {
+                        if self.fixing_errors() {
+                            // cowimg: qemu cannot read such subclusters (I/O error); they
+                            // become zero subclusters, reported lost.
+                            self.say(format!(
+                                "Repairing offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                            ));
+                            self.res.corruptions_fixed += 1;
+                            bitmap &= !both;
+                            self.edit_l2(l2_offset, i, entry, bitmap);
+                            self.lose_subclusters(
+                                owner,
+                                guest,
+                                both,
+                                "are marked both allocated and zero",
+                            );
+                        } else {
+                            self.res.corruptions += 1;
+                            self.say(format!(
+                                "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                            ));
+                        }
                     }
                     let contains_data = if ext {
                         bitmap & BITMAP_ALL_ALLOC != 0
@@ -798,7 +840,23 @@ impl<'a, 'l> Checker<'a, 'l> {
                 }
                 Type::ZeroPlain => {}
                 Type::Unallocated => {
-                    if bitmap & BITMAP_ALL_ALLOC != 0 {
+                    let alloc = bitmap & BITMAP_ALL_ALLOC;
+                    if alloc != 0 && self.fixing_errors() {
+                        // cowimg: qemu cannot read these subclusters (no host cluster to read
+                        // them from); they become zero subclusters, reported lost.
+                        self.say(format!(
+                            "Repairing l2 entry {entry:x}: Unallocated cluster has non-zero subcluster allocation map"
+                        ));
+                        self.res.corruptions_fixed += 1;
+                        let (e, b) = self.dropped_entry(bitmap, false);
+                        self.edit_l2(l2_offset, i, e, b);
+                        self.lose_subclusters(
+                            owner,
+                            guest,
+                            alloc,
+                            "are marked allocated in a cluster without a host offset",
+                        );
+                    } else if alloc != 0 {
                         self.res.corruptions += 1;
                         self.say(
                             "ERROR: Unallocated cluster has non-zero subcluster allocation map"
