@@ -2,21 +2,16 @@
 //! read differently is first copied into the image, with the streaming engine (parallel,
 //! throttled, resumable); `-u` only rewrites the pointer.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
 
 use cowimg_formats::{BackingRef, Format};
-use serde_json::json;
 
 use crate::chain::{combine, open_image, Chain, OpenOptions};
-use crate::copy::Counters;
+use crate::commands::job::{self, JobOptions};
 use crate::error::{Error, Result};
 use crate::lock::Access;
-use crate::progress::{Mode, Reporter};
-use crate::ratelimit::RateLimiter;
-use crate::size::size_to_str;
-use crate::stream::{self, Settings};
+use crate::progress::Mode;
+use crate::stream;
 
 pub struct Args {
     pub file: String,
@@ -61,7 +56,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
             return Err(Error::Msg(format!("Could not change the backing file to '{new_name}': Operation not supported")));
         }
         top.image.set_backing(new.as_ref()).map_err(|e| Error::image(&a.file, e))?;
-        report(a, new.as_ref(), 0, 0.0);
+        report(a, new.as_ref(), 0, 0, 0.0);
         return Ok(0);
     }
 
@@ -94,41 +89,19 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         (None, Some(nc)) => stream::plan_against(&chain, nc)?,
         (None, None) => unreachable!("a new backing file is either in the chain or opened"),
     };
-    let counters = Arc::new(Counters::default());
-    counters.done.store(plan.range_len - plan.work(), Ordering::Relaxed);
-    let limiter = RateLimiter::new(a.speed);
-    let reporter = Reporter::start(a.progress, plan.range_len, a.speed, counters.clone());
-    let started = Instant::now();
-    let settings = Settings { jobs: a.jobs, limiter: &limiter, cancel, counters: &counters, compress: a.compress };
-    let result = stream::copy(&chain, &plan, new.is_some(), new_chain.as_ref(), &settings)
-        .and_then(|()| stream::switch(&chain, new.as_ref()));
-    reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
-    result?;
-    report(a, new.as_ref(), counters.copied.load(Ordering::Relaxed), started.elapsed().as_secs_f64());
+    let opts = JobOptions { speed: a.speed, jobs: a.jobs, progress: a.progress, compress: a.compress };
+    let done = job::run(&plan, &opts, cancel, |settings| {
+        stream::copy(&chain, &plan, new.is_some(), new_chain.as_ref(), settings)?;
+        stream::switch(&chain, new.as_ref())
+    })?;
+    report(a, new.as_ref(), plan.range_len, done.copied, done.elapsed);
     Ok(0)
 }
 
-fn report(a: &Args, backing: Option<&BackingRef>, copied: u64, elapsed: f64) {
+fn report(a: &Args, backing: Option<&BackingRef>, len: u64, copied: u64, elapsed: f64) {
     if a.json {
-        println!(
-            "{}",
-            crate::commands::pretty_json(&json!({
-                "filename": a.file,
-                "copied": copied,
-                "elapsed": elapsed,
-                "backing-filename": backing.map(|b| b.name.clone()),
-                "backing-filename-format": backing.and_then(|b| b.format.clone()),
-            }))
-        );
+        println!("{}", job::result_json(&a.file, len, copied, elapsed, backing));
     } else if !a.unsafe_mode && a.progress != Mode::Off {
-        eprintln!(
-            "Copied {} into '{}' in {elapsed:.2} s; {}.",
-            size_to_str(copied),
-            a.file,
-            match backing {
-                Some(b) => format!("its backing file is now '{}'", b.name),
-                None => "it is now standalone".into(),
-            }
-        );
+        eprintln!("{}", job::summary(&a.file, copied, elapsed, backing));
     }
 }

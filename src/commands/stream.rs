@@ -1,20 +1,16 @@
 //! `cowimg stream`: copy into FILE what the layers between it and BASE provide, then make
 //! BASE its backing file (none without `--base`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
 
 use cowimg_formats::{BackingRef, Format};
-use serde_json::json;
 
 use crate::chain::{Chain, OpenOptions};
-use crate::copy::Counters;
+use crate::commands::job::{self, JobOptions};
 use crate::error::{Error, Result};
-use crate::progress::{Mode, Reporter};
-use crate::ratelimit::RateLimiter;
+use crate::progress::Mode;
 use crate::size::size_to_str;
-use crate::stream::{self, Settings};
+use crate::stream;
 
 pub struct Args {
     pub file: String,
@@ -68,15 +64,10 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let start = a.offset.unwrap_or(0).min(size);
     let end = a.length.map_or(size, |l| start.saturating_add(l).min(size));
     let plan = stream::plan(&chain, base, start, end)?;
-    let counters = Arc::new(Counters::default());
-    // Ranges needing nothing count as done from the start, as QEMU's progress counts them.
-    counters.done.store(plan.range_len - plan.work(), Ordering::Relaxed);
-    let limiter = RateLimiter::new(a.speed);
-    let reporter = Reporter::start(a.progress, plan.range_len, a.speed, counters.clone());
-    let started = Instant::now();
-    let settings = Settings { jobs: a.jobs, limiter: &limiter, cancel, counters: &counters, compress: a.compress };
     let keep_base = base < chain.layers.len();
-    let result = stream::copy(&chain, &plan, keep_base, None, &settings).and_then(|()| {
+    let opts = JobOptions { speed: a.speed, jobs: a.jobs, progress: a.progress, compress: a.compress };
+    let done = job::run(&plan, &opts, cancel, |settings| {
+        stream::copy(&chain, &plan, keep_base, None, settings)?;
         if !partial {
             let backing = keep_base.then(|| BackingRef {
                 name: stream::backing_name(&chain, base),
@@ -85,34 +76,22 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
             stream::switch(&chain, backing.as_ref())?;
         }
         Ok(chain.top().image.backing())
-    });
-    let elapsed = started.elapsed().as_secs_f64();
-    reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
-    let backing = result?;
-    let copied = counters.copied.load(Ordering::Relaxed);
+    })?;
+    let backing = done.value.as_ref();
     if a.json {
-        let backing = backing.as_ref();
-        println!(
-            "{}",
-            crate::commands::pretty_json(&json!({
-                "filename": a.file,
-                "len": plan.range_len,
-                "copied": copied,
-                "elapsed": elapsed,
-                "backing-filename": backing.map(|b| b.name.clone()),
-                "backing-filename-format": backing.and_then(|b| b.format.clone()),
-            }))
+        println!("{}", job::result_json(&a.file, plan.range_len, done.copied, done.elapsed, backing));
+    } else if partial {
+        say(
+            a,
+            &format!(
+                "Copied {} into '{}' in {:.2} s; the range {start}..{end} is streamed; the backing file is unchanged.",
+                size_to_str(done.copied),
+                a.file,
+                done.elapsed
+            ),
         );
     } else {
-        let tail = if partial {
-            format!("the range {start}..{end} is streamed; the backing file is unchanged")
-        } else {
-            match &backing {
-                Some(b) => format!("its backing file is now '{}'", b.name),
-                None => "it is now standalone".to_string(),
-            }
-        };
-        say(a, &format!("Copied {} into '{}' in {elapsed:.2} s; {tail}.", size_to_str(copied), a.file));
+        say(a, &job::summary(&a.file, done.copied, done.elapsed, backing));
     }
     Ok(0)
 }

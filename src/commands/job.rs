@@ -1,0 +1,66 @@
+//! What `stream` and `rebase` share: a copy job run with progress and a rate cap, and the
+//! result object they print with `--output json`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use cowimg_formats::BackingRef;
+use serde_json::json;
+
+use crate::copy::Counters;
+use crate::error::Result;
+use crate::progress::{Mode, Reporter};
+use crate::ratelimit::RateLimiter;
+use crate::stream::{Plan, Settings};
+
+pub struct JobOptions {
+    /// Cap in bytes per second (0 = unlimited).
+    pub speed: u64,
+    pub jobs: usize,
+    pub progress: Mode,
+    pub compress: bool,
+}
+
+/// A finished job: its value, the bytes copied and the time it took.
+pub struct Done<T> {
+    pub value: T,
+    pub copied: u64,
+    pub elapsed: f64,
+}
+
+/// Runs `body` (the copy and whatever follows it) with progress reporting over `plan`.
+pub fn run<T>(plan: &Plan, o: &JobOptions, cancel: &AtomicBool, body: impl FnOnce(&Settings) -> Result<T>) -> Result<Done<T>> {
+    let counters = Arc::new(Counters::default());
+    // Ranges needing nothing count as done from the start, as QEMU's progress counts them.
+    counters.done.store(plan.range_len - plan.work(), Ordering::Relaxed);
+    let limiter = RateLimiter::new(o.speed);
+    let reporter = Reporter::start(o.progress, plan.range_len, o.speed, counters.clone());
+    let started = Instant::now();
+    let settings = Settings { jobs: o.jobs, limiter: &limiter, cancel, counters: &counters, compress: o.compress };
+    let result = body(&settings);
+    let elapsed = started.elapsed().as_secs_f64();
+    reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
+    Ok(Done { value: result?, copied: counters.copied.load(Ordering::Relaxed), elapsed })
+}
+
+/// The `--output json` result object.
+pub fn result_json(file: &str, len: u64, copied: u64, elapsed: f64, backing: Option<&BackingRef>) -> String {
+    crate::commands::pretty_json(&json!({
+        "filename": file,
+        "len": len,
+        "copied": copied,
+        "elapsed": elapsed,
+        "backing-filename": backing.map(|b| b.name.clone()),
+        "backing-filename-format": backing.and_then(|b| b.format.clone()),
+    }))
+}
+
+/// The human closing line.
+pub fn summary(file: &str, copied: u64, elapsed: f64, backing: Option<&BackingRef>) -> String {
+    let tail = match backing {
+        Some(b) => format!("its backing file is now '{}'", b.name),
+        None => "it is now standalone".to_string(),
+    };
+    format!("Copied {} into '{file}' in {elapsed:.2} s; {tail}.", crate::size::size_to_str(copied))
+}
