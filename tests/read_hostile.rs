@@ -345,6 +345,15 @@ fn other_formats_are_refused_by_name() {
         s.qemu_img(&args);
         all_refuse(&s, &name, &[&format!("'{fmt}'"), "not supported"]);
     }
+    // As a backing file, recorded or probed.
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "img.vmdk", "-F", "vmdk", "ov.qcow2",
+    ]);
+    chain_refused(&s, "ov.qcow2", &["'vmdk'", "not supported"]);
+    s.qemu_img(&[
+        "create", "-q", "-f", "qed", "-b", "img.vpc", "-F", "vpc", "ov.qed",
+    ]);
+    chain_refused(&s, "ov.qed", &["'vpc'", "not supported"]);
 }
 
 #[test]

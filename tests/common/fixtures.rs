@@ -75,6 +75,8 @@ pub const NAMES: &[&str] = &[
     "qcow2_resized",
     "qed_resized",
     "qed_need_check",
+    "qcow2_bitmap_in_use",
+    "qcow2_over_qcow2_as_raw",
 ];
 
 /// Builds the fixture called `name` in a fresh scratch directory.
@@ -137,6 +139,8 @@ pub fn build(name: &'static str) -> Fixture {
         "qcow2_resized" => resized(&s, "qcow2"),
         "qed_resized" => resized(&s, "qed"),
         "qed_need_check" => qed_need_check(&s),
+        "qcow2_bitmap_in_use" => bitmap_in_use(&s),
+        "qcow2_over_qcow2_as_raw" => over_qcow2_as_raw(&s),
         other => panic!("no fixture called {other}"),
     };
     Fixture {
@@ -1037,4 +1041,50 @@ fn qed_need_check(s: &Scratch) -> String {
         r.stderr
     );
     "nc.qed".into()
+}
+
+/// A persistent bitmap left "in-use" by a crash while qemu had it loaded.
+fn bitmap_in_use(s: &Scratch) -> String {
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "bu.qcow2", "8M"]);
+    s.qemu_img(&["bitmap", "--add", "bu.qcow2", "bm0"]);
+    let r = s.run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -q -P 1 0 64k",
+            "-c",
+            "abort",
+            "bu.qcow2",
+        ],
+    );
+    assert!(
+        r.status == -1 || r.status == 134,
+        "qemu-io abort: {} {}{}",
+        r.status,
+        r.stdout,
+        r.stderr
+    );
+    "bu.qcow2".into()
+}
+
+/// A recorded backing format that differs from the file's magic: a qcow2 file used as a raw
+/// backing (its bytes are the guest disk). The recorded format is obeyed, never probed.
+fn over_qcow2_as_raw(s: &Scratch) -> String {
+    qcow2_base(s, "base.qcow2", 8 * MIB, 64 << 10);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "raw",
+        "ov.qcow2",
+        "8M",
+    ]);
+    s.qemu_io("ov.qcow2", &["write -q -P 0x11 1M 64k"]);
+    "ov.qcow2".into()
 }
