@@ -288,3 +288,29 @@ fn a_batch_of_only_zero_marks_is_committed() {
     assert!(s.same("c.raw", "C.qcow2"));
     s.assert_clean("C.qcow2");
 }
+
+#[test]
+fn extended_l2_top_with_partly_allocated_clusters() {
+    let s = Scratch::new();
+    build(
+        &s,
+        &[
+            Layer { name: "A.qcow2", create: &["-f", "qcow2", "-o", "cluster_size=4k"], size: Some("4M"), writes: &["write -q -P 0x11 0 4M"] },
+            Layer { name: "B.qcow2", create: &["-f", "qcow2"], size: None, writes: &["write -q -P 0x22 100k 50k", "write -q -z 300k 9k"] },
+            // 64 KiB clusters of 2 KiB subclusters, written in pieces.
+            Layer {
+                name: "C.qcow2",
+                create: &["-f", "qcow2", "-o", "extended_l2=on"],
+                size: None,
+                writes: &["write -q -P 0x33 0 2k", "write -q -P 0x34 70k 6k", "write -q -z 96k 2k", "write -q -P 0x35 301k 1k"],
+            },
+        ],
+    );
+    snapshot(&s, "C.qcow2", "c.raw");
+    s.cowimg_ok(&["stream", "--base", "A.qcow2", "C.qcow2"]);
+    assert!(s.same("c.raw", "C.qcow2"));
+    s.assert_clean("C.qcow2");
+    s.cowimg_ok(&["stream", "C.qcow2"]);
+    assert!(s.same("c.raw", "C.qcow2"));
+    s.assert_clean("C.qcow2");
+}
