@@ -1,0 +1,210 @@
+//! Bodies of the fuzz targets, shared by the libFuzzer binaries (`fuzz/fuzz_targets/`) and the
+//! in-tree mutation fuzzer (`tests/reliability_fuzz.rs`, which includes this file by path).
+//!
+//! Each takes the bytes of an image file, held in memory (no host file is ever opened: a
+//! qcow2 external data file is refused rather than opened by its fuzzed name), and must end
+//! without a panic, a hang or a large allocation, whatever the bytes.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cowimg::chain::{Chain, Layer};
+use cowimg_formats::probe::{probe, Probed};
+use cowimg_formats::qcow2::{self, Qcow2};
+use cowimg_formats::qed::Qed;
+use cowimg_formats::{Alloc, CheckMode, Format, Image, Storage};
+
+/// Guest bytes read at most per input (so that a huge virtual size costs no time).
+pub const READ_CAP: u64 = 16 << 20;
+/// Longest a fuzzed image may grow while being repaired.
+const MAX_LEN: u64 = 256 << 20;
+
+/// An image file in memory.
+#[derive(Debug)]
+pub struct Mem {
+    data: Mutex<Vec<u8>>,
+    path: PathBuf,
+}
+
+impl Mem {
+    pub fn new(data: &[u8]) -> Mem {
+        Mem {
+            data: Mutex::new(data.to_vec()),
+            path: PathBuf::from("fuzz.img"),
+        }
+    }
+}
+
+impl Storage for Mem {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self.data.lock().unwrap();
+        buf.fill(0);
+        if offset < d.len() as u64 {
+            let n = (d.len() as u64 - offset).min(buf.len() as u64) as usize;
+            buf[..n].copy_from_slice(&d[offset as usize..offset as usize + n]);
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= MAX_LEN);
+        let Some(end) = end else {
+            return Err(io::Error::from_raw_os_error(27));
+        }; // EFBIG
+        let mut d = self.data.lock().unwrap();
+        if (d.len() as u64) < end {
+            d.resize(end as usize, 0);
+        }
+        d[offset as usize..end as usize].copy_from_slice(buf);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.lock().unwrap().len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if len > MAX_LEN {
+            return Err(io::Error::from_raw_os_error(27));
+        }
+        self.data.lock().unwrap().resize(len as usize, 0);
+        Ok(())
+    }
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.len()
+    }
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Opens `data` as `format` (probed when `None`), as cowimg opens a top image, minus the
+/// external data file.
+pub fn open(
+    data: &[u8],
+    format: Option<Format>,
+    writable: bool,
+    repair: bool,
+) -> Option<Arc<dyn Image>> {
+    let st: Arc<dyn Storage> = Arc::new(Mem::new(data));
+    let format = match format {
+        Some(f) => f,
+        None => match probe(&*st).ok()? {
+            Probed::Known(f) => f,
+            Probed::Other(_) => return None,
+        },
+    };
+    let image: Arc<dyn Image> = match format {
+        Format::Qcow2 => Arc::new(
+            Qcow2::open(
+                st,
+                qcow2::OpenOptions {
+                    writable,
+                    data_file: None,
+                    repair,
+                },
+            )
+            .ok()?,
+        ),
+        Format::Qed => Arc::new(Qed::open(st, writable).ok()?),
+        Format::Raw => return None,
+    };
+    Some(image)
+}
+
+/// Header parsing: open, and ask what `info` asks.
+pub fn header(data: &[u8], format: Format) {
+    if let Some(img) = open(data, Some(format), false, false) {
+        let _ = img.virtual_size();
+        let _ = img.cluster_size();
+        let _ = img.allocation_unit();
+        let _ = img.backing();
+        let _ = img.details();
+        let _ = img.is_dirty();
+        let _ = img.copy_on_read();
+    }
+}
+
+/// Table walking: map and block status of the whole disk, then reads of what the map
+/// shows (data, compressed clusters) and through a one-layer chain, up to [`READ_CAP`].
+pub fn map_read(data: &[u8]) {
+    let Some(img) = open(data, None, false, false) else {
+        return;
+    };
+    let size = img.virtual_size();
+    let Ok(runs) = img.map(0, size) else { return };
+    let _ = img.status(0, size);
+    let mut budget = READ_CAP;
+    let cs = img.cluster_size().unwrap_or(512);
+    for r in &runs {
+        if budget == 0 {
+            break;
+        }
+        let n = r.len.min(budget).min(1 << 20);
+        match r.alloc {
+            Alloc::Data { host } => {
+                let mut b = vec![0u8; n as usize];
+                let _ = img.read_host(host, &mut b);
+                budget -= n;
+            }
+            Alloc::Compressed { host, len } => {
+                let mut b = vec![0u8; cs as usize];
+                let _ = img.read_compressed(host, len, &mut b);
+                budget = budget.saturating_sub(cs);
+            }
+            _ => {}
+        }
+    }
+    let format = img.format();
+    let chain = Chain::from_layers(vec![Layer {
+        image: img,
+        filename: "fuzz.img".into(),
+        format,
+        probed: true,
+    }]);
+    let mut at = 0;
+    let mut buf = vec![0u8; 256 << 10];
+    while at < size && at < READ_CAP {
+        let n = (size - at).min(buf.len() as u64) as usize;
+        if chain.read_from(0, at, &mut buf[..n]).is_err() {
+            // Skip the piece that failed; later ones may still read.
+        }
+        at += n as u64;
+    }
+}
+
+/// What a check of a fuzzed image found.
+#[derive(Debug, Default)]
+pub struct CheckOutcome {
+    pub opened: bool,
+    pub corruptions_before: u64,
+    /// Corruptions a read-only check still finds after `check -r all`.
+    pub corruptions_after_repair: Option<u64>,
+    /// The same after a second `check -r all` (when the first left some).
+    pub corruptions_after_second_repair: Option<u64>,
+}
+
+/// check: a read-only pass, then `check -r all` on a copy and a read-only pass over the
+/// repaired image.
+pub fn check(data: &[u8]) -> CheckOutcome {
+    let mut out = CheckOutcome::default();
+    if let Some(img) = open(data, None, false, false) {
+        out.opened = true;
+        if let Ok(r) = img.check(CheckMode::ReadOnly) {
+            out.corruptions_before = r.corruptions;
+        }
+    }
+    if let Some(img) = open(data, None, true, true) {
+        out.opened = true;
+        if let Ok(r) = img.check(CheckMode::RepairAll) {
+            if r.failed.is_none() {
+                out.corruptions_after_repair =
+                    img.check(CheckMode::ReadOnly).ok().map(|r| r.corruptions);
+            }
+        }
+    }
+    out
+}
