@@ -97,6 +97,8 @@ impl BlockStatus {
 /// of a raw file), which is then read once.
 pub struct Walker<'a> {
     chain: &'a Chain,
+    /// Per layer: guest bytes one L2 table covers (no answer crosses its end).
+    spans: Vec<u64>,
     windows: RefCell<Vec<Option<Window>>>,
 }
 
@@ -129,6 +131,7 @@ impl<'a> Walker<'a> {
     pub fn new(chain: &'a Chain) -> Walker<'a> {
         Walker {
             chain,
+            spans: chain.layers.iter().map(|l| l2_span(&*l.image)).collect(),
             windows: RefCell::new((0..chain.layers.len()).map(|_| None).collect()),
         }
     }
@@ -150,12 +153,10 @@ impl<'a> Walker<'a> {
                 // exact. A raw file's answer is its data or hole extent, up to what is asked.
                 let (end, hard_end) = match layer.format {
                     Format::Raw => (limit.min(size), limit >= size),
-                    _ => (
-                        (offset / l2_span(img) + 1)
-                            .saturating_mul(l2_span(img))
-                            .min(size),
-                        true,
-                    ),
+                    _ => {
+                        let span = self.spans[i];
+                        ((offset / span + 1).saturating_mul(span).min(size), true)
+                    }
                 };
                 let runs = img
                     .status(offset, end - offset)
