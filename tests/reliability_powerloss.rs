@@ -182,6 +182,57 @@ fn the_harness_catches_a_missing_sync() {
     eprintln!("without syncs, {broken} of {n} crash states break the image");
 }
 
+/// A <- B <- C over 32 MiB with small pieces of data scattered over every 2 MiB chunk, so
+/// that a stream makes many commits (epochs) of several writes each.
+fn scattered_chain(s: &Scratch, fmt: &str) {
+    let n = |x: &str| format!("{x}.{fmt}");
+    s.qemu_img(&["create", "-q", "-f", fmt, &n("A"), "32M"]);
+    let a: Vec<String> = (0..24u64)
+        .map(|i| format!("write -q -P {} {} 96k", 0x40 + i, i * (1331 << 10)))
+        .collect();
+    s.qemu_io(&n("A"), &a.iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    s.qemu_img(&["create", "-q", "-f", fmt, "-b", &n("A"), "-F", fmt, &n("B")]);
+    let b: Vec<String> = (0..12u64)
+        .map(|i| {
+            if i % 3 == 0 {
+                format!("write -q -z {} 64k", i * (2711 << 10))
+            } else {
+                format!("write -q -P {} {} 40k", 0x80 + i, i * (2711 << 10) + 4096)
+            }
+        })
+        .collect();
+    s.qemu_io(&n("B"), &b.iter().map(|x| x.as_str()).collect::<Vec<_>>());
+    s.qemu_img(&["create", "-q", "-f", fmt, "-b", &n("B"), "-F", fmt, &n("C")]);
+    s.qemu_io(
+        &n("C"),
+        &["write -q -P 0x31 3M 64k", "write -q -P 0x32 17M 8k"],
+    );
+    s.qemu_img(&["convert", "-O", "raw", &n("C"), "pristine.raw"]);
+}
+
+#[test]
+fn stream_of_scattered_data_survives_power_loss() {
+    setup();
+    let seed = first_seed(0x5eed_0006);
+    for fmt in ["qcow2", "qed"] {
+        let s = Scratch::new();
+        scattered_chain(&s, fmt);
+        let c = format!("C.{fmt}");
+        let label = format!("stream {c} (scattered)");
+        scenario(
+            &s,
+            &label,
+            fmt,
+            &c,
+            Some(&format!("B.{fmt}")),
+            None,
+            false,
+            seed,
+            &|ch| stream_in(ch, None, 2),
+        );
+    }
+}
+
 #[test]
 fn stream_survives_power_loss() {
     setup();
