@@ -189,6 +189,12 @@ pub fn os_text(e: &std::io::Error) -> String {
     }
 }
 
+/// qemu's protocol drivers that qemu also accepts as a backing format (`-F file`): the file's
+/// bytes are the disk, exactly as with raw; only `info` names them differently.
+pub fn is_protocol_format(name: &str) -> bool {
+    matches!(name, "file" | "host_device" | "host_cdrom")
+}
+
 /// Parses a format name given on the command line or recorded in an image.
 pub fn parse_format(name: &str) -> Result<Format> {
     Format::from_name(name).ok_or_else(|| {
@@ -247,6 +253,7 @@ impl Chain {
                 }
             }
             let format = match backing.format.as_deref() {
+                Some(f) if is_protocol_format(f) => Some(Format::Raw),
                 Some(f) => Some(Format::from_name(f).ok_or_else(|| {
                     wrap(Error::Msg(format!("the recorded backing format '{f}' is not supported by cowimg")))
                 })?),

@@ -92,6 +92,7 @@ matrix!(
     qed_need_check,
     qcow2_bitmap_in_use,
     qcow2_over_qcow2_as_raw,
+    qcow2_over_file_protocol,
 );
 
 #[test]

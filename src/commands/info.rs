@@ -7,7 +7,7 @@ use cowimg_formats::qcow2::Qcow2Details;
 use cowimg_formats::probe::{probe, Probed};
 use cowimg_formats::{Details, FileStorage, Format};
 
-use crate::chain::{combine, Chain, Layer, OpenOptions};
+use crate::chain::{combine, is_protocol_format, Chain, Layer, OpenOptions};
 use crate::error::{Error, Result};
 use crate::size::size_to_str;
 
@@ -26,6 +26,9 @@ struct Facts<'a> {
     probed_backing: Option<Format>,
     file_length: u64,
     actual_size: u64,
+    /// The layer was opened as the protocol driver its overlay names as its format (`file`,
+    /// `host_device`): qemu shows it as that protocol node, without a child.
+    protocol: Option<String>,
 }
 
 pub fn run(a: &Args) -> Result<i32> {
@@ -44,6 +47,11 @@ pub fn run(a: &Args) -> Result<i32> {
             },
             file_length: storage.len().map_err(err)?,
             actual_size: storage.allocated_bytes().map_err(err)?,
+            protocol: i
+                .checked_sub(1)
+                .and_then(|up| chain.layers[up].image.backing())
+                .and_then(|b| b.format)
+                .filter(|f| is_protocol_format(f)),
         });
     }
     if a.json {
@@ -75,7 +83,23 @@ fn probe_backing(layer: &Layer) -> Option<Format> {
     }
 }
 
+/// What qemu shows of a protocol node: the file itself.
+fn protocol_json(f: &Facts, driver: &str) -> Value {
+    json!({
+        "children": [],
+        "virtual-size": f.file_length.div_ceil(512) * 512,
+        "filename": f.layer.filename,
+        "format": driver,
+        "actual-size": f.actual_size,
+        "format-specific": {"type": driver, "data": {}},
+        "dirty-flag": false
+    })
+}
+
 fn to_json(f: &Facts) -> Value {
+    if let Some(driver) = &f.protocol {
+        return protocol_json(f, driver);
+    }
     let img = &f.layer.image;
     let mut m = Map::new();
     m.insert(
@@ -185,6 +209,12 @@ fn to_human(f: &Facts) -> String {
     let mut o = String::new();
     let size = img.virtual_size();
     o += &format!("image: {}\n", f.layer.filename);
+    if let Some(driver) = &f.protocol {
+        o += &format!("file format: {driver}\n");
+        o += &format!("virtual size: {} ({size} bytes)\n", size_to_str(size));
+        o += &format!("disk size: {}\n", size_to_str(f.actual_size));
+        return o;
+    }
     o += &format!("file format: {}\n", f.layer.format);
     o += &format!("virtual size: {} ({size} bytes)\n", size_to_str(size));
     o += &format!("disk size: {}\n", size_to_str(f.actual_size));

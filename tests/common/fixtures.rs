@@ -77,6 +77,7 @@ pub const NAMES: &[&str] = &[
     "qed_need_check",
     "qcow2_bitmap_in_use",
     "qcow2_over_qcow2_as_raw",
+    "qcow2_over_file_protocol",
 ];
 
 /// Builds the fixture called `name` in a fresh scratch directory.
@@ -141,6 +142,7 @@ pub fn build(name: &'static str) -> Fixture {
         "qed_need_check" => qed_need_check(&s),
         "qcow2_bitmap_in_use" => bitmap_in_use(&s),
         "qcow2_over_qcow2_as_raw" => over_qcow2_as_raw(&s),
+        "qcow2_over_file_protocol" => over_file_protocol(&s),
         other => panic!("no fixture called {other}"),
     };
     Fixture {
@@ -1086,5 +1088,21 @@ fn over_qcow2_as_raw(s: &Scratch) -> String {
         "8M",
     ]);
     s.qemu_io("ov.qcow2", &["write -q -P 0x11 1M 64k"]);
+    "ov.qcow2".into()
+}
+
+/// A backing format that names qemu's protocol driver (`-F file`): the file's bytes are the
+/// disk, as with raw, and info shows the backing as a protocol node.
+fn over_file_protocol(s: &Scratch) -> String {
+    let mut data = mixed_data(3 * MIB as usize + 1000);
+    data[..4096].fill(0x77);
+    s.write_file("base.bin", &data);
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "base.bin", "-F", "file", "ov.qcow2",
+    ]);
+    s.qemu_io(
+        "ov.qcow2",
+        &["write -q -P 0x11 1M 64k", "write -q -z 2M 64k"],
+    );
     "ov.qcow2".into()
 }
