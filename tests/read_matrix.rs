@@ -93,6 +93,7 @@ matrix!(
     qcow2_bitmap_in_use,
     qcow2_over_qcow2_as_raw,
     qcow2_over_file_protocol,
+    qed_odd_size,
 );
 
 #[test]
@@ -366,7 +367,10 @@ fn check_own_output(s: &Scratch, top: &str, bad: &mut Vec<String>) {
         }
         // Formats given: the reference's bytes may start with an image magic (a qcow2 file
         // used as a raw backing), and must not be probed.
-        let cmp = s.run("qemu-img", &["compare", "-f", "raw", "-F", fmt, "ref.raw", &out]);
+        let cmp = s.run(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", fmt, "ref.raw", &out],
+        );
         if cmp.status != 0 {
             bad.push(format!(
                 "qemu-img compare ref.raw {out}: {}{}",

@@ -78,6 +78,7 @@ pub const NAMES: &[&str] = &[
     "qcow2_bitmap_in_use",
     "qcow2_over_qcow2_as_raw",
     "qcow2_over_file_protocol",
+    "qed_odd_size",
 ];
 
 /// Builds the fixture called `name` in a fresh scratch directory.
@@ -143,6 +144,7 @@ pub fn build(name: &'static str) -> Fixture {
         "qcow2_bitmap_in_use" => bitmap_in_use(&s),
         "qcow2_over_qcow2_as_raw" => over_qcow2_as_raw(&s),
         "qcow2_over_file_protocol" => over_file_protocol(&s),
+        "qed_odd_size" => qed_odd_size(&s),
         other => panic!("no fixture called {other}"),
     };
     Fixture {
@@ -1105,4 +1107,23 @@ fn over_file_protocol(s: &Scratch) -> String {
         &["write -q -P 0x11 1M 64k", "write -q -z 2M 64k"],
     );
     "ov.qcow2".into()
+}
+
+/// QED whose size is not a multiple of its cluster size (the last cluster is partial), over
+/// a raw backing of yet another size.
+fn qed_odd_size(s: &Scratch) -> String {
+    let base = vec![0x3cu8; 2 * MIB as usize + 4000];
+    s.write_file("base.raw", &base);
+    s.qemu_img(&[
+        "create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", "odd.qed", "3000000",
+    ]);
+    s.qemu_io(
+        "odd.qed",
+        &[
+            "write -q -P 0x11 2M 1000",
+            "write -q -P 0x12 2998000 2000",
+            "write -q -z 1M 64k",
+        ],
+    );
+    "odd.qed".into()
 }
