@@ -104,20 +104,35 @@ impl Scenario {
         end == End::Completed
     }
 
-    /// Kills the command after `ms` milliseconds and checks the result.
-    fn kill_after(&self, ms: u64) {
+    /// How long an uninterrupted run takes (with the `slow` arguments).
+    fn duration(&self) -> Duration {
+        let s = self.fresh();
+        let t = std::time::Instant::now();
+        let out = self.command(&s, &self.slow).output().unwrap();
+        assert_eq!(
+            self.end_of(out),
+            End::Completed,
+            "{}: an uninterrupted run",
+            self.label
+        );
+        t.elapsed()
+    }
+
+    /// Kills the command after `us` microseconds and checks the result.
+    fn kill_after(&self, us: u64) -> bool {
         let s = self.fresh();
         let mut child = self.command(&s, &self.slow).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(ms));
+        std::thread::sleep(Duration::from_micros(us));
         let _ = child.kill();
         let end = self.end_of(child.wait_with_output().unwrap());
-        let what = format!("{}: SIGKILL after {ms} ms", self.label);
+        let what = format!("{}: SIGKILL after {us} us", self.label);
         (self.verify)(&s, &end, &what);
         KILLS.fetch_add((end == End::Killed) as u64, Ordering::Relaxed);
+        end == End::Killed
     }
 
     /// Every boundary (or a sample of them), then random moments.
-    fn run(&self, seed: u64, random_ms: u64) {
+    fn run(&self, seed: u64) {
         let mut rng = Rng::new(seed);
         let budget = count("COWIMG_KILL_BOUNDARIES", 6);
         // Probes 1, 2, 4, ... find how many changes a run makes (each probe is a kill too).
@@ -149,17 +164,21 @@ impl Scenario {
                 total = Some(total.map_or(p, |t: u64| t.min(p)));
             }
         }
+        // Random moments over the span of an uninterrupted run (process start included).
+        let span = self.duration().as_micros() as u64;
+        let mut random = 0;
         for _ in 0..count("COWIMG_RANDOM_KILLS", 2) {
-            self.kill_after(rng.range(0, random_ms));
+            random += self.kill_after(rng.range(0, span + span / 10)) as u64;
         }
         eprintln!(
-            "{}: {} boundary kills (a run makes {}..{upper} file changes{}); {} kills so far",
+            "{}: {} boundary kills (a run makes {}..{upper} file changes{}), {random} kills at random moments in {} ms; {} kills so far",
             self.label,
             tried.len(),
             lower + 1,
             total
                 .map(|t| format!(", completes at {t}"))
                 .unwrap_or_default(),
+            span / 1000,
             KILLS.load(Ordering::Relaxed)
         );
     }
@@ -268,7 +287,7 @@ fn stream_killed() {
             b,
             None,
         )
-        .run(seed, 1500);
+        .run(seed);
     }
 }
 
@@ -283,7 +302,7 @@ fn stream_with_base_killed() {
         "B.qcow2",
         Some("A.qcow2"),
     );
-    s.run(seed, 1500);
+    s.run(seed);
 }
 
 #[test]
@@ -303,7 +322,7 @@ fn rebase_killed() {
             b,
             Some(n),
         );
-        s.run(seed, 1500);
+        s.run(seed);
     }
 }
 
@@ -411,7 +430,7 @@ fn convert_killed() {
             ok: &[0],
             verify: verify_output(dst, prev, complete, a),
         };
-        sc.run(seed, 60);
+        sc.run(seed);
     }
 }
 
@@ -465,7 +484,7 @@ fn create_killed() {
             ok: &[0],
             verify: verify_output(dst, prev, complete, a),
         };
-        sc.run(seed, 30);
+        sc.run(seed);
     }
 }
 
@@ -535,7 +554,7 @@ fn check_repair_killed() {
             ok: if fmt == "qed" { &[0, 3] } else { &[0] },
             verify,
         };
-        sc.run(seed, 40);
+        sc.run(seed);
     }
 }
 
