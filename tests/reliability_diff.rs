@@ -11,7 +11,8 @@
 //!   its qemu-img equivalent on a copy of the directory. cowimg's result must read as the old
 //!   chain read (`qemu-img compare` with the guest data saved before), pass `qemu-img check`,
 //!   record the backing fields qemu-img records, and its `check`/`map`/`info` must again agree
-//!   with qemu-img's on it.
+//!   with qemu-img's on it, and `compare` of it with the old data and with an unrelated image
+//!   must give qemu-img compare's status and message.
 //!
 //! Failures print the seed; `COWIMG_SEED=S COWIMG_DIFF_SEEDS=1` replays one. `COWIMG_DIFF_SEEDS`
 //! sets the number of seeds (CI: 2 x 25). Seeds of fixed failures go in `REGRESSIONS`.
@@ -441,6 +442,18 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
         let _ = writeln!(desc, "  (qemu-img failed: {})", qr.stderr.trim());
     }
     read_only_agree(&s, &result, &mut bad);
+    // compare: the result against the old guest data (identical) and against the unrelated
+    // image (qemu-img compare's status and message).
+    for other in ["pristine.raw", u.name.as_str()] {
+        let want = s.run("qemu-img", &["compare", &result, other]);
+        let got = s.cowimg(&["compare", &result, other]);
+        if (want.status, &want.stdout) != (got.status, &got.stdout) {
+            bad.push(format!(
+                "compare {result} {other}: status {} {:?} {:?}, qemu-img {} {:?}",
+                got.status, got.stdout, got.stderr, want.status, want.stdout
+            ));
+        }
+    }
     (desc, bad)
 }
 
