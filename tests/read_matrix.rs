@@ -449,3 +449,61 @@ fn check_compare(s: &Scratch, top: &str, bad: &mut Vec<String>) {
         }
     }
 }
+
+/// Degenerate inputs: empty images, windows past the end or of no length.
+#[test]
+fn empty_images_and_windows() {
+    let s = Scratch::new();
+    s.write_file("e.raw", b"");
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "e.qcow2", "0"]);
+    s.qemu_img(&["create", "-q", "-f", "qed", "e.qed", "0"]);
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "s.qcow2", "1M"]);
+    let mut bad = Vec::new();
+    for image in ["e.raw", "e.qcow2", "e.qed"] {
+        check_map_args(&s, &[image], &mut bad);
+        for other in ["e.raw", "e.qcow2", "e.qed", "s.qcow2"] {
+            for strict in [false, true] {
+                let mut args = vec!["compare"];
+                if strict {
+                    args.push("-s");
+                }
+                args.extend([image, other]);
+                let (mine, theirs) = (s.cowimg(&args), s.run("qemu-img", &args));
+                if (mine.status, &mine.stdout) != (theirs.status, &theirs.stdout) {
+                    bad.push(format!(
+                        "{args:?}: cowimg {} {:?}, qemu-img {} {:?}",
+                        mine.status, mine.stdout, theirs.status, theirs.stdout
+                    ));
+                }
+            }
+        }
+    }
+    check_map_args(&s, &["--start-offset", "2097152", "s.qcow2"], &mut bad);
+    check_map_args(
+        &s,
+        &["--start-offset", "524288", "--max-length", "0", "s.qcow2"],
+        &mut bad,
+    );
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// `map ARGS` in both output forms must print what qemu-img prints.
+fn check_map_args(s: &Scratch, args: &[&str], bad: &mut Vec<String>) {
+    for json in [false, true] {
+        let mut mine = vec!["map"];
+        let mut theirs = vec!["map"];
+        if json {
+            mine.extend(["--output", "json"]);
+            theirs.push("--output=json");
+        }
+        mine.extend_from_slice(args);
+        theirs.extend_from_slice(args);
+        let (m, t) = (s.cowimg(&mine), s.run("qemu-img", &theirs));
+        if (m.status, &m.stdout) != (t.status, &t.stdout) {
+            bad.push(format!(
+                "{mine:?}: cowimg {} {:?} {}, qemu-img {} {:?} {}",
+                m.status, m.stdout, m.stderr, t.status, t.stdout, t.stderr
+            ));
+        }
+    }
+}

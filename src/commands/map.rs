@@ -382,7 +382,23 @@ pub fn run(a: &Args) -> Result<i32> {
     let end = a
         .max_length
         .map_or(size, |l| a.start.saturating_add(l).min(size));
-    let list = entries(&chain, a.start.min(size), end)?;
+    let mut list = entries(&chain, a.start.min(size), end)?;
+    if list.is_empty() {
+        // Nothing to map (an empty image, or a window past the end): qemu-img still prints
+        // its initial, empty entry at the start offset.
+        list.push(Entry {
+            start: a.start,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            layer: 0,
+            file: None,
+        });
+    }
     let mut out = String::new();
     if a.json {
         out.push('[');
