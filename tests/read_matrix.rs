@@ -94,6 +94,7 @@ matrix!(
     qcow2_over_qcow2_as_raw,
     qcow2_over_file_protocol,
     qed_odd_size,
+    chain_mixed_dirs_absolute,
 );
 
 #[test]

@@ -79,6 +79,7 @@ pub const NAMES: &[&str] = &[
     "qcow2_over_qcow2_as_raw",
     "qcow2_over_file_protocol",
     "qed_odd_size",
+    "chain_mixed_dirs_absolute",
 ];
 
 /// Builds the fixture called `name` in a fresh scratch directory.
@@ -145,6 +146,11 @@ pub fn build(name: &'static str) -> Fixture {
         "qcow2_over_qcow2_as_raw" => over_qcow2_as_raw(&s),
         "qcow2_over_file_protocol" => over_file_protocol(&s),
         "qed_odd_size" => qed_odd_size(&s),
+        // The same chain, named by the absolute path of its top.
+        "chain_mixed_dirs_absolute" => {
+            chain_mixed(&s);
+            s.path("top/top.qcow2").to_string_lossy().into_owned()
+        }
         other => panic!("no fixture called {other}"),
     };
     Fixture {
