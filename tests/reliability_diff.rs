@@ -6,8 +6,9 @@
 //! * `check`, `map` and `info` (plain and `--backing-chain`) of the top must agree with
 //!   qemu-img's (exit status; `map` output byte for byte; every key of qemu-img's JSON with
 //!   qemu-img's value, `actual-size` aside);
-//! * one random operation (stream, stream --base, stream of an intermediate image, rebase
-//!   safe in the chain, safe onto an unrelated image, unsafe, convert) runs with cowimg, and
+//! * one random operation (stream, stream --base, stream of an intermediate image, stream -c,
+//!   rebase safe in the chain, safe onto an unrelated image, unsafe, convert, convert -c, and
+//!   copy-on-read through a flagged overlay) runs with cowimg, and
 //!   its qemu-img equivalent on a copy of the directory. cowimg's result must read as the old
 //!   chain read (`qemu-img compare` with the guest data saved before), pass `qemu-img check`,
 //!   record the backing fields qemu-img records, and its `check`/`map`/`info` must again agree
@@ -36,7 +37,6 @@ struct Layer {
     fmt: &'static str,
     opts: &'static str,
     size: u64,
-    cluster: u64,
     io: Vec<String>,
 }
 
@@ -111,7 +111,6 @@ fn gen_chain(rng: &mut Rng) -> Vec<Layer> {
             fmt,
             opts,
             size,
-            cluster,
             io,
         });
     }
@@ -265,6 +264,17 @@ fn backing_fields(s: &Scratch, image: &str) -> (Value, Value) {
     )
 }
 
+/// Bytes of guest data an image holds itself (depth 0), from qemu-img map.
+fn own_data(s: &Scratch, image: &str) -> u64 {
+    let map: Value = serde_json::from_str(&s.qemu_img(&["map", "--output=json", image])).unwrap();
+    map.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
 /// One seed: returns a description of the case and the disagreements found.
 fn run_seed(seed: u64) -> (String, Vec<String>) {
     let mut rng = Rng::new(seed);
@@ -291,7 +301,6 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
         fmt: "qcow2",
         opts: "",
         size: rng.range(1, 12) * (512 << 10),
-        cluster: 65536,
         io: vec![],
     };
     s.qemu_img(&["create", "-q", "-f", "qcow2", &u.name, &u.size.to_string()]);
@@ -304,7 +313,11 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
     );
 
     let streamable = top.fmt != "raw" && d >= 2;
-    let op = if !streamable { 6 } else { rng.below(7) };
+    let op = if !streamable {
+        *rng.pick(&[6, 8])
+    } else {
+        rng.below(10)
+    };
     // (cowimg args, qemu-img args, images whose data must read as before with its raw copy).
     let mut checks: Vec<(String, String)> = vec![(top.name.clone(), "pristine.raw".into())];
     let (mine, theirs): (Vec<String>, Vec<String>) = match op {
@@ -387,6 +400,69 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
             checks = vec![(format!("out.{f}"), "pristine.raw".into())];
             (a.clone(), a)
         }
+        7 if top.fmt == "qcow2" => {
+            // Stream storing compressed clusters; qemu-img rebase -c is the equivalent.
+            (
+                vec!["stream".into(), "-c".into(), top.name.clone()],
+                vec![
+                    "rebase".into(),
+                    "-c".into(),
+                    "-b".into(),
+                    "".into(),
+                    top.name.clone(),
+                ],
+            )
+        }
+        8 => {
+            let o = *rng.pick(&[
+                "",
+                "cluster_size=4096",
+                "compression_type=zstd",
+                "extended_l2=on",
+            ]);
+            let mut a = vec![
+                "convert".to_string(),
+                "-c".into(),
+                "-O".into(),
+                "qcow2".into(),
+            ];
+            if !o.is_empty() {
+                a.extend(["-o".into(), o.into()]);
+            }
+            a.extend([top.name.clone(), "out.qcow2".into()]);
+            checks = vec![("out.qcow2".into(), "pristine.raw".into())];
+            (a.clone(), a)
+        }
+        9 => {
+            // Copy-on-read: a flagged overlay over the top, read whole by convert; it fills
+            // with what the chain provides and must read as before (qemu ignores the flag).
+            let fmt = if rng.chance(1, 2) { "qcow2" } else { "qed" };
+            let f = format!("F.{fmt}");
+            s.cowimg_ok(&[
+                "create",
+                "-q",
+                "-f",
+                fmt,
+                "-b",
+                &top.name,
+                "-F",
+                top.fmt,
+                "--copy-on-read",
+                &f,
+            ]);
+            checks = vec![
+                (f.clone(), "pristine.raw".into()),
+                ("out.raw".into(), "pristine.raw".into()),
+            ];
+            let a = vec![
+                "convert".to_string(),
+                "-O".into(),
+                "raw".into(),
+                f,
+                "out.raw".into(),
+            ];
+            (a.clone(), a)
+        }
         _ => (
             vec!["stream".into(), top.name.clone()],
             vec!["rebase".into(), "-b".into(), "".into(), top.name.clone()],
@@ -416,6 +492,15 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
         .first()
         .map(|c| c.0.clone())
         .unwrap_or(top.name.clone());
+    if op == 9 {
+        // The flagged overlay took data in: its own clusters, never its backing files'.
+        let below = s
+            .run("qemu-img", &["map", "--output=json", &top.name])
+            .stdout;
+        if own_data(&s, &result) == 0 && below.contains("\"data\": true") {
+            bad.push(format!("copy-on-read: nothing was copied into {result}"));
+        }
+    }
     let c = s.run("qemu-img", &["check", &result]);
     if c.status != 0 && c.status != 63 {
         bad.push(format!(
