@@ -3,7 +3,8 @@
 //! `scripts/fuzz-seeds.sh` (qemu-img and qemu-io); each input is a seed with a few random
 //! mutations (bit flips, interesting values in header fields and table entries, copied,
 //! inserted and deleted ranges, truncation) and goes through header parsing (qcow2, QED),
-//! map/read and check (read-only, then `-r all` and a read-only pass on the repaired copy).
+//! map/read, the writing engine (writes, zero writes, commit, header change) and check
+//! (read-only, then `-r all` and a read-only pass on the repaired copy).
 //!
 //! Failures: a panic, an input that takes longer than [`HANG`], or a single allocation over
 //! [`ALLOC_LIMIT`] (this binary's allocator aborts then, naming the size). The input is saved
@@ -76,6 +77,7 @@ fn all_targets(data: &[u8]) -> targets::CheckOutcome {
     targets::header(data, Format::Qcow2);
     targets::header(data, Format::Qed);
     targets::map_read(data);
+    targets::write(data);
     targets::check(data)
 }
 
@@ -246,6 +248,9 @@ fn mutated_images_fail_cleanly() {
                 let (name, base) = rng.pick(&seeds).clone();
                 let input = mutate(&base, &mut rng);
                 *current.lock().unwrap() = (i, Instant::now(), input.clone());
+                // On disk too: an over-allocation aborts the process before anything can be said.
+                std::fs::write(failure_dir().join(format!("current-{seed:x}.bin")), &input)
+                    .unwrap();
                 match std::panic::catch_unwind(|| all_targets(&input)) {
                     Ok(out) => {
                         if out.corruptions_after_repair.is_some_and(|c| c > 0) {
@@ -293,6 +298,7 @@ fn mutated_images_fail_cleanly() {
         }
     }
     worker.join().unwrap();
+    let _ = std::fs::remove_file(failure_dir().join(format!("current-{seed:x}.bin")));
     let n = execs.load(Ordering::Relaxed);
     eprintln!(
         "{n} inputs in {secs} s ({} per second) from {} seeds; {} repairs left corruptions for a second pass",

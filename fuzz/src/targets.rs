@@ -17,8 +17,10 @@ use cowimg_formats::{Alloc, CheckMode, Format, Image, Storage};
 
 /// Guest bytes read at most per input (so that a huge virtual size costs no time).
 pub const READ_CAP: u64 = 16 << 20;
-/// Longest a fuzzed image may grow while being repaired.
-const MAX_LEN: u64 = 256 << 20;
+/// Longest a fuzzed image may grow while being written or repaired (the vector holding it may
+/// double, and must stay under the fuzzers' allocation caps; a real file would just be
+/// sparse).
+const MAX_LEN: u64 = 64 << 20;
 
 /// An image file in memory.
 #[derive(Debug)]
@@ -207,4 +209,46 @@ pub fn check(data: &[u8]) -> CheckOutcome {
         }
     }
     out
+}
+
+/// The writing engine on a hostile image: a few writes and zero writes (places and sizes
+/// taken from the input's own bytes), a commit, a header change, then a read-only check.
+pub fn write(data: &[u8]) {
+    use cowimg_formats::{BackingRef, ZerosBelow};
+    let Some(img) = open(data, None, true, false) else {
+        return;
+    };
+    let size = img.virtual_size();
+    if size == 0 {
+        return;
+    }
+    let unit = img.allocation_unit().max(512);
+    // FNV-1a of the input: the same input always writes the same places.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data.iter().take(4096) {
+        h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    for k in 0..4u64 {
+        h = h.rotate_left(17).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ k;
+        let off = (h % size) / 512 * 512;
+        let len = (unit.min(64 << 10) + (h >> 40) % 128 * 512)
+            .min(size - off)
+            .max(1);
+        let ok = if k == 2 {
+            img.write_zeroes(off, len, &ZerosBelow)
+        } else {
+            img.write(off, &vec![0x5a ^ k as u8; len as usize], &ZerosBelow)
+        };
+        if ok.is_err() {
+            break;
+        }
+    }
+    let _ = img.commit();
+    if img.backing().is_some() {
+        let _ = img.set_backing(Some(&BackingRef {
+            name: "other.img".into(),
+            format: Some("raw".into()),
+        }));
+    }
+    let _ = img.check(CheckMode::ReadOnly);
 }
