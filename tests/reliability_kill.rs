@@ -558,6 +558,91 @@ fn check_repair_killed() {
     }
 }
 
+/// Copy-on-read: `convert` of an image flagged copy-on-read fills it from its backing file
+/// as it reads. Killed at any point, the flagged image is free of corruption, reads as before
+/// and keeps its backing file; the next convert completes (and the output is complete).
+#[test]
+fn copy_on_read_killed() {
+    let seed = first_seed(0x4b11_0007);
+    for fmt in ["qcow2", "qed"] {
+        let template = Scratch::new();
+        chain_fixture(&template, fmt, "");
+        let (b, f) = (format!("B.{fmt}"), format!("F.{fmt}"));
+        template.cowimg_ok(&[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-b",
+            &b,
+            "-F",
+            fmt,
+            "--copy-on-read",
+            &f,
+        ]);
+        template.qemu_io(&f, &["write -q -P 0x55 2M 64k"]);
+        template.qemu_img(&["convert", "-O", "raw", &f, "pristine.raw"]);
+        let a = args(&["convert", "-O", "raw", &f, "out.raw"]);
+        let label = format!("convert -O raw {f} (copy-on-read)");
+        let rerun = a.clone();
+        let verify: Box<dyn Fn(&Scratch, &End, &str)> = Box::new(move |s, end, what| {
+            if let End::Failed(code, err) = end {
+                panic!("{what}: exited {code}: {err}");
+            }
+            let r = s.run("qemu-img", &["check", &f]);
+            assert!(
+                r.status == 0 || r.status == 3,
+                "{what}: qemu-img check: {}{}",
+                r.stdout,
+                r.stderr
+            );
+            assert!(
+                s.same("pristine.raw", &f),
+                "{what}: the flagged image reads differently"
+            );
+            assert_eq!(
+                backing_of(&s.path(&f)).as_deref(),
+                Some(b.as_str()),
+                "{what}"
+            );
+            if *end == End::Completed {
+                assert!(
+                    s.same("pristine.raw", "out.raw"),
+                    "{what}: completed, out.raw differs"
+                );
+            } else if s.path("out.raw").exists() {
+                assert!(
+                    s.same("pristine.raw", "out.raw"),
+                    "{what}: a partial out.raw is visible"
+                );
+            }
+            let refs: Vec<&str> = rerun.iter().map(|x| x.as_str()).collect();
+            let r = cowimg_in(s, &refs);
+            assert_eq!(r.status, 0, "{what}: the next run failed: {}", r.stderr);
+            assert!(
+                s.same("pristine.raw", "out.raw") && s.same("pristine.raw", &f),
+                "{what}: after the next run"
+            );
+            let r = s.run("qemu-img", &["check", "-r", "leaks", &f]);
+            assert!(
+                r.status == 0 || (fmt == "qed" && r.status == 3),
+                "{what}: qemu-img check -r leaks: {}{}",
+                r.stdout,
+                r.stderr
+            );
+        });
+        let sc = Scenario {
+            label,
+            template,
+            args: a,
+            slow: vec![],
+            ok: &[0],
+            verify,
+        };
+        sc.run(seed);
+    }
+}
+
 /// A kill between two runs of convert leaves a temporary file; a run of create for another
 /// destination in the same directory leaves it alone, and the next convert to the same
 /// destination removes it.
