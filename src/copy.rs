@@ -94,6 +94,32 @@ pub struct Copier<'a> {
     pub compress: bool,
 }
 
+/// Splits sorted extents at multiples of `window`; the pieces of one window form one piece of
+/// work, so no two workers ever touch the same window (and hence the same cluster).
+fn windows(extents: &[Extent], window: u64) -> Vec<Vec<Extent>> {
+    let mut out: Vec<Vec<Extent>> = Vec::new();
+    let mut current: Option<u64> = None;
+    for e in extents {
+        let mut start = e.start;
+        let end = e.start + e.len;
+        while start < end {
+            let w = start / window;
+            let piece_end = end.min((w + 1) * window);
+            let piece = Extent { start, len: piece_end - start, action: e.action };
+            if current == Some(w) {
+                if let Some(last) = out.last_mut() {
+                    last.push(piece);
+                }
+            } else {
+                out.push(vec![piece]);
+                current = Some(w);
+            }
+            start = piece_end;
+        }
+    }
+    out
+}
+
 /// Whose turn it is to store, in chunk order (compressing copies).
 #[derive(Default)]
 struct Turn {
@@ -145,6 +171,29 @@ impl Drop for Ticket<'_> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_never_share_a_window() {
+        let e = |start, len, action| Extent { start, len, action };
+        let w = windows(
+            &[e(0, 10, Action::Copy), e(20, 100, Action::Zero), e(130, 5, Action::Copy), e(300, 1, Action::Copy)],
+            64,
+        );
+        assert_eq!(
+            w,
+            vec![
+                vec![e(0, 10, Action::Copy), e(20, 44, Action::Zero)],
+                vec![e(64, 56, Action::Zero)],
+                vec![e(130, 5, Action::Copy)],
+                vec![e(300, 1, Action::Copy)],
+            ]
+        );
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Unit {
     Same,
@@ -162,18 +211,13 @@ impl Copier<'_> {
         } else {
             self.target.allocation_unit().max(512)
         };
-        let chunk = CHUNK.div_ceil(unit) * unit;
-        let chunks: Vec<Extent> = extents
-            .iter()
-            .flat_map(|e| {
-                let step = if e.action == Action::Zero { u64::MAX / 2 } else { chunk };
-                (0..e.len.div_ceil(step)).map(move |i| Extent {
-                    start: e.start + i * step,
-                    len: step.min(e.len - i * step),
-                    action: e.action,
-                })
-            })
-            .collect();
+        // Work is handed out in windows aligned to whole clusters: two workers must never
+        // touch one cluster (with extended L2 the unit is a subcluster, but a cluster is
+        // allocated and its bitmap updated as one).
+        let cluster = self.target.cluster_size().unwrap_or(unit).max(unit);
+        let window = CHUNK.div_ceil(cluster).max(1) * cluster;
+        let chunks = windows(extents, window);
+        let chunk = window;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(self.jobs.max(1))
             .build()
@@ -191,9 +235,7 @@ impl Copier<'_> {
             let mut j = i;
             let mut bytes = 0;
             while j < chunks.len() && (bytes < batch_bytes || j == i) {
-                if chunks[j].action == Action::Copy {
-                    bytes += chunks[j].len;
-                }
+                bytes += chunks[j].iter().filter(|e| e.action == Action::Copy).map(|e| e.len).sum::<u64>();
                 j += 1;
             }
             let result = self.run_batch(&pool, &chunks[i..j], unit);
@@ -213,7 +255,7 @@ impl Copier<'_> {
     /// Copies one batch with `jobs` workers taking chunks in order. When compressing, the
     /// workers compress in parallel but store in chunk order (each waits for its turn), so
     /// compressed clusters pack back to back as qemu packs them.
-    fn run_batch(&self, pool: &rayon::ThreadPool, chunks: &[Extent], unit: u64) -> Result<()> {
+    fn run_batch(&self, pool: &rayon::ThreadPool, chunks: &[Vec<Extent>], unit: u64) -> Result<()> {
         let next = AtomicUsize::new(0);
         let turn = Turn::default();
         let failure: Mutex<Option<Error>> = Mutex::new(None);
@@ -225,7 +267,8 @@ impl Copier<'_> {
                         return;
                     }
                     let ticket = self.compress.then(|| Ticket { turn: &turn, index: i });
-                    if let Err(e) = self.copy_chunk(&chunks[i], unit, ticket.as_ref()) {
+                    let r = chunks[i].iter().try_for_each(|piece| self.copy_chunk(piece, unit, ticket.as_ref()));
+                    if let Err(e) = r {
                         turn.abort();
                         failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
                         return;
