@@ -22,7 +22,7 @@ mod targets;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,13 +58,22 @@ unsafe impl GlobalAlloc for Capped {
     }
 }
 
+/// The input being run, and a file descriptor to dump it to if the allocator must abort.
+static CURRENT: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+static DUMP_FD: AtomicI32 = AtomicI32::new(-1);
+
 fn check_size(n: usize) {
     if n > ALLOC_LIMIT {
         let msg = format!(
-            "over-allocation: {n} bytes in one allocation (the input is the current one)\n"
+            "over-allocation: {n} bytes in one allocation; the input is in target/fuzz-failures/over-allocation.bin\n"
         );
-        // SAFETY: writing a buffer we own to stderr; no allocation on this path after it.
+        // SAFETY: writing buffers we own to open descriptors; nothing else is touched.
         unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+        let fd = DUMP_FD.load(Ordering::SeqCst);
+        if let (true, Ok(input)) = (fd >= 0, CURRENT.try_lock()) {
+            // SAFETY: as above.
+            unsafe { libc::write(fd, input.as_ptr().cast(), input.len()) };
+        }
         std::process::abort();
     }
 }
@@ -234,6 +243,11 @@ fn mutated_images_fail_cleanly() {
     let failures: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let unconverged = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(secs);
+    {
+        use std::os::unix::io::IntoRawFd;
+        let f = std::fs::File::create(failure_dir().join("over-allocation.bin")).unwrap();
+        DUMP_FD.store(f.into_raw_fd(), Ordering::SeqCst);
+    }
     let worker = {
         let (current, execs, failures, unconverged) = (
             current.clone(),
@@ -248,9 +262,8 @@ fn mutated_images_fail_cleanly() {
                 let (name, base) = rng.pick(&seeds).clone();
                 let input = mutate(&base, &mut rng);
                 *current.lock().unwrap() = (i, Instant::now(), input.clone());
-                // On disk too: an over-allocation aborts the process before anything can be said.
-                std::fs::write(failure_dir().join(format!("current-{seed:x}.bin")), &input)
-                    .unwrap();
+                // For the allocator, which aborts the process on an over-allocation.
+                CURRENT.lock().unwrap().clone_from(&input);
                 match std::panic::catch_unwind(|| all_targets(&input)) {
                     Ok(out) => {
                         if out.corruptions_after_repair.is_some_and(|c| c > 0) {
@@ -298,7 +311,7 @@ fn mutated_images_fail_cleanly() {
         }
     }
     worker.join().unwrap();
-    let _ = std::fs::remove_file(failure_dir().join(format!("current-{seed:x}.bin")));
+    let _ = std::fs::remove_file(failure_dir().join("over-allocation.bin"));
     let n = execs.load(Ordering::Relaxed);
     eprintln!(
         "{n} inputs in {secs} s ({} per second) from {} seeds; {} repairs left corruptions for a second pass",
