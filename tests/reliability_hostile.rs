@@ -474,7 +474,11 @@ fn permission_denied_is_reported_and_changes_nothing() {
     for f in ["A.qcow2", "B.qcow2", "C.qcow2", "pristine.raw"] {
         std::fs::set_permissions(s.path(f), std::fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let bin = env!("CARGO_BIN_EXE_cowimg");
+    // A copy nobody can run wherever the checkout lies (its directories may be private).
+    std::fs::copy(env!("CARGO_BIN_EXE_cowimg"), s.path("cowimg-bin")).unwrap();
+    std::fs::set_permissions(s.path("cowimg-bin"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin_path = s.path("cowimg-bin");
+    let bin = bin_path.to_str().unwrap();
     let as_nobody = |args: &[&str]| {
         let mut a = vec!["--reuid=65534", "--regid=65534", "--clear-groups", bin];
         a.extend_from_slice(args);
