@@ -1,7 +1,8 @@
 //! Randomized differential testing against qemu-img. A seeded generator makes a random chain
-//! (depth 1 to 8; qcow2 v2/v3 with cluster sizes from 512 B to 2 MiB, extended L2, zstd, QED,
-//! raw at the bottom; sizes that differ between layers; random writes, zero writes, discards
-//! and compressed writes through qemu-io), then:
+//! (depth 1 to 8; qcow2 v2/v3 with cluster sizes from 512 B to 2 MiB, extended L2, zstd,
+//! refcount widths 1 and 64, lazy refcounts, QED, raw at the bottom; sizes that differ between
+//! layers; random writes, zero writes, discards and compressed writes through qemu-io; internal
+//! snapshots taken between writes; lazy-refcount images left dirty by a killed qemu-io), then:
 //!
 //! * `check`, `map` and `info` (plain and `--backing-chain`) of the top must agree with
 //!   qemu-img's (exit status; `map` output byte for byte; every key of qemu-img's JSON with
@@ -50,6 +51,9 @@ const KINDS: &[(&str, &str, u64)] = &[
     ("qcow2", "extended_l2=on,cluster_size=32k", 32768),
     ("qcow2", "compression_type=zstd,cluster_size=16k", 16384),
     ("qcow2", "compat=0.10,cluster_size=8k", 8192),
+    ("qcow2", "refcount_bits=1,cluster_size=4096", 4096),
+    ("qcow2", "refcount_bits=64", 65536),
+    ("qcow2", "lazy_refcounts=on", 65536),
     ("qed", "", 65536),
     ("qed", "cluster_size=4096,table_size=2", 4096),
 ];
@@ -90,7 +94,11 @@ fn gen_chain(rng: &mut Rng) -> Vec<Layer> {
                 0..=4 => io.push(format!("write -q -P {pat} {off} {len}")),
                 5 | 6 if fmt != "raw" => io.push(format!("write -q -z {off} {len}")),
                 7 if fmt == "qcow2" || fmt == "raw" => io.push(format!("discard -q {off} {len}")),
-                8 | 9 if fmt == "qcow2" && !io.iter().any(|c: &String| c.contains(" -c ")) => {
+                8 | 9
+                    if fmt == "qcow2"
+                        && !opts.contains("refcount_bits=1,")
+                        && !io.iter().any(|c: &String| c.contains(" -c ")) =>
+                {
                     // Compressed: whole clusters from a cluster boundary.
                     let clusters = size / cluster;
                     if clusters > 0 {
@@ -105,6 +113,23 @@ fn gen_chain(rng: &mut Rng) -> Vec<Layer> {
                 }
                 _ => io.push(format!("write -q -P {pat} {off} {len}")),
             }
+        }
+        // An internal snapshot taken between the writes (later writes then copy shared
+        // clusters), and for lazy refcounts, a qemu-io killed after its writes: the image is
+        // left dirty, with refcounts behind.
+        if fmt == "qcow2"
+            && !opts.contains("refcount_bits=1,")
+            && !io.is_empty()
+            && rng.chance(1, 4)
+        {
+            let at = rng.range(0, io.len() as u64) as usize;
+            io.insert(
+                at.max(io.iter().take_while(|c| c.contains(" -c ")).count()),
+                "#snapshot".into(),
+            );
+        }
+        if opts.contains("lazy_refcounts") && !io.is_empty() && rng.chance(1, 2) {
+            io.push("#crash".into());
         }
         layers.push(Layer {
             name: format!("L{i}.{}", ext(fmt)),
@@ -130,14 +155,31 @@ fn build(s: &Scratch, layers: &[Layer]) {
         args.extend([l.name.clone(), l.size.to_string()]);
         let refs: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
         s.qemu_img(&refs);
-        if !l.io.is_empty() {
+        for (k, group) in l.io.split(|c| c == "#snapshot").enumerate() {
+            if k > 0 {
+                s.qemu_img(&["snapshot", "-c", &format!("snap{k}"), &l.name]);
+            }
+            let crash = group.last().is_some_and(|c| c == "#crash");
+            let cmds: Vec<&String> = group.iter().filter(|c| *c != "#crash").collect();
+            if cmds.is_empty() {
+                continue;
+            }
             let mut a = vec!["-f".to_string(), l.fmt.into()];
-            for c in &l.io {
+            for c in cmds {
                 a.extend(["-c".into(), c.clone()]);
+            }
+            if crash {
+                a.extend(["-c".into(), "sigraise 9".into()]);
             }
             a.push(l.name.clone());
             let refs: Vec<&str> = a.iter().map(|a| a.as_str()).collect();
-            s.qemu("qemu-io", &refs);
+            if crash {
+                // Killed on purpose: the image keeps its dirty bit.
+                let r = s.run("qemu-io", &refs);
+                assert!(r.status != 0, "qemu-io {refs:?} was to be killed");
+            } else {
+                s.qemu("qemu-io", &refs);
+            }
         }
     }
 }
@@ -319,6 +361,8 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
         rng.below(10)
     };
     // (cowimg args, qemu-img args, images whose data must read as before with its raw copy).
+    // The image cowimg writes, when it is not the one whose data is checked first.
+    let mut written: Option<String> = None;
     let mut checks: Vec<(String, String)> = vec![(top.name.clone(), "pristine.raw".into())];
     let (mine, theirs): (Vec<String>, Vec<String>) = match op {
         1 if d >= 3 => {
@@ -346,6 +390,7 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
             let m = &layers[k];
             s.qemu_img(&["convert", "-O", "raw", &m.name, "mid.raw"]);
             checks.push((m.name.clone(), "mid.raw".into()));
+            written = Some(m.name.clone());
             (
                 vec!["stream".into(), m.name.clone()],
                 vec!["rebase".into(), "-b".into(), "".into(), m.name.clone()],
@@ -501,10 +546,11 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
             bad.push(format!("copy-on-read: nothing was copied into {result}"));
         }
     }
-    let c = s.run("qemu-img", &["check", &result]);
+    let written = written.unwrap_or(result.clone());
+    let c = s.run("qemu-img", &["check", &written]);
     if c.status != 0 && c.status != 63 {
         bad.push(format!(
-            "after {mine:?}: qemu-img check {result}: {}{}",
+            "after {mine:?}: qemu-img check {written}: {}{}",
             c.stdout, c.stderr
         ));
     }
@@ -527,6 +573,9 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
         let _ = writeln!(desc, "  (qemu-img failed: {})", qr.stderr.trim());
     }
     read_only_agree(&s, &result, &mut bad);
+    if written != result {
+        read_only_agree(&s, &written, &mut bad);
+    }
     // compare: the result against the old guest data (identical) and against the unrelated
     // image (qemu-img compare's status and message).
     for other in ["pristine.raw", u.name.as_str()] {
