@@ -420,7 +420,14 @@ impl Qcow2 {
             write_all(&*self.storage, &m.header.encode_fixed(), 0, "the header")?;
             sync(&*self.storage)?;
         }
-        m.alloc = Some(Allocator::load(&*self.storage, &m.header, m.file_len)?);
+        let alloc = Allocator::load(&*self.storage, &m.header, m.file_len)?;
+        // Map the metadata before anything is written: a damaged image whose structures
+        // overlap must not be written through them (qemu's overlap checks).
+        let (_, snapshot_table_len) =
+            super::snapshot::read_snapshots(&*self.storage, m.header.snapshots_offset, m.header.nb_snapshots, m.file_len)?;
+        m.metadata =
+            Some(super::overlap::MetadataMap::build(&m.header, &m.l1, &alloc.table, &self.snapshots, snapshot_table_len)?);
+        m.alloc = Some(alloc);
         Ok(())
     }
 

@@ -67,11 +67,13 @@ pub struct Meta {
     pub file_len: u64,
     /// Allocation and refcount state; created by the first write.
     pub alloc: Option<Allocator>,
+    /// Where the image's metadata lies; mapped by the first write.
+    pub metadata: Option<super::overlap::MetadataMap>,
 }
 
 impl Meta {
     pub fn new(header: Header, l1: Vec<u64>, file_len: u64) -> Meta {
-        Meta { header, l1, l1_dirty: BTreeSet::new(), l2: HashMap::new(), tick: 0, file_len, alloc: None }
+        Meta { header, l1, l1_dirty: BTreeSet::new(), l2: HashMap::new(), tick: 0, file_len, alloc: None, metadata: None }
     }
 
     /// Whether anything is staged that a commit must write: allocations, refcount changes,

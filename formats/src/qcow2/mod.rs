@@ -7,6 +7,7 @@
 
 mod alloc;
 mod cache;
+mod overlap;
 pub mod check;
 pub mod compress;
 pub mod create;

@@ -145,6 +145,13 @@ impl Qcow2 {
                 new_entry: None,
                 free: None,
             };
+            if ours {
+                // Writing in place: the cluster must be data, not metadata a damaged L2 entry
+                // points at.
+                if let Some(mm) = &m.metadata {
+                    mm.check_data(host_old, cs)?;
+                }
+            }
             if !geo.extended_l2 {
                 let in_place = ours && entry & OFLAG_ZERO == 0;
                 if !in_place {

@@ -83,9 +83,27 @@ impl Qed {
         let corrupt = |what: &str, off: u64| {
             Error::Corrupt(format!("{what} offset {off:#x} is invalid; repair the image with `cowimg check -r all`"))
         };
-        let mut buf = vec![0u8; h.table_bytes().min(1 << 20) as usize];
+        // The metadata must not overlap itself, nor any data cluster overlap it: writes through
+        // a damaged table would change guest data or other tables (qemu's overlap checks).
+        let mut tables = vec![(0, h.header_bytes()), (h.l1_table_offset, h.l1_table_offset + h.table_bytes())];
         for &table in m.l1.iter().filter(|&&t| t != 0) {
             Self::check_table_offset(h, table, m.file_len).map_err(|_| corrupt("L2 table", table))?;
+            tables.push((table, table + h.table_bytes()));
+        }
+        tables.sort_unstable();
+        if let Some(w) = tables.windows(2).find(|w| w[0].1 > w[1].0) {
+            return Err(Error::Corrupt(format!(
+                "the table at {:#x} overlaps the header or another table at {:#x}; refusing to write \
+                 (repair the image with `cowimg check -r all`)",
+                w[1].0, w[0].0
+            )));
+        }
+        let is_table = |c: u64| {
+            let i = tables.partition_point(|&(_, e)| e <= c);
+            tables.get(i).is_some_and(|&(s, _)| s <= c)
+        };
+        let mut buf = vec![0u8; h.table_bytes().min(1 << 20) as usize];
+        for &table in m.l1.iter().filter(|&&t| t != 0) {
             end = end.max(table + h.table_bytes());
             let mut pos = 0;
             while pos < h.table_bytes() {
@@ -93,7 +111,7 @@ impl Qed {
                 crate::io::read_exact(&*self.storage, &mut buf[..n], table + pos, "an L2 table")?;
                 for e in buf[..n].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))) {
                     if e > 1 {
-                        if e % cs != 0 || e >= m.file_len {
+                        if e % cs != 0 || e >= m.file_len || is_table(e) {
                             return Err(corrupt("data cluster", e));
                         }
                         end = end.max(e + cs);
