@@ -59,7 +59,11 @@ impl OpenOptions {
     pub fn read(format: Option<Format>, force_share: bool) -> Self {
         OpenOptions {
             format,
-            access: if force_share { Access::ReadShared } else { Access::Read },
+            access: if force_share {
+                Access::ReadShared
+            } else {
+                Access::Read
+            },
             backing: true,
             force_share,
             copy_on_read: false,
@@ -67,7 +71,13 @@ impl OpenOptions {
     }
 
     pub fn write(format: Option<Format>) -> Self {
-        OpenOptions { format, access: Access::Write, backing: true, force_share: false, copy_on_read: false }
+        OpenOptions {
+            format,
+            access: Access::Write,
+            backing: true,
+            force_share: false,
+            copy_on_read: false,
+        }
     }
 }
 
@@ -89,7 +99,8 @@ const COR_COMMIT_BYTES: u64 = 256 << 20;
 
 /// qemu's `path_has_protocol`: a colon before any slash ("nbd:", "http://", "json:").
 fn has_protocol(name: &str) -> bool {
-    name.find([':', '/']).is_some_and(|i| name.as_bytes()[i] == b':')
+    name.find([':', '/'])
+        .is_some_and(|i| name.as_bytes()[i] == b':')
 }
 
 /// qemu's backing name resolution: relative to the directory of the image naming it.
@@ -112,20 +123,31 @@ pub fn open_image(filename: &str, format: Option<Format>, access: Access) -> Res
 
 /// As [`open_image`]; with `repair`, the image is opened to be checked and repaired, which a
 /// qcow2 image with the corrupt bit allows (as qemu-img check -r does).
-pub fn open_image_for(filename: &str, format: Option<Format>, access: Access, repair: bool) -> Result<Layer> {
+pub fn open_image_for(
+    filename: &str,
+    format: Option<Format>,
+    access: Access,
+    repair: bool,
+) -> Result<Layer> {
     if has_protocol(filename) {
         return Err(Error::open(
             filename,
-            Error::Msg("protocols (nbd:, http:, json:...) are not supported; name a local file".into()),
+            Error::Msg(
+                "protocols (nbd:, http:, json:...) are not supported; name a local file".into(),
+            ),
         ));
     }
-    let meta = fs::metadata(filename).map_err(|e| Error::open(filename, Error::Msg(os_text(&e))))?;
+    let meta =
+        fs::metadata(filename).map_err(|e| Error::open(filename, Error::Msg(os_text(&e))))?;
     let ft = meta.file_type();
     if ft.is_dir() {
         return Err(Error::open(filename, Error::Msg("Is a directory".into())));
     }
     if !ft.is_file() && !ft.is_block_device() {
-        return Err(Error::open(filename, Error::Msg("not a regular file or block device".into())));
+        return Err(Error::open(
+            filename,
+            Error::Msg("not a regular file or block device".into()),
+        ));
     }
     let file = fs::OpenOptions::new()
         .read(true)
@@ -139,19 +161,26 @@ pub fn open_image_for(filename: &str, format: Option<Format>, access: Access, re
 
 /// Opens an image held by any [`Storage`] (tests put recording or failing storage under the
 /// formats this way); the format is probed when not given.
-pub fn open_layer(storage: Arc<dyn Storage>, filename: &str, format: Option<Format>, writable: bool, repair: bool) -> Result<Layer> {
-    let (format, probed) = match format {
-        Some(f) => (f, false),
-        None => match probe(&*storage).map_err(|e| Error::open(filename, e.into()))? {
-            Probed::Known(f) => (f, true),
-            Probed::Other(name) => {
-                return Err(Error::open(
+pub fn open_layer(
+    storage: Arc<dyn Storage>,
+    filename: &str,
+    format: Option<Format>,
+    writable: bool,
+    repair: bool,
+) -> Result<Layer> {
+    let (format, probed) =
+        match format {
+            Some(f) => (f, false),
+            None => match probe(&*storage).map_err(|e| Error::open(filename, e.into()))? {
+                Probed::Known(f) => (f, true),
+                Probed::Other(name) => return Err(Error::open(
                     filename,
-                    Error::Msg(format!("image format '{name}' is not supported by cowimg (qcow2, qed and raw are)")),
-                ))
-            }
-        },
-    };
+                    Error::Msg(format!(
+                        "image format '{name}' is not supported by cowimg (qcow2, qed and raw are)"
+                    )),
+                )),
+            },
+        };
     let image: Arc<dyn Image> = match format {
         Format::Qcow2 => {
             // qemu opens the data file by the name as recorded: a relative name is relative
@@ -160,7 +189,10 @@ pub fn open_layer(storage: Arc<dyn Storage>, filename: &str, format: Option<Form
             let opener = |name: &str| -> cowimg_formats::Result<Arc<dyn Storage>> {
                 let path = name.to_string();
                 let io = |e: std::io::Error| {
-                    cowimg_formats::Error::Invalid(format!("Could not open data file '{path}': {}", os_text(&e)))
+                    cowimg_formats::Error::Invalid(format!(
+                        "Could not open data file '{path}': {}",
+                        os_text(&e)
+                    ))
                 };
                 let file = fs::OpenOptions::new().read(true).open(&path).map_err(io)?;
                 let kind = file.metadata().map_err(io)?.file_type();
@@ -171,13 +203,26 @@ pub fn open_layer(storage: Arc<dyn Storage>, filename: &str, format: Option<Form
                 }
                 Ok(Arc::new(FileStorage::new(file, path)))
             };
-            let opts = qcow2::OpenOptions { writable, data_file: Some(&opener), repair };
+            let opts = qcow2::OpenOptions {
+                writable,
+                data_file: Some(&opener),
+                repair,
+            };
             Arc::new(Qcow2::open(storage, opts).map_err(|e| Error::open(filename, e.into()))?)
         }
-        Format::Qed => Arc::new(Qed::open(storage, writable).map_err(|e| Error::open(filename, e.into()))?),
-        Format::Raw => Arc::new(Raw::open(storage, writable).map_err(|e| Error::open(filename, e.into()))?),
+        Format::Qed => {
+            Arc::new(Qed::open(storage, writable).map_err(|e| Error::open(filename, e.into()))?)
+        }
+        Format::Raw => {
+            Arc::new(Raw::open(storage, writable).map_err(|e| Error::open(filename, e.into()))?)
+        }
     };
-    Ok(Layer { image, filename: filename.to_string(), format, probed })
+    Ok(Layer {
+        image,
+        filename: filename.to_string(),
+        format,
+        probed,
+    })
 }
 
 /// The text of an OS error without Rust's "(os error N)" suffix, as qemu words it.
@@ -198,7 +243,9 @@ pub fn is_protocol_format(name: &str) -> bool {
 /// Parses a format name given on the command line or recorded in an image.
 pub fn parse_format(name: &str) -> Result<Format> {
     Format::from_name(name).ok_or_else(|| {
-        Error::Usage(format!("Unknown file format '{name}' (cowimg handles qcow2, qed and raw)"))
+        Error::Usage(format!(
+            "Unknown file format '{name}' (cowimg handles qcow2, qed and raw)"
+        ))
     })
 }
 
@@ -211,13 +258,22 @@ impl Chain {
     /// As [`Chain::from_layers`], with reads copying what the backing chain provides into the
     /// top, as its copy-on-read flag asks (tests run copy-on-read over recording storage so).
     pub fn from_layers_copy_on_read(layers: Vec<Layer>) -> Chain {
-        Chain { layers, cor: Some(CopyOnRead { lock: Mutex::new(0) }) }
+        Chain {
+            layers,
+            cor: Some(CopyOnRead {
+                lock: Mutex::new(0),
+            }),
+        }
     }
 
     pub fn open(filename: &str, opts: OpenOptions) -> Result<Chain> {
         let mut top = open_image(filename, opts.format, opts.access)?;
         let mut cor = None;
-        if opts.copy_on_read && opts.access != Access::ReadShared && top.image.copy_on_read() && top.image.backing().is_some() {
+        if opts.copy_on_read
+            && opts.access != Access::ReadShared
+            && top.image.copy_on_read()
+            && top.image.backing().is_some()
+        {
             if opts.access != Access::Write {
                 // Reopen for writing; the read-only descriptor goes first, or its own locks
                 // would look like another process's.
@@ -225,25 +281,47 @@ impl Chain {
                 drop(top);
                 top = open_image(filename, format, Access::Write)?;
             }
-            cor = Some(CopyOnRead { lock: Mutex::new(0) });
+            cor = Some(CopyOnRead {
+                lock: Mutex::new(0),
+            });
         }
-        let mut chain = Chain { layers: vec![top], cor };
+        let mut chain = Chain {
+            layers: vec![top],
+            cor,
+        };
         if opts.backing {
-            chain.open_backing(if opts.force_share { Access::ReadShared } else { Access::Read })?;
+            chain.open_backing(if opts.force_share {
+                Access::ReadShared
+            } else {
+                Access::Read
+            })?;
         }
         Ok(chain)
     }
 
     /// Opens the backing files below the current bottom layer.
     fn open_backing(&mut self, access: Access) -> Result<()> {
-        let mut seen: HashSet<PathBuf> = self.layers.iter().filter_map(|l| canonical(&l.filename)).collect();
+        let mut seen: HashSet<PathBuf> = self
+            .layers
+            .iter()
+            .filter_map(|l| canonical(&l.filename))
+            .collect();
         loop {
             let cur = self.layers.last().expect("a chain has a top");
-            let Some(backing) = cur.image.backing() else { return Ok(()) };
+            let Some(backing) = cur.image.backing() else {
+                return Ok(());
+            };
             let full = combine(&cur.filename, &backing.name);
-            let wrap = |e: Error| Error::open(&cur.filename, Error::Msg(format!("Could not open backing file: {e}")));
+            let wrap = |e: Error| {
+                Error::open(
+                    &cur.filename,
+                    Error::Msg(format!("Could not open backing file: {e}")),
+                )
+            };
             if self.layers.len() > MAX_DEPTH {
-                return Err(wrap(Error::Msg(format!("the backing chain is deeper than {MAX_DEPTH} images"))));
+                return Err(wrap(Error::Msg(format!(
+                    "the backing chain is deeper than {MAX_DEPTH} images"
+                ))));
             }
             if let Some(c) = canonical(&full) {
                 if !seen.insert(c) {
@@ -255,7 +333,9 @@ impl Chain {
             let format = match backing.format.as_deref() {
                 Some(f) if is_protocol_format(f) => Some(Format::Raw),
                 Some(f) => Some(Format::from_name(f).ok_or_else(|| {
-                    wrap(Error::Msg(format!("the recorded backing format '{f}' is not supported by cowimg")))
+                    wrap(Error::Msg(format!(
+                        "the recorded backing format '{f}' is not supported by cowimg"
+                    )))
                 })?),
                 None => None,
             };
@@ -291,7 +371,10 @@ impl Chain {
         let top = self.top();
         let unit = top.image.allocation_unit().max(512);
         let size = top.size();
-        let (a, b) = (start / unit * unit, end.div_ceil(unit).saturating_mul(unit).min(size));
+        let (a, b) = (
+            start / unit * unit,
+            end.div_ceil(unit).saturating_mul(unit).min(size),
+        );
         if a >= b {
             return Ok(());
         }
@@ -304,11 +387,29 @@ impl Chain {
             // Only what the backing chain provides; ranges nothing below holds read zeros
             // either way and are not worth metadata.
             let mut from_below = Vec::new();
-            crate::commands::map::status(self, 1, r.start, r.end().min(self.layers[1].size()).max(r.start), &mut from_below)?;
+            crate::commands::map::status(
+                self,
+                1,
+                r.start,
+                r.end().min(self.layers[1].size()).max(r.start),
+                &mut from_below,
+            )?;
             for e in from_below.iter().filter(|e| e.present) {
                 // Entries follow the backing layer's clusters: widen to the top's units.
-                let (s0, e0) = (e.start / unit * unit, (e.start + e.length).div_ceil(unit).saturating_mul(unit).min(r.end()));
-                if top.image.map(s0, e0 - s0).map_err(err)?.iter().all(|x| x.alloc != Alloc::Unallocated) {
+                let (s0, e0) = (
+                    e.start / unit * unit,
+                    (e.start + e.length)
+                        .div_ceil(unit)
+                        .saturating_mul(unit)
+                        .min(r.end()),
+                );
+                if top
+                    .image
+                    .map(s0, e0 - s0)
+                    .map_err(err)?
+                    .iter()
+                    .all(|x| x.alloc != Alloc::Unallocated)
+                {
                     continue;
                 }
                 let mut data = vec![0u8; (e0 - s0) as usize];
@@ -332,7 +433,9 @@ impl Chain {
     pub fn finish(&self) -> Result<()> {
         if self.cor.is_some() {
             let top = self.top();
-            top.image.commit().map_err(|e| Error::image(&top.filename, e))?;
+            top.image
+                .commit()
+                .map_err(|e| Error::image(&top.filename, e))?;
         }
         Ok(())
     }
@@ -372,13 +475,18 @@ impl Chain {
 
     /// A reader of what lies below layer `i`.
     pub fn below(&self, i: usize) -> Below<'_> {
-        Below { chain: self, from: i + 1 }
+        Below {
+            chain: self,
+            from: i + 1,
+        }
     }
 
     /// The layer whose image file is `path` (compared by resolved path).
     pub fn find(&self, path: &str) -> Option<usize> {
         let want = canonical(path)?;
-        self.layers.iter().position(|l| canonical(&l.filename).as_ref() == Some(&want))
+        self.layers
+            .iter()
+            .position(|l| canonical(&l.filename).as_ref() == Some(&want))
     }
 }
 
@@ -390,10 +498,12 @@ pub struct Below<'a> {
 
 impl ReadBelow for Below<'_> {
     fn read_below(&self, offset: u64, buf: &mut [u8]) -> cowimg_formats::Result<()> {
-        self.chain.read_from(self.from, offset, buf).map_err(|e| match e {
-            Error::Image { source, .. } => source,
-            other => cowimg_formats::Error::Invalid(other.to_string()),
-        })
+        self.chain
+            .read_from(self.from, offset, buf)
+            .map_err(|e| match e {
+                Error::Image { source, .. } => source,
+                other => cowimg_formats::Error::Invalid(other.to_string()),
+            })
     }
 }
 

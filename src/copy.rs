@@ -28,14 +28,22 @@ const BATCH_TIME: Duration = Duration::from_secs(2);
 /// kill would) once N chunks have been written, whether or not their batch was committed.
 fn fault_hook() -> Option<u64> {
     static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
-    *LIMIT.get_or_init(|| std::env::var("COWIMG_TEST_ABORT_AFTER_CHUNKS").ok().and_then(|v| v.parse().ok()))
+    *LIMIT.get_or_init(|| {
+        std::env::var("COWIMG_TEST_ABORT_AFTER_CHUNKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
 }
 
 /// Test hook: `COWIMG_TEST_BATCH_BYTES` sets the data per commit, so that crash tests see
 /// several commits in a small image.
 fn test_batch_bytes() -> Option<u64> {
     static BYTES: OnceLock<Option<u64>> = OnceLock::new();
-    *BYTES.get_or_init(|| std::env::var("COWIMG_TEST_BATCH_BYTES").ok().and_then(|v| v.parse().ok()))
+    *BYTES.get_or_init(|| {
+        std::env::var("COWIMG_TEST_BATCH_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
 }
 
 static CHUNKS_DONE: AtomicU64 = AtomicU64::new(0);
@@ -105,7 +113,11 @@ fn windows(extents: &[Extent], window: u64) -> Vec<Vec<Extent>> {
         while start < end {
             let w = start / window;
             let piece_end = end.min((w + 1) * window);
-            let piece = Extent { start, len: piece_end - start, action: e.action };
+            let piece = Extent {
+                start,
+                len: piece_end - start,
+                action: e.action,
+            };
             if current == Some(w) {
                 if let Some(last) = out.last_mut() {
                     last.push(piece);
@@ -179,7 +191,12 @@ mod tests {
     fn windows_never_share_a_window() {
         let e = |start, len, action| Extent { start, len, action };
         let w = windows(
-            &[e(0, 10, Action::Copy), e(20, 100, Action::Zero), e(130, 5, Action::Copy), e(300, 1, Action::Copy)],
+            &[
+                e(0, 10, Action::Copy),
+                e(20, 100, Action::Zero),
+                e(130, 5, Action::Copy),
+                e(300, 1, Action::Copy),
+            ],
             64,
         );
         assert_eq!(
@@ -235,12 +252,19 @@ impl Copier<'_> {
             let mut j = i;
             let mut bytes = 0;
             while j < chunks.len() && (bytes < batch_bytes || j == i) {
-                bytes += chunks[j].iter().filter(|e| e.action == Action::Copy).map(|e| e.len).sum::<u64>();
+                bytes += chunks[j]
+                    .iter()
+                    .filter(|e| e.action == Action::Copy)
+                    .map(|e| e.len)
+                    .sum::<u64>();
                 j += 1;
             }
             let result = self.run_batch(&pool, &chunks[i..j], unit);
             let pause = std::time::Instant::now();
-            let committed = self.target.commit().map_err(|e| Error::image(self.target_name, e));
+            let committed = self
+                .target
+                .commit()
+                .map_err(|e| Error::image(self.target_name, e));
             self.limiter.credit(pause.elapsed());
             result?;
             committed?;
@@ -266,11 +290,19 @@ impl Copier<'_> {
                     if i >= chunks.len() || turn.aborted() {
                         return;
                     }
-                    let ticket = self.compress.then(|| Ticket { turn: &turn, index: i });
-                    let r = chunks[i].iter().try_for_each(|piece| self.copy_chunk(piece, unit, ticket.as_ref()));
+                    let ticket = self.compress.then(|| Ticket {
+                        turn: &turn,
+                        index: i,
+                    });
+                    let r = chunks[i]
+                        .iter()
+                        .try_for_each(|piece| self.copy_chunk(piece, unit, ticket.as_ref()));
                     if let Err(e) = r {
                         turn.abort();
-                        failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                        failure
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
                         return;
                     }
                 });
@@ -289,7 +321,9 @@ impl Copier<'_> {
         let below = self.below;
         let err = |e| Error::image(self.target_name, e);
         if c.action == Action::Zero {
-            self.target.write_zeroes(c.start, c.len, below).map_err(err)?;
+            self.target
+                .write_zeroes(c.start, c.len, below)
+                .map_err(err)?;
             self.counters.done.fetch_add(c.len, Ordering::Relaxed);
             return Ok(());
         }
@@ -298,7 +332,8 @@ impl Copier<'_> {
             // Reading the named image: its copy-on-read flag applies.
             self.source.read(c.start, &mut buf)?;
         } else {
-            self.source.read_from(self.source_layer, c.start, &mut buf)?;
+            self.source
+                .read_from(self.source_layer, c.start, &mut buf)?;
         }
         let new = match self.compare {
             Some(other) => {
@@ -308,7 +343,9 @@ impl Copier<'_> {
             }
             None => None,
         };
-        let unit_end = |p: usize| (((c.start + p as u64) / unit + 1) * unit - c.start).min(buf.len() as u64) as usize;
+        let unit_end = |p: usize| {
+            (((c.start + p as u64) / unit + 1) * unit - c.start).min(buf.len() as u64) as usize
+        };
         let kind = |p: usize| {
             let r = p..unit_end(p);
             if new.as_ref().is_some_and(|n| n[r.clone()] == buf[r.clone()]) {
@@ -339,7 +376,11 @@ impl Copier<'_> {
                         let mut p = pos;
                         while p < end {
                             let q = unit_end(p).min(end);
-                            compressed.push((p, q, self.target.compress_cluster(&buf[p..q]).map_err(err)?));
+                            compressed.push((
+                                p,
+                                q,
+                                self.target.compress_cluster(&buf[p..q]).map_err(err)?,
+                            ));
                             p = q;
                         }
                         ticket.wait()?;
@@ -356,10 +397,14 @@ impl Copier<'_> {
                     } else {
                         self.target.write(at, &buf[pos..end], below).map_err(err)?;
                     }
-                    self.counters.copied.fetch_add((end - pos) as u64, Ordering::Relaxed);
+                    self.counters
+                        .copied
+                        .fetch_add((end - pos) as u64, Ordering::Relaxed);
                 }
                 Unit::Zero if self.zero_data == ZeroData::Mark => {
-                    self.target.write_zeroes(at, (end - pos) as u64, below).map_err(err)?;
+                    self.target
+                        .write_zeroes(at, (end - pos) as u64, below)
+                        .map_err(err)?;
                 }
                 _ => {}
             }

@@ -25,7 +25,11 @@ pub enum Error {
     Format(#[from] cowimg_formats::Error),
     /// Another process holds the image (qemu's wording and hint).
     #[error("Failed to get {} lock\nIs another process using the image [{path}]?", if *.shared { format!("shared \"{}\"", .perm) } else { format!("\"{}\"", .perm) })]
-    Locked { path: String, perm: &'static str, shared: bool },
+    Locked {
+        path: String,
+        perm: &'static str,
+        shared: bool,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -42,17 +46,26 @@ pub enum Error {
 
 impl Error {
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     pub fn image(path: &str, source: cowimg_formats::Error) -> Self {
         match source {
             cowimg_formats::Error::Interrupted => Error::Interrupted(0),
-            source => Error::Image { path: path.to_string(), source },
+            source => Error::Image {
+                path: path.to_string(),
+                source,
+            },
         }
     }
 
     pub fn open(path: &str, reason: Error) -> Self {
-        Error::Open { path: path.to_string(), reason: Box::new(reason) }
+        Error::Open {
+            path: path.to_string(),
+            reason: Box::new(reason),
+        }
     }
 }

@@ -93,11 +93,19 @@ pub fn lock(file: &File, path: &str, access: Access) -> Result<()> {
         .held()
         .iter()
         .map(|&i| PERM_BASE + i64::from(i))
-        .chain(access.unshared().iter().map(|&i| SHARED_BASE + i64::from(i)))
+        .chain(
+            access
+                .unshared()
+                .iter()
+                .map(|&i| SHARED_BASE + i64::from(i)),
+        )
         .collect();
     for &b in &bytes {
         if let Err(e) = set(file, libc::F_RDLCK as libc::c_short, b) {
-            if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOTSUP) | Some(libc::ENOLCK)) {
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL) | Some(libc::ENOTSUP) | Some(libc::ENOLCK)
+            ) {
                 // No OFD locks here (some network file systems): qemu's default then runs
                 // without locking, and so does cowimg, saying so once.
                 static WARN: Once = Once::new();
@@ -109,7 +117,9 @@ pub fn lock(file: &File, path: &str, access: Access) -> Result<()> {
     }
     let conflict = |base: i64, perms: &[u32]| -> Result<Option<u32>> {
         for &i in perms {
-            if taken(file, base + i64::from(i)).map_err(|e| Error::io(format!("testing the locks of '{path}'"), e))? {
+            if taken(file, base + i64::from(i))
+                .map_err(|e| Error::io(format!("testing the locks of '{path}'"), e))?
+            {
                 return Ok(Some(i));
             }
         }
@@ -124,7 +134,11 @@ pub fn lock(file: &File, path: &str, access: Access) -> Result<()> {
         for &b in &bytes {
             let _ = set(file, libc::F_UNLCK as libc::c_short, b);
         }
-        return Err(Error::Locked { path: path.to_string(), perm: PERM_NAMES[i as usize], shared });
+        return Err(Error::Locked {
+            path: path.to_string(),
+            perm: PERM_NAMES[i as usize],
+            shared,
+        });
     }
     Ok(())
 }

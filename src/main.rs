@@ -13,7 +13,11 @@ use cowimg::size::parse_size;
 use cowimg_formats::{CheckMode, Format};
 
 #[derive(Parser)]
-#[command(name = "cowimg", version, about = "QEMU disk images (qcow2, QED, raw): create, inspect, check, rebase and stream backing chains")]
+#[command(
+    name = "cowimg",
+    version,
+    about = "QEMU disk images (qcow2, QED, raw): create, inspect, check, rebase and stream backing chains"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -251,7 +255,9 @@ fn progress_json(v: Option<&str>) -> Result<bool> {
     match v {
         None => Ok(false),
         Some("json") => Ok(true),
-        Some(other) => Err(Error::Usage(format!("--progress expects 'json', not '{other}'"))),
+        Some(other) => Err(Error::Usage(format!(
+            "--progress expects 'json', not '{other}'"
+        ))),
     }
 }
 
@@ -292,13 +298,32 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             });
             (r, 1)
         }
-        Command::Info { format, backing_chain, output, force_share, file } => {
+        Command::Info {
+            format,
+            backing_chain,
+            output,
+            force_share,
+            file,
+        } => {
             let r = fmt_opt(&format).and_then(|format| {
-                info::run(&info::Args { file, format, backing_chain, json: matches!(output, Output::Json), force_share })
+                info::run(&info::Args {
+                    file,
+                    format,
+                    backing_chain,
+                    json: matches!(output, Output::Json),
+                    force_share,
+                })
             });
             (r, 1)
         }
-        Command::Check { format, repair, output, quiet, force_share, file } => {
+        Command::Check {
+            format,
+            repair,
+            output,
+            quiet,
+            force_share,
+            file,
+        } => {
             let r = (|| {
                 let repair = match repair.as_deref() {
                     None => CheckMode::ReadOnly,
@@ -321,7 +346,14 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             })();
             (r, 1)
         }
-        Command::Map { format, output, force_share, start_offset, max_length, file } => {
+        Command::Map {
+            format,
+            output,
+            force_share,
+            start_offset,
+            max_length,
+            file,
+        } => {
             let r = (|| {
                 map::run(&map::Args {
                     file,
@@ -334,7 +366,16 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             })();
             (r, 1)
         }
-        Command::Compare { format_a, format_b, strict, quiet, force_share, no_copy_on_read, a, b } => {
+        Command::Compare {
+            format_a,
+            format_b,
+            strict,
+            quiet,
+            force_share,
+            no_copy_on_read,
+            a,
+            b,
+        } => {
             let r = (|| {
                 compare::run(&compare::Args {
                     a,
@@ -349,7 +390,19 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             })();
             (r, 2)
         }
-        Command::Stream { format, base, speed, jobs: j, progress, progress_format, output, offset, length, compress, file } => {
+        Command::Stream {
+            format,
+            base,
+            speed,
+            jobs: j,
+            progress,
+            progress_format,
+            output,
+            offset,
+            length,
+            compress,
+            file,
+        } => {
             let r = (|| {
                 let json = progress_json(progress_format.as_deref())?;
                 let json_out = matches!(output, Output::Json);
@@ -407,7 +460,16 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             })();
             (r, 1)
         }
-        Command::Measure { format, out_format, options, size, compress, output, force_share, file } => {
+        Command::Measure {
+            format,
+            out_format,
+            options,
+            size,
+            compress,
+            output,
+            force_share,
+            file,
+        } => {
             let r = (|| {
                 measure::run(&measure::Args {
                     file,
@@ -482,7 +544,11 @@ fn main() -> ExitCode {
         Err(Error::Interrupted(_)) => {
             let sig = signal.load(Ordering::SeqCst);
             eprintln!("cowimg: interrupted; what was copied is kept: run the same command again to finish");
-            ExitCode::from(if sig == signal_hook::consts::SIGTERM { 143 } else { 130 })
+            ExitCode::from(if sig == signal_hook::consts::SIGTERM {
+                143
+            } else {
+                130
+            })
         }
         Err(e) => {
             eprintln!("cowimg: {e}");

@@ -61,9 +61,14 @@ impl Output {
             .ok_or_else(|| Error::Usage(format!("'{dst}' is not a file name")))?
             .to_string_lossy()
             .into_owned();
-        let dir = dst_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = dst_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if !dir.is_dir() {
-            return Err(Error::Msg(format!("Could not create '{dst}': No such file or directory")));
+            return Err(Error::Msg(format!(
+                "Could not create '{dst}': No such file or directory"
+            )));
         }
         let tmp = dir.join(format!(".{name}.cowimg-partial"));
         if let Ok(meta) = fs::symlink_metadata(&dst_path) {
@@ -73,23 +78,39 @@ impl Output {
                 )));
             }
             if meta.is_dir() {
-                return Err(Error::Msg(format!("Could not create '{dst}': Is a directory")));
+                return Err(Error::Msg(format!(
+                    "Could not create '{dst}': Is a directory"
+                )));
             }
             // Never replace an image that a running QEMU or another tool holds.
-            let f = fs::OpenOptions::new().read(true).write(true).open(&dst_path).map_err(|e| {
-                Error::Msg(format!("Could not create '{dst}': {}", os_text(&e)))
-            })?;
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&dst_path)
+                .map_err(|e| Error::Msg(format!("Could not create '{dst}': {}", os_text(&e))))?;
             lock::lock(&f, dst, Access::Write)?;
         }
         if tmp.exists() {
-            let f = fs::OpenOptions::new().read(true).write(true).open(&tmp).map_err(|e| Error::io(format!("opening '{}'", tmp.display()), e))?;
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&tmp)
+                .map_err(|e| Error::io(format!("opening '{}'", tmp.display()), e))?;
             lock::lock(&f, &tmp.to_string_lossy(), Access::Write).map_err(|_| {
-                Error::Msg(format!("another cowimg is writing '{dst}' (its temporary file '{}' is in use)", tmp.display()))
+                Error::Msg(format!(
+                    "another cowimg is writing '{dst}' (its temporary file '{}' is in use)",
+                    tmp.display()
+                ))
             })?;
             drop(f);
-            fs::remove_file(&tmp).map_err(|e| Error::io(format!("removing the leftover '{}'", tmp.display()), e))?;
+            fs::remove_file(&tmp)
+                .map_err(|e| Error::io(format!("removing the leftover '{}'", tmp.display()), e))?;
         }
-        Ok(Output { dst: dst_path, tmp, persisted: false })
+        Ok(Output {
+            dst: dst_path,
+            tmp,
+            persisted: false,
+        })
     }
 
     pub fn tmp_name(&self) -> String {
@@ -103,7 +124,13 @@ impl Output {
             .write(true)
             .create_new(true)
             .open(&self.tmp)
-            .map_err(|e| Error::Msg(format!("Could not create '{}': {}", self.dst.display(), os_text(&e))))?;
+            .map_err(|e| {
+                Error::Msg(format!(
+                    "Could not create '{}': {}",
+                    self.dst.display(),
+                    os_text(&e)
+                ))
+            })?;
         lock::lock(&file, &self.tmp_name(), Access::Write)?;
         let s = FileStorage::new(file, &self.tmp);
         let err = |e| Error::image(&self.dst.to_string_lossy(), e);
@@ -111,8 +138,10 @@ impl Output {
             Spec::Qcow2(o) => qcow2::create::create(&s, o).map_err(err)?,
             Spec::Qed(o) => qed::create::create(&s, o).map_err(err)?,
             Spec::Raw { size } => {
-                s.set_len(*size).map_err(|e| Error::io("sizing the new image", e))?;
-                s.sync().map_err(|e| Error::io("syncing the new image", e))?;
+                s.set_len(*size)
+                    .map_err(|e| Error::io("sizing the new image", e))?;
+                s.sync()
+                    .map_err(|e| Error::io("syncing the new image", e))?;
             }
         }
         Ok(())
@@ -122,32 +151,58 @@ impl Output {
     /// nobody sees yet does not matter, and [`Output::persist`] syncs it once, whole.
     pub fn open(&self, format: Format) -> Result<Layer> {
         let name = self.tmp_name();
-        let file = fs::OpenOptions::new().read(true).write(true).open(&self.tmp).map_err(|e| Error::io(format!("opening '{name}'"), e))?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.tmp)
+            .map_err(|e| Error::io(format!("opening '{name}'"), e))?;
         lock::lock(&file, &name, Access::Write)?;
         let storage: Arc<dyn Storage> = Arc::new(Unsynced(FileStorage::new(file, &self.tmp)));
         let err = |e: cowimg_formats::Error| Error::open(&name, e.into());
         let image: Arc<dyn Image> = match format {
-            Format::Qcow2 => {
-                Arc::new(Qcow2::open(storage, qcow2::OpenOptions { writable: true, ..Default::default() }).map_err(err)?)
-            }
+            Format::Qcow2 => Arc::new(
+                Qcow2::open(
+                    storage,
+                    qcow2::OpenOptions {
+                        writable: true,
+                        ..Default::default()
+                    },
+                )
+                .map_err(err)?,
+            ),
             Format::Qed => Arc::new(Qed::open(storage, true).map_err(err)?),
             Format::Raw => Arc::new(Raw::open(storage, true).map_err(err)?),
         };
-        Ok(Layer { image, filename: name, format, probed: false })
+        Ok(Layer {
+            image,
+            filename: name,
+            format,
+            probed: false,
+        })
     }
 
     /// Syncs the finished temporary file, renames it into place and syncs the directory.
     pub fn persist(mut self) -> Result<()> {
-        let f = fs::File::open(&self.tmp).map_err(|e| Error::io(format!("opening '{}'", self.tmp.display()), e))?;
+        let f = fs::File::open(&self.tmp)
+            .map_err(|e| Error::io(format!("opening '{}'", self.tmp.display()), e))?;
         cowimg_formats::io::fault_point();
-        f.sync_all().map_err(|e| Error::io(format!("syncing '{}'", self.tmp.display()), e))?;
+        f.sync_all()
+            .map_err(|e| Error::io(format!("syncing '{}'", self.tmp.display()), e))?;
         drop(f);
         cowimg_formats::io::fault_point();
-        fs::rename(&self.tmp, &self.dst)
-            .map_err(|e| Error::io(format!("renaming the new image into '{}'", self.dst.display()), e))?;
+        fs::rename(&self.tmp, &self.dst).map_err(|e| {
+            Error::io(
+                format!("renaming the new image into '{}'", self.dst.display()),
+                e,
+            )
+        })?;
         self.persisted = true;
         cowimg_formats::io::fault_point();
-        let dir = self.dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = self
+            .dst
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if let Ok(d) = fs::File::open(dir) {
             let _ = d.sync_all();
         }

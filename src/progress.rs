@@ -73,8 +73,15 @@ impl Reporter {
                 Some(std::thread::spawn(move || {
                     let line = |c: &Counters| {
                         let done = c.done.load(Ordering::Relaxed);
-                        let pct = if end == 0 { 100.0 } else { done as f64 * 100.0 / end as f64 };
-                        eprintln!("    ({pct:.2}/100%) copied {}", indicatif::BinaryBytes(c.copied.load(Ordering::Relaxed)));
+                        let pct = if end == 0 {
+                            100.0
+                        } else {
+                            done as f64 * 100.0 / end as f64
+                        };
+                        eprintln!(
+                            "    ({pct:.2}/100%) copied {}",
+                            indicatif::BinaryBytes(c.copied.load(Ordering::Relaxed))
+                        );
                     };
                     while !stop.load(Ordering::Relaxed) {
                         line(&counters);
@@ -96,16 +103,30 @@ impl Reporter {
                     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
                     while !stop.load(Ordering::Relaxed) {
                         bar.set_position(counters.done.load(Ordering::Relaxed));
-                        bar.set_message(format!("copied {}", indicatif::BinaryBytes(counters.copied.load(Ordering::Relaxed))));
+                        bar.set_message(format!(
+                            "copied {}",
+                            indicatif::BinaryBytes(counters.copied.load(Ordering::Relaxed))
+                        ));
                         sleep_unless(&stop, Duration::from_millis(200));
                     }
                     bar.set_position(counters.done.load(Ordering::Relaxed));
-                    bar.set_message(format!("copied {}", indicatif::BinaryBytes(counters.copied.load(Ordering::Relaxed))));
+                    bar.set_message(format!(
+                        "copied {}",
+                        indicatif::BinaryBytes(counters.copied.load(Ordering::Relaxed))
+                    ));
                     bar.abandon();
                 }))
             }
         };
-        Reporter { mode, end, speed, counters, stop, thread, started: Instant::now() }
+        Reporter {
+            mode,
+            end,
+            speed,
+            counters,
+            stop,
+            thread,
+            started: Instant::now(),
+        }
     }
 
     /// Stops reporting; JSON mode ends with the completion event.

@@ -28,9 +28,21 @@ struct State {
 impl RateLimiter {
     /// A limiter of `bytes_per_sec` (0 = unlimited).
     pub fn new(bytes_per_sec: u64) -> RateLimiter {
-        let quota = if bytes_per_sec == 0 { 0 } else { (bytes_per_sec / 10).max(1) };
+        let quota = if bytes_per_sec == 0 {
+            0
+        } else {
+            (bytes_per_sec / 10).max(1)
+        };
         let now = Instant::now();
-        RateLimiter { quota, state: Mutex::new(State { slice_start: now, slice_end: now, dispatched: 0, credit: 0 }) }
+        RateLimiter {
+            quota,
+            state: Mutex::new(State {
+                slice_start: now,
+                slice_end: now,
+                dispatched: 0,
+                credit: 0,
+            }),
+        }
     }
 
     pub fn unlimited(&self) -> bool {
@@ -101,7 +113,10 @@ mod tests {
         assert!(r.take(512 << 10).is_zero());
         // 1 MiB quota per slice; 3 MiB more makes four slices' worth: about 300 ms more.
         let d = r.take(3 << 20);
-        assert!(d > Duration::from_millis(250) && d <= Duration::from_millis(400), "{d:?}");
+        assert!(
+            d > Duration::from_millis(250) && d <= Duration::from_millis(400),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -45,7 +45,10 @@ impl Plan {
 pub fn plan(chain: &Chain, base: usize, start: u64, end: u64) -> Result<Plan> {
     let top = chain.top();
     let mut exact: Vec<(u64, u64, Source)> = Vec::new();
-    let runs = top.image.map(start, end - start).map_err(|e| Error::image(&top.filename, e))?;
+    let runs = top
+        .image
+        .map(start, end - start)
+        .map_err(|e| Error::image(&top.filename, e))?;
     for r in runs.iter().filter(|r| r.alloc == Alloc::Unallocated) {
         determine(chain, 1, base, r.start, r.end(), &mut exact)?;
     }
@@ -65,23 +68,54 @@ pub fn plan(chain: &Chain, base: usize, start: u64, end: u64) -> Result<Plan> {
             let (za, zb) = (s.div_ceil(unit) * unit, e / unit * unit);
             if za < zb {
                 if a < za {
-                    push(&mut extents, Extent { start: a, len: za - a, action: Action::Copy });
+                    push(
+                        &mut extents,
+                        Extent {
+                            start: a,
+                            len: za - a,
+                            action: Action::Copy,
+                        },
+                    );
                 }
-                push(&mut extents, Extent { start: za, len: zb - za, action: Action::Zero });
+                push(
+                    &mut extents,
+                    Extent {
+                        start: za,
+                        len: zb - za,
+                        action: Action::Zero,
+                    },
+                );
                 if zb < b {
-                    push(&mut extents, Extent { start: zb, len: b - zb, action: Action::Copy });
+                    push(
+                        &mut extents,
+                        Extent {
+                            start: zb,
+                            len: b - zb,
+                            action: Action::Copy,
+                        },
+                    );
                 }
                 continue;
             }
         }
-        push(&mut extents, Extent { start: a, len: b - a, action: Action::Copy });
+        push(
+            &mut extents,
+            Extent {
+                start: a,
+                len: b - a,
+                action: Action::Copy,
+            },
+        );
     }
     // The last unit may pass the end of the image.
     for e in extents.iter_mut() {
         e.len = e.len.min(top.size().saturating_sub(e.start));
     }
     extents.retain(|e| e.len > 0);
-    Ok(Plan { extents, range_len: end - start })
+    Ok(Plan {
+        extents,
+        range_len: end - start,
+    })
 }
 
 /// Appends an extent, merging it with the previous one when they touch and agree. A zero
@@ -90,7 +124,10 @@ pub fn plan(chain: &Chain, base: usize, start: u64, end: u64) -> Result<Plan> {
 fn push(out: &mut Vec<Extent>, e: Extent) {
     if let Some(last) = out.last_mut() {
         let last_end = last.start + last.len;
-        debug_assert!(last_end <= e.start || last.action == e.action, "{last:?} overlaps {e:?}");
+        debug_assert!(
+            last_end <= e.start || last.action == e.action,
+            "{last:?} overlaps {e:?}"
+        );
         if last.action == e.action && last_end >= e.start {
             last.len = last_end.max(e.start + e.len) - last.start;
             return;
@@ -100,7 +137,14 @@ fn push(out: &mut Vec<Extent>, e: Extent) {
 }
 
 /// Finds what determines `[start, end)` from layer `i` down, above `base`.
-fn determine(chain: &Chain, i: usize, base: usize, start: u64, end: u64, out: &mut Vec<(u64, u64, Source)>) -> Result<()> {
+fn determine(
+    chain: &Chain,
+    i: usize,
+    base: usize,
+    start: u64,
+    end: u64,
+    out: &mut Vec<(u64, u64, Source)>,
+) -> Result<()> {
     if i >= base || i >= chain.layers.len() {
         out.push((start, end, Source::Base));
         return Ok(());
@@ -108,10 +152,15 @@ fn determine(chain: &Chain, i: usize, base: usize, start: u64, end: u64, out: &m
     let layer = &chain.layers[i];
     let inside = end.min(layer.size()).max(start);
     if inside > start {
-        let runs = layer.image.map(start, inside - start).map_err(|e| Error::image(&layer.filename, e))?;
+        let runs = layer
+            .image
+            .map(start, inside - start)
+            .map_err(|e| Error::image(&layer.filename, e))?;
         for r in runs {
             match r.alloc {
-                Alloc::Data { .. } | Alloc::Compressed { .. } => out.push((r.start, r.end(), Source::Data)),
+                Alloc::Data { .. } | Alloc::Compressed { .. } => {
+                    out.push((r.start, r.end(), Source::Data))
+                }
                 Alloc::Zero { .. } => out.push((r.start, r.end(), Source::Zeros)),
                 Alloc::Unallocated => determine(chain, i + 1, base, r.start, r.end(), out)?,
             }
@@ -141,7 +190,9 @@ pub fn backing_name(chain: &Chain, base: usize) -> String {
             return rel;
         }
     }
-    std::fs::canonicalize(target).map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| target.clone())
+    std::fs::canonicalize(target)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| target.clone())
 }
 
 fn same_file(a: &str, b: &str) -> bool {
@@ -195,7 +246,13 @@ pub struct Settings<'a> {
 /// Copies what the plan asks into the chain's top image; everything copied is committed.
 /// `keep_base`: something stays below the image, so zeros must be recorded as zeros.
 /// `compare`: the new backing chain of a rebase; units reading the same there are skipped.
-pub fn copy(chain: &Chain, plan: &Plan, keep_base: bool, compare: Option<&Chain>, s: &Settings) -> Result<()> {
+pub fn copy(
+    chain: &Chain,
+    plan: &Plan,
+    keep_base: bool,
+    compare: Option<&Chain>,
+    s: &Settings,
+) -> Result<()> {
     let top = chain.top();
     let copier = Copier {
         source: chain,
@@ -203,7 +260,11 @@ pub fn copy(chain: &Chain, plan: &Plan, keep_base: bool, compare: Option<&Chain>
         target: &*top.image,
         target_name: &top.filename,
         below: &chain.below(0),
-        zero_data: if keep_base { ZeroData::Mark } else { ZeroData::Skip },
+        zero_data: if keep_base {
+            ZeroData::Mark
+        } else {
+            ZeroData::Skip
+        },
         limiter: s.limiter,
         cancel: s.cancel,
         counters: s.counters,
@@ -212,7 +273,10 @@ pub fn copy(chain: &Chain, plan: &Plan, keep_base: bool, compare: Option<&Chain>
         compress: s.compress,
     };
     if s.compress && top.format != cowimg_formats::Format::Qcow2 {
-        return Err(Error::Usage(format!("Compression not supported for this file format ({})", top.format)));
+        return Err(Error::Usage(format!(
+            "Compression not supported for this file format ({})",
+            top.format
+        )));
     }
     copier.run(&plan.extents)
 }
@@ -221,7 +285,9 @@ pub fn copy(chain: &Chain, plan: &Plan, keep_base: bool, compare: Option<&Chain>
 /// everything is then on disk, and the pointer is the last thing to change.
 pub fn switch(chain: &Chain, backing: Option<&BackingRef>) -> Result<()> {
     let top = chain.top();
-    top.image.set_backing(backing).map_err(|e| Error::image(&top.filename, e))
+    top.image
+        .set_backing(backing)
+        .map_err(|e| Error::image(&top.filename, e))
 }
 
 /// Plans a safe rebase of the chain's top onto an unrelated chain `new`: the ranges the top
@@ -232,7 +298,10 @@ pub fn plan_against(chain: &Chain, new: &Chain) -> Result<Plan> {
     let top = chain.top();
     let size = top.size();
     let unit = top.image.allocation_unit().max(512);
-    let runs = top.image.map(0, size).map_err(|e| Error::image(&top.filename, e))?;
+    let runs = top
+        .image
+        .map(0, size)
+        .map_err(|e| Error::image(&top.filename, e))?;
     let mut extents = Vec::new();
     for r in runs.iter().filter(|r| r.alloc == Alloc::Unallocated) {
         let mut old = Vec::new();
@@ -249,8 +318,15 @@ pub fn plan_against(chain: &Chain, new: &Chain) -> Result<Plan> {
         }
         // Anything that is not zero on either side may differ.
         for e in old.iter().chain(newer.iter()).filter(|e| !e.zero) {
-            let (a, b) = (e.start / unit * unit, (e.start + e.length).div_ceil(unit) * unit);
-            extents.push(Extent { start: a, len: b.min(size) - a, action: Action::Copy });
+            let (a, b) = (
+                e.start / unit * unit,
+                (e.start + e.length).div_ceil(unit) * unit,
+            );
+            extents.push(Extent {
+                start: a,
+                len: b.min(size) - a,
+                action: Action::Copy,
+            });
         }
     }
     extents.sort_by_key(|e| e.start);
@@ -258,5 +334,8 @@ pub fn plan_against(chain: &Chain, new: &Chain) -> Result<Plan> {
     for e in extents {
         push(&mut merged, e);
     }
-    Ok(Plan { extents: merged, range_len: size })
+    Ok(Plan {
+        extents: merged,
+        range_len: size,
+    })
 }

@@ -13,7 +13,11 @@ fn create_is_byte_identical_to_qemu_img_create() {
         ("qcow2", &["-o", "cluster_size=2M"], "3G"),
         ("qcow2", &["-o", "extended_l2=on"], "64M"),
         ("qcow2", &["-o", "refcount_bits=1"], "64M"),
-        ("qcow2", &["-o", "refcount_bits=64,lazy_refcounts=on"], "64M"),
+        (
+            "qcow2",
+            &["-o", "refcount_bits=64,lazy_refcounts=on"],
+            "64M",
+        ),
         ("qcow2", &["-o", "compression_type=zstd"], "64M"),
         ("qcow2", &[], "100"),
         ("qcow2", &[], "0"),
@@ -43,7 +47,10 @@ fn create_is_byte_identical_to_qemu_img_create() {
             assert_eq!(strip(s.qemu_info(&mine)), strip(s.qemu_info(&theirs)));
             assert_eq!(s.read_file(&mine).len(), s.read_file(&theirs).len());
         } else {
-            assert!(s.read_file(&mine) == s.read_file(&theirs), "create {fmt} {opts:?} {size} differs from qemu-img's");
+            assert!(
+                s.read_file(&mine) == s.read_file(&theirs),
+                "create {fmt} {opts:?} {size} differs from qemu-img's"
+            );
         }
         if *fmt != "raw" {
             s.assert_clean(&mine);
@@ -54,9 +61,32 @@ fn create_is_byte_identical_to_qemu_img_create() {
     s.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
     for fmt in ["qcow2", "qed"] {
         let (mine, theirs) = (format!("sub/m.{fmt}"), format!("sub/q.{fmt}"));
-        s.cowimg_ok(&["create", "-q", "-f", fmt, "-b", "../base.qcow2", "-F", "qcow2", &mine]);
-        s.qemu_img(&["create", "-q", "-f", fmt, "-b", "../base.qcow2", "-F", "qcow2", &theirs]);
-        assert!(s.read_file(&mine) == s.read_file(&theirs), "create {fmt} with a backing file");
+        s.cowimg_ok(&[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-b",
+            "../base.qcow2",
+            "-F",
+            "qcow2",
+            &mine,
+        ]);
+        s.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-b",
+            "../base.qcow2",
+            "-F",
+            "qcow2",
+            &theirs,
+        ]);
+        assert!(
+            s.read_file(&mine) == s.read_file(&theirs),
+            "create {fmt} with a backing file"
+        );
         // qemu-io can write and read it.
         s.qemu_io(&mine, &["write -q -P 7 1M 64k", "read -q -P 7 1M 64k"]);
         s.assert_clean(&mine);
@@ -68,18 +98,97 @@ fn create_errors() {
     let s = Scratch::new();
     s.qemu_img(&["create", "-q", "-f", "raw", "base.raw", "1M"]);
     let cases: &[(&[&str], &str)] = &[
-        (&["create", "-f", "qcow2", "-b", "missing.qcow2", "-F", "qcow2", "e1.qcow2"], "Could not open 'missing.qcow2'"),
-        (&["create", "-f", "qcow2", "-b", "base.raw", "e2.qcow2"], "Backing file specified without backing format\nDetected format of raw"),
-        (&["create", "-f", "qcow2", "-o", "cluster_size=1000", "e3.qcow2", "1M"], "Cluster size must be a power of two between 512 and 2048k"),
-        (&["create", "-f", "qcow2", "e4.qcow2"], "Image creation needs a size parameter"),
-        (&["create", "-f", "qcow2", "e5.qcow2", "64Q"], "Invalid image size specified: '64Q'."),
-        (&["create", "-f", "qed", "-o", "table_size=3", "e6.qed", "1M"], "QED table size must be within range [1, 16] and power of 2"),
-        (&["create", "-f", "qed", "-o", "lazy_refcounts=on", "e7.qed", "1M"], "Invalid parameter 'lazy_refcounts'"),
-        (&["create", "-f", "qcow2", "-o", "compat=0.10,lazy_refcounts=on", "e8.qcow2", "1M"], "Lazy refcounts only supported"),
-        (&["create", "-f", "qcow2", "-b", "e9.qcow2", "-F", "qcow2", "e9.qcow2", "1M"], "same filename as the backing file"),
-        (&["create", "-f", "qcow2", "base.raw", "1M"], "already exists; pass --force"),
-        (&["create", "-f", "vmdk", "x.vmdk", "1M"], "Unknown file format 'vmdk'"),
-        (&["create", "-f", "qcow2", "-o", "cluster_size=512", "e10.qcow2", "1T"], "The image size is too large"),
+        (
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-b",
+                "missing.qcow2",
+                "-F",
+                "qcow2",
+                "e1.qcow2",
+            ],
+            "Could not open 'missing.qcow2'",
+        ),
+        (
+            &["create", "-f", "qcow2", "-b", "base.raw", "e2.qcow2"],
+            "Backing file specified without backing format\nDetected format of raw",
+        ),
+        (
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=1000",
+                "e3.qcow2",
+                "1M",
+            ],
+            "Cluster size must be a power of two between 512 and 2048k",
+        ),
+        (
+            &["create", "-f", "qcow2", "e4.qcow2"],
+            "Image creation needs a size parameter",
+        ),
+        (
+            &["create", "-f", "qcow2", "e5.qcow2", "64Q"],
+            "Invalid image size specified: '64Q'.",
+        ),
+        (
+            &["create", "-f", "qed", "-o", "table_size=3", "e6.qed", "1M"],
+            "QED table size must be within range [1, 16] and power of 2",
+        ),
+        (
+            &[
+                "create",
+                "-f",
+                "qed",
+                "-o",
+                "lazy_refcounts=on",
+                "e7.qed",
+                "1M",
+            ],
+            "Invalid parameter 'lazy_refcounts'",
+        ),
+        (
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10,lazy_refcounts=on",
+                "e8.qcow2",
+                "1M",
+            ],
+            "Lazy refcounts only supported",
+        ),
+        (
+            &[
+                "create", "-f", "qcow2", "-b", "e9.qcow2", "-F", "qcow2", "e9.qcow2", "1M",
+            ],
+            "same filename as the backing file",
+        ),
+        (
+            &["create", "-f", "qcow2", "base.raw", "1M"],
+            "already exists; pass --force",
+        ),
+        (
+            &["create", "-f", "vmdk", "x.vmdk", "1M"],
+            "Unknown file format 'vmdk'",
+        ),
+        (
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                "e10.qcow2",
+                "1T",
+            ],
+            "The image size is too large",
+        ),
     ];
     for (args, msg) in cases {
         let r = s.cowimg(args);
@@ -88,7 +197,10 @@ fn create_errors() {
     }
     // Nothing was left behind by the failures, and the existing file is untouched.
     assert_eq!(s.read_file("base.raw").len(), 1 << 20);
-    let left: Vec<_> = std::fs::read_dir(s.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(left.len(), 1, "{left:?}");
     // --force replaces it.
     s.cowimg_ok(&["create", "-q", "-f", "qcow2", "--force", "base.raw", "1M"]);
@@ -99,10 +211,32 @@ fn create_errors() {
 fn convert_to_every_format_reads_identically_and_checks_clean() {
     let s = Scratch::new();
     s.qemu_img(&["create", "-q", "-f", "qcow2", "A.qcow2", "20M"]);
-    s.qemu_io("A.qcow2", &["write -q -P 0x11 0 5M", "write -q -z 6M 1M", "write -q -P 0x12 19M 100k"]);
-    s.qemu_img(&["create", "-q", "-f", "qed", "-b", "A.qcow2", "-F", "qcow2", "B.qed"]);
+    s.qemu_io(
+        "A.qcow2",
+        &[
+            "write -q -P 0x11 0 5M",
+            "write -q -z 6M 1M",
+            "write -q -P 0x12 19M 100k",
+        ],
+    );
+    s.qemu_img(&[
+        "create", "-q", "-f", "qed", "-b", "A.qcow2", "-F", "qcow2", "B.qed",
+    ]);
     s.qemu_io("B.qed", &["write -q -P 0x22 1M 1M"]);
-    s.qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "B.qed", "-F", "qed", "C.qcow2", "24M"]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "B.qed",
+        "-F",
+        "qed",
+        "C.qcow2",
+        "24M",
+    ]);
     s.qemu_io("C.qcow2", &["write -q -P 0x33 3M 5k"]);
     for (fmt, opts) in [
         ("qcow2", ""),
@@ -130,17 +264,39 @@ fn convert_to_every_format_reads_identically_and_checks_clean() {
     // Zeros stay sparse in a raw output.
     s.cowimg_ok(&["convert", "-O", "raw", "C.qcow2", "sparse.raw"]);
     let allocated = s.qemu_info("sparse.raw")["actual-size"].as_u64().unwrap();
-    assert!(allocated < 12 << 20, "{allocated} bytes allocated for 6 MiB of data in 24 MiB");
+    assert!(
+        allocated < 12 << 20,
+        "{allocated} bytes allocated for 6 MiB of data in 24 MiB"
+    );
 }
 
 #[test]
 fn external_data_files_are_read_but_not_written() {
     let s = Scratch::new();
-    s.qemu_img(&["create", "-q", "-f", "qcow2", "-o", "data_file=d.raw", "e.qcow2", "4M"]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=d.raw",
+        "e.qcow2",
+        "4M",
+    ]);
     s.qemu_io("e.qcow2", &["write -q -P 9 0 1M"]);
     s.cowimg_ok(&["convert", "-O", "raw", "e.qcow2", "e.raw"]);
     assert!(s.same("e.qcow2", "e.raw"));
-    s.qemu_img(&["create", "-q", "-f", "qcow2", "-b", "e.qcow2", "-F", "qcow2", "top.qcow2"]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "e.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
     let r = s.cowimg(&["stream", "--base", "e.qcow2", "top.qcow2"]);
     assert_eq!(r.status, 0, "{}", r.stderr);
     let r = s.cowimg(&["rebase", "-u", "-b", "", "e.qcow2"]);

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 fn chain(s: &Scratch) {
     s.qemu_img(&["create", "-q", "-f", "qcow2", "A.qcow2", "16M"]);
     s.qemu_io("A.qcow2", &["write -q -P 1 0 12M"]);
-    s.qemu_img(&["create", "-q", "-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2", "C.qcow2"]);
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2", "C.qcow2",
+    ]);
 }
 
 /// qemu-io holding `image` open (read-write unless `-r` is in `extra`) for a few seconds.
@@ -50,10 +52,20 @@ fn writers_refuse_an_image_qemu_holds_and_readers_need_force_share() {
     let mut q = hold(&s, "C.qcow2", &[]);
     let r = s.cowimg(&["stream", "C.qcow2"]);
     assert_eq!(r.status, 1);
-    assert!(r.stderr.contains("Failed to get \"write\" lock") && r.stderr.contains("Is another process using the image [C.qcow2]?"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Failed to get \"write\" lock")
+            && r.stderr
+                .contains("Is another process using the image [C.qcow2]?"),
+        "{}",
+        r.stderr
+    );
     let r = s.cowimg(&["info", "C.qcow2"]);
     assert_eq!(r.status, 1);
-    assert!(r.stderr.contains("Failed to get shared \"write\" lock"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Failed to get shared \"write\" lock"),
+        "{}",
+        r.stderr
+    );
     s.cowimg_ok(&["info", "-U", "C.qcow2"]);
     let r = s.cowimg(&["rebase", "-u", "-b", "", "C.qcow2"]);
     assert_eq!(r.status, 1, "{}{}", r.stdout, r.stderr);
@@ -77,13 +89,21 @@ fn qemu_is_refused_while_cowimg_streams() {
     std::thread::sleep(Duration::from_millis(700));
     let r = s.run("qemu-io", &["-c", "read 0 512", "C.qcow2"]);
     assert_ne!(r.status, 0, "qemu-io opened an image cowimg is writing");
-    assert!(format!("{}{}", r.stdout, r.stderr).contains("lock"), "{}{}", r.stdout, r.stderr);
+    assert!(
+        format!("{}{}", r.stdout, r.stderr).contains("lock"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
     let r = s.run("qemu-img", &["info", "C.qcow2"]);
     assert_ne!(r.status, 0);
     s.qemu_img(&["info", "-U", "C.qcow2"]);
     // Nobody may write the backing file meanwhile either.
     let r = s.run("qemu-io", &["-c", "write 0 512", "A.qcow2"]);
-    assert_ne!(r.status, 0, "qemu-io wrote the backing file of a running stream");
+    assert_ne!(
+        r.status, 0,
+        "qemu-io wrote the backing file of a running stream"
+    );
     let _ = c.kill();
     let _ = c.wait();
 }
@@ -97,7 +117,11 @@ fn a_read_only_qemu_allows_cowimg_readers_only() {
     s.cowimg_ok(&["info", "C.qcow2"]);
     let r = s.cowimg(&["stream", "C.qcow2"]);
     assert_eq!(r.status, 1);
-    assert!(r.stderr.contains("Failed to get \"write\" lock"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Failed to get \"write\" lock"),
+        "{}",
+        r.stderr
+    );
     let _ = q.kill();
     let _ = q.wait();
 }

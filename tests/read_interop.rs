@@ -8,9 +8,32 @@ use common::Scratch;
 fn abc(s: &Scratch, fmt: &str) {
     s.qemu_img(&["create", "-q", "-f", fmt, &format!("A.{fmt}"), "64M"]);
     s.qemu_io(&format!("A.{fmt}"), &["write -q -P 0x11 0 4M"]);
-    s.qemu_img(&["create", "-q", "-f", fmt, "-b", &format!("A.{fmt}"), "-F", fmt, &format!("B.{fmt}")]);
-    s.qemu_io(&format!("B.{fmt}"), &["write -q -P 0x22 1M 1M", "write -q -z 3M 512k"]);
-    s.qemu_img(&["create", "-q", "-f", fmt, "-b", &format!("B.{fmt}"), "-F", fmt, &format!("C.{fmt}")]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        fmt,
+        "-b",
+        &format!("A.{fmt}"),
+        "-F",
+        fmt,
+        &format!("B.{fmt}"),
+    ]);
+    s.qemu_io(
+        &format!("B.{fmt}"),
+        &["write -q -P 0x22 1M 1M", "write -q -z 3M 512k"],
+    );
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        fmt,
+        "-b",
+        &format!("B.{fmt}"),
+        "-F",
+        fmt,
+        &format!("C.{fmt}"),
+    ]);
     s.qemu_io(&format!("C.{fmt}"), &["write -q -P 0x33 2M 64k"]);
 }
 
@@ -28,7 +51,11 @@ fn map_and_convert_agree_with_qemu_img() {
         assert_eq!(s.cowimg_ok(&["map", &c]), s.qemu_img(&["map", &c]));
         s.qemu_img(&["convert", "-O", "raw", &c, "ref.raw"]);
         s.cowimg_ok(&["convert", "-O", "raw", &c, "mine.raw"]);
-        assert_eq!(s.read_file("ref.raw"), s.read_file("mine.raw"), "convert -O raw of {fmt} chain");
+        assert_eq!(
+            s.read_file("ref.raw"),
+            s.read_file("mine.raw"),
+            "convert -O raw of {fmt} chain"
+        );
     }
 }
 
@@ -50,9 +77,17 @@ fn compare_agrees_with_qemu_img() {
     ] {
         let mine = s.cowimg(&[&["compare"][..], &args].concat());
         let theirs = s.run("qemu-img", &[&["compare"][..], &args].concat());
-        assert_eq!((mine.status, &mine.stdout), (theirs.status, &theirs.stdout), "compare {args:?}");
+        assert_eq!(
+            (mine.status, &mine.stdout),
+            (theirs.status, &theirs.stdout),
+            "compare {args:?}"
+        );
     }
     let missing = s.cowimg(&["compare", "C.qcow2", "missing.qcow2"]);
     assert_eq!(missing.status, 2);
-    assert!(missing.stderr.contains("Could not open 'missing.qcow2'"), "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("Could not open 'missing.qcow2'"),
+        "{}",
+        missing.stderr
+    );
 }

@@ -23,13 +23,26 @@ fn chain(s: &Scratch, fmt: &str, opts: &str, sizes: [&str; 3]) {
         s.qemu_img(&args);
     };
     create(&img("A"), None, sizes[0]);
-    s.qemu_io(&img("A"), &["write -q -P 0x11 0 4M", "write -q -P 0x12 5M 1M"]);
+    s.qemu_io(
+        &img("A"),
+        &["write -q -P 0x11 0 4M", "write -q -P 0x12 5M 1M"],
+    );
     create(&img("B"), Some(&img("A")), sizes[1]);
-    s.qemu_io(&img("B"), &["write -q -P 0x22 1M 1M", "write -q -z 3M 512k", "write -q -P 0x23 4608k 9k"]);
+    s.qemu_io(
+        &img("B"),
+        &[
+            "write -q -P 0x22 1M 1M",
+            "write -q -z 3M 512k",
+            "write -q -P 0x23 4608k 9k",
+        ],
+    );
     create(&img("C"), Some(&img("B")), sizes[2]);
     s.qemu_io(&img("C"), &["write -q -P 0x33 2M 64k"]);
     create(&img("N"), None, "8M");
-    s.qemu_io(&img("N"), &["write -q -P 0x11 0 1M", "write -q -P 0x44 6M 1M"]);
+    s.qemu_io(
+        &img("N"),
+        &["write -q -P 0x11 0 1M", "write -q -P 0x44 6M 1M"],
+    );
 }
 
 fn info_backing(s: &Scratch, image: &str) -> (Option<String>, Option<String>) {
@@ -49,16 +62,30 @@ fn both(s: &Scratch, fmt: &str, args: &[&str]) {
     let cq = format!("Cq.{fmt}");
     let theirs: Vec<&str> = [&["rebase"][..], args, &[cq.as_str()]].concat();
     s.qemu_img(&theirs);
-    assert!(s.same("before.raw", &c), "cowimg rebase {args:?} changed the content");
-    assert!(s.same("before.raw", &cq), "qemu-img rebase {args:?} changed the content");
+    assert!(
+        s.same("before.raw", &c),
+        "cowimg rebase {args:?} changed the content"
+    );
+    assert!(
+        s.same("before.raw", &cq),
+        "qemu-img rebase {args:?} changed the content"
+    );
     s.assert_clean(&c);
-    assert_eq!(info_backing(s, &c), info_backing(s, &cq), "backing fields after rebase {args:?}");
+    assert_eq!(
+        info_backing(s, &c),
+        info_backing(s, &cq),
+        "backing fields after rebase {args:?}"
+    );
 }
 
 #[test]
 fn unrelated_base_ancestor_and_flatten() {
     for fmt in ["qcow2", "qed"] {
-        for args in [vec!["-b", "N.X", "-F", "X"], vec!["-b", "A.X", "-F", "X"], vec!["-b", ""]] {
+        for args in [
+            vec!["-b", "N.X", "-F", "X"],
+            vec!["-b", "A.X", "-F", "X"],
+            vec!["-b", ""],
+        ] {
             let s = Scratch::new();
             chain(&s, fmt, "", ["16M", "16M", "16M"]);
             let args: Vec<String> = args.iter().map(|a| a.replace('X', fmt)).collect();
@@ -70,7 +97,11 @@ fn unrelated_base_ancestor_and_flatten() {
 
 #[test]
 fn old_backing_shorter_and_longer_than_the_image() {
-    for sizes in [["16M", "5M", "16M"], ["16M", "32M", "8M"], ["7M", "16M", "16M"]] {
+    for sizes in [
+        ["16M", "5M", "16M"],
+        ["16M", "32M", "8M"],
+        ["7M", "16M", "16M"],
+    ] {
         let s = Scratch::new();
         chain(&s, "qcow2", "", sizes);
         both(&s, "qcow2", &["-b", "N.qcow2", "-F", "qcow2"]);
@@ -82,7 +113,12 @@ fn old_backing_shorter_and_longer_than_the_image() {
 
 #[test]
 fn small_large_and_extended_clusters() {
-    for opts in ["cluster_size=512", "cluster_size=2M", "cluster_size=64k,extended_l2=on", "compat=0.10"] {
+    for opts in [
+        "cluster_size=512",
+        "cluster_size=2M",
+        "cluster_size=64k,extended_l2=on",
+        "compat=0.10",
+    ] {
         let s = Scratch::new();
         chain(&s, "qcow2", opts, ["16M", "16M", "16M"]);
         both(&s, "qcow2", &["-b", "N.qcow2", "-F", "qcow2"]);
@@ -94,14 +130,56 @@ fn mixed_cluster_sizes() {
     // qemu-img 10.0.2 aborts on a 1 MiB-cluster intermediate under a 2 MiB-cluster top;
     // cowimg must simply work.
     let s = Scratch::new();
-    s.qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "A.qcow2", "16M"]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "A.qcow2",
+        "16M",
+    ]);
     s.qemu_io("A.qcow2", &["write -q -P 1 0 6M"]);
-    s.qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=1M", "-b", "A.qcow2", "-F", "qcow2", "B.qcow2"]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=1M",
+        "-b",
+        "A.qcow2",
+        "-F",
+        "qcow2",
+        "B.qcow2",
+    ]);
     s.qemu_io("B.qcow2", &["write -q -P 2 1M 3M", "write -q -P 3 9M 5k"]);
-    s.qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", "-b", "B.qcow2", "-F", "qcow2", "C.qcow2"]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        "-b",
+        "B.qcow2",
+        "-F",
+        "qcow2",
+        "C.qcow2",
+    ]);
     s.qemu_io("C.qcow2", &["write -q -P 4 8M 4k"]);
     s.qemu_img(&["convert", "-O", "raw", "C.qcow2", "before.raw"]);
-    s.qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "N.qcow2", "16M"]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "N.qcow2",
+        "16M",
+    ]);
     s.cowimg_ok(&["rebase", "-b", "N.qcow2", "-F", "qcow2", "C.qcow2"]);
     assert!(s.same("before.raw", "C.qcow2"));
     s.assert_clean("C.qcow2");
@@ -116,7 +194,10 @@ fn unsafe_mode_changes_only_the_pointer() {
     chain(&s, "qcow2", "", ["16M", "16M", "16M"]);
     let before = s.read_file("C.qcow2");
     s.cowimg_ok(&["rebase", "-u", "-b", "gone.qcow2", "-F", "qcow2", "C.qcow2"]);
-    assert_eq!(info_backing(&s, "C.qcow2"), (Some("gone.qcow2".into()), Some("qcow2".into())));
+    assert_eq!(
+        info_backing(&s, "C.qcow2"),
+        (Some("gone.qcow2".into()), Some("qcow2".into()))
+    );
     // Only the header cluster changed.
     let after = s.read_file("C.qcow2");
     assert_eq!(before.len(), after.len());
@@ -131,13 +212,20 @@ fn errors_like_qemu_img() {
     chain(&s, "qcow2", "", ["16M", "16M", "16M"]);
     let r = s.cowimg(&["rebase", "C.qcow2"]);
     assert_eq!(r.status, 1);
-    assert!(r.stderr.contains("Must specify backing file (-b) or use unsafe mode (-u)"));
+    assert!(r
+        .stderr
+        .contains("Must specify backing file (-b) or use unsafe mode (-u)"));
     let r = s.cowimg(&["rebase", "-b", "A.qcow2", "C.qcow2"]);
     assert_eq!(r.status, 1);
     assert!(r.stderr.contains("backing format must be specified"));
     let r = s.cowimg(&["rebase", "-b", "missing.qcow2", "-F", "qcow2", "C.qcow2"]);
     assert_eq!(r.status, 1);
-    assert!(r.stderr.contains("Could not open new backing file 'missing.qcow2'"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("Could not open new backing file 'missing.qcow2'"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

@@ -20,7 +20,11 @@ fn build(s: &Scratch, layers: &[Layer]) {
         args.extend(l.create.iter().map(|a| a.to_string()));
         if let Some(b) = below {
             let bfmt = common::detect_format(&s.path(b.trim_start_matches("../")));
-            let bfmt = if bfmt == "raw" && !b.ends_with(".raw") { "raw" } else { bfmt };
+            let bfmt = if bfmt == "raw" && !b.ends_with(".raw") {
+                "raw"
+            } else {
+                bfmt
+            };
             args.extend(["-b".into(), b.into(), "-F".into(), bfmt.into()]);
         }
         args.push(l.name.into());
@@ -41,7 +45,10 @@ fn snapshot(s: &Scratch, image: &str, raw: &str) {
 }
 
 fn backing_of(s: &Scratch, image: &str) -> Option<String> {
-    s.qemu_info(image).get("backing-filename").and_then(|v| v.as_str()).map(String::from)
+    s.qemu_info(image)
+        .get("backing-filename")
+        .and_then(|v| v.as_str())
+        .map(String::from)
 }
 
 fn abc(fmt: &'static str) -> Vec<Layer<'static>> {
@@ -50,9 +57,40 @@ fn abc(fmt: &'static str) -> Vec<Layer<'static>> {
         _ => ("A.qed", "B.qed", "C.qed"),
     };
     vec![
-        Layer { name: a, create: if fmt == "qcow2" { &["-f", "qcow2"] } else { &["-f", "qed"] }, size: Some("64M"), writes: &["write -q -P 0x11 0 4M", "write -q -P 0x12 40M 3M"] },
-        Layer { name: b, create: if fmt == "qcow2" { &["-f", "qcow2"] } else { &["-f", "qed"] }, size: None, writes: &["write -q -P 0x22 1M 1M", "write -q -z 3M 512k", "write -q -z 41M 64k"] },
-        Layer { name: c, create: if fmt == "qcow2" { &["-f", "qcow2"] } else { &["-f", "qed"] }, size: None, writes: &["write -q -P 0x33 2M 64k"] },
+        Layer {
+            name: a,
+            create: if fmt == "qcow2" {
+                &["-f", "qcow2"]
+            } else {
+                &["-f", "qed"]
+            },
+            size: Some("64M"),
+            writes: &["write -q -P 0x11 0 4M", "write -q -P 0x12 40M 3M"],
+        },
+        Layer {
+            name: b,
+            create: if fmt == "qcow2" {
+                &["-f", "qcow2"]
+            } else {
+                &["-f", "qed"]
+            },
+            size: None,
+            writes: &[
+                "write -q -P 0x22 1M 1M",
+                "write -q -z 3M 512k",
+                "write -q -z 41M 64k",
+            ],
+        },
+        Layer {
+            name: c,
+            create: if fmt == "qcow2" {
+                &["-f", "qcow2"]
+            } else {
+                &["-f", "qed"]
+            },
+            size: None,
+            writes: &["write -q -P 0x33 2M 64k"],
+        },
     ]
 }
 
@@ -92,7 +130,10 @@ fn three_forms(fmt: &'static str) {
     let s = Scratch::new();
     build(&s, &abc(fmt));
     let out = s.cowimg_ok(&["stream", "--base", &b, &c]);
-    assert!(out.contains("Nothing to stream") && out.contains(&format!("cowimg stream {b}")), "{out}");
+    assert!(
+        out.contains("Nothing to stream") && out.contains(&format!("cowimg stream {b}")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -125,11 +166,36 @@ fn mixed_formats_sizes_and_cluster_sizes() {
     build(
         &s,
         &[
-            Layer { name: "base.raw", create: &["-f", "raw"], size: Some("3M"), writes: &["write -q -P 0x5a 0 3M"] },
-            Layer { name: "mid.qcow2", create: &["-f", "qcow2", "-o", "cluster_size=512"], size: Some("2M"), writes: &["write -q -P 0x61 4k 3k", "write -q -z 1M 8k"] },
-            Layer { name: "ext.qcow2", create: &["-f", "qcow2", "-o", "cluster_size=64k,extended_l2=on"], size: Some("6M"), writes: &["write -q -P 0x62 70k 2k", "write -q -z 200k 6k"] },
-            Layer { name: "top.qed", create: &["-f", "qed", "-o", "cluster_size=4k,table_size=16"], size: Some("8M"), writes: &["write -q -P 0x63 5M 4k"] },
-            Layer { name: "v2.qcow2", create: &["-f", "qcow2", "-o", "compat=0.10,cluster_size=2M"], size: Some("8M"), writes: &["write -q -P 0x64 7M 1k"] },
+            Layer {
+                name: "base.raw",
+                create: &["-f", "raw"],
+                size: Some("3M"),
+                writes: &["write -q -P 0x5a 0 3M"],
+            },
+            Layer {
+                name: "mid.qcow2",
+                create: &["-f", "qcow2", "-o", "cluster_size=512"],
+                size: Some("2M"),
+                writes: &["write -q -P 0x61 4k 3k", "write -q -z 1M 8k"],
+            },
+            Layer {
+                name: "ext.qcow2",
+                create: &["-f", "qcow2", "-o", "cluster_size=64k,extended_l2=on"],
+                size: Some("6M"),
+                writes: &["write -q -P 0x62 70k 2k", "write -q -z 200k 6k"],
+            },
+            Layer {
+                name: "top.qed",
+                create: &["-f", "qed", "-o", "cluster_size=4k,table_size=16"],
+                size: Some("8M"),
+                writes: &["write -q -P 0x63 5M 4k"],
+            },
+            Layer {
+                name: "v2.qcow2",
+                create: &["-f", "qcow2", "-o", "compat=0.10,cluster_size=2M"],
+                size: Some("8M"),
+                writes: &["write -q -P 0x64 7M 1k"],
+            },
         ],
     );
     snapshot(&s, "v2.qcow2", "v2.raw");
@@ -152,10 +218,32 @@ fn compressed_bases() {
         let s = Scratch::new();
         build(
             &s,
-            &[Layer { name: "src.qcow2", create: &["-f", "qcow2"], size: Some("16M"), writes: &["write -q -P 0x41 0 5M", "write -q -P 0x42 9M 100k"] }],
+            &[Layer {
+                name: "src.qcow2",
+                create: &["-f", "qcow2"],
+                size: Some("16M"),
+                writes: &["write -q -P 0x41 0 5M", "write -q -P 0x42 9M 100k"],
+            }],
         );
-        s.qemu_img(&["convert", "-c", "-O", "qcow2", "-o", &format!("compression_type={ctype}"), "src.qcow2", "A.qcow2"]);
-        build(&s, &[Layer { name: "C.qcow2", create: &["-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2"], size: None, writes: &["write -q -P 0x43 1M 4k"] }]);
+        s.qemu_img(&[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={ctype}"),
+            "src.qcow2",
+            "A.qcow2",
+        ]);
+        build(
+            &s,
+            &[Layer {
+                name: "C.qcow2",
+                create: &["-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2"],
+                size: None,
+                writes: &["write -q -P 0x43 1M 4k"],
+            }],
+        );
         snapshot(&s, "C.qcow2", "c.raw");
         s.cowimg_ok(&["stream", "C.qcow2"]);
         assert!(s.same("c.raw", "C.qcow2"), "{ctype}");
@@ -171,16 +259,44 @@ fn relative_names_across_directories() {
     std::fs::create_dir_all(s.path("top")).unwrap();
     s.qemu_img(&["create", "-q", "-f", "qcow2", "base/deep/A.qcow2", "16M"]);
     s.qemu_io("base/deep/A.qcow2", &["write -q -P 1 0 2M"]);
-    s.qemu_img(&["create", "-q", "-f", "qcow2", "-b", "../base/deep/A.qcow2", "-F", "qcow2", "mid/B.qcow2"]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "../base/deep/A.qcow2",
+        "-F",
+        "qcow2",
+        "mid/B.qcow2",
+    ]);
     s.qemu_io("mid/B.qcow2", &["write -q -P 2 1M 2M"]);
-    s.qemu_img(&["create", "-q", "-f", "qcow2", "-b", "../mid/B.qcow2", "-F", "qcow2", "top/C.qcow2"]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "../mid/B.qcow2",
+        "-F",
+        "qcow2",
+        "top/C.qcow2",
+    ]);
     s.qemu_io("top/C.qcow2", &["write -q -P 3 2M 64k"]);
     snapshot(&s, "top/C.qcow2", "c.raw");
     // --base is matched by resolved path, whatever the spelling.
-    s.cowimg_ok(&["stream", "--base", "./base/../base/deep/A.qcow2", "top/C.qcow2"]);
+    s.cowimg_ok(&[
+        "stream",
+        "--base",
+        "./base/../base/deep/A.qcow2",
+        "top/C.qcow2",
+    ]);
     assert!(s.same("c.raw", "top/C.qcow2"));
     // The recorded name is relative to C's directory.
-    assert_eq!(backing_of(&s, "top/C.qcow2").as_deref(), Some("../base/deep/A.qcow2"));
+    assert_eq!(
+        backing_of(&s, "top/C.qcow2").as_deref(),
+        Some("../base/deep/A.qcow2")
+    );
     s.assert_clean("top/C.qcow2");
 }
 
@@ -192,7 +308,9 @@ fn deep_chains() {
         s.qemu_io("l0.qcow2", &["write -q -P 1 0 1M"]);
         for i in 1..=depth {
             let (below, me) = (format!("l{}.qcow2", i - 1), format!("l{i}.qcow2"));
-            s.qemu_img(&["create", "-q", "-f", "qcow2", "-b", &below, "-F", "qcow2", &me]);
+            s.qemu_img(&[
+                "create", "-q", "-f", "qcow2", "-b", &below, "-F", "qcow2", &me,
+            ]);
             s.qemu_io(&me, &[&format!("write -q -P {} {}k 64k", i + 1, i * 192)]);
         }
         let top = format!("l{depth}.qcow2");
@@ -211,7 +329,11 @@ fn base_not_in_chain_is_an_error() {
     s.qemu_img(&["create", "-q", "-f", "qcow2", "other.qcow2", "64M"]);
     let r = s.cowimg(&["stream", "--base", "other.qcow2", "C.qcow2"]);
     assert_eq!(r.status, 1);
-    assert!(r.stderr.contains("not in the backing chain"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("not in the backing chain"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -235,17 +357,30 @@ fn range_form_never_changes_the_backing_file() {
     assert!(s.same("c.raw", "C.qcow2"));
     assert_eq!(backing_of(&s, "C.qcow2").as_deref(), Some("B.qcow2"));
     let map = s.qemu_img(&["map", "--output=json", "C.qcow2"]);
-    assert!(map.contains(r#"{ "start": 1048576, "length": 1048576, "depth": 0"#), "{map}");
+    assert!(
+        map.contains(r#"{ "start": 1048576, "length": 1048576, "depth": 0"#),
+        "{map}"
+    );
 }
 
 #[test]
 fn progress_json_lines_and_result_object() {
     let s = Scratch::new();
     build(&s, &abc("qcow2"));
-    let r = s.cowimg(&["stream", "--progress", "json", "--output", "json", "C.qcow2"]);
+    let r = s.cowimg(&[
+        "stream",
+        "--progress",
+        "json",
+        "--output",
+        "json",
+        "C.qcow2",
+    ]);
     assert_eq!(r.status, 0, "{}", r.stderr);
-    let lines: Vec<serde_json::Value> =
-        r.stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect();
+    let lines: Vec<serde_json::Value> = r
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
     let last = lines.last().expect("a completion event");
     assert_eq!(last["event"], "completed");
     assert_eq!(last["len"], 64 << 20);
@@ -264,7 +399,9 @@ fn speed_cap_holds_loosely() {
     let s = Scratch::new();
     s.qemu_img(&["create", "-q", "-f", "qcow2", "A.qcow2", "16M"]);
     s.qemu_io("A.qcow2", &["write -q -P 7 0 12M"]);
-    s.qemu_img(&["create", "-q", "-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2", "C.qcow2"]);
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2", "C.qcow2",
+    ]);
     let t = std::time::Instant::now();
     s.cowimg_ok(&["stream", "--speed", "4M", "C.qcow2"]);
     // 12 MiB at 4 MiB/s: the first slice is free, so at least about 2 s.
@@ -278,9 +415,24 @@ fn a_batch_of_only_zero_marks_is_committed() {
     build(
         &s,
         &[
-            Layer { name: "A.qcow2", create: &["-f", "qcow2"], size: Some("8M"), writes: &["write -q -P 0x11 0 8M"] },
-            Layer { name: "B.qcow2", create: &["-f", "qcow2"], size: None, writes: &["write -q -z 1M 2M"] },
-            Layer { name: "C.qcow2", create: &["-f", "qcow2"], size: None, writes: &["write -q -P 0x33 0 64k"] },
+            Layer {
+                name: "A.qcow2",
+                create: &["-f", "qcow2"],
+                size: Some("8M"),
+                writes: &["write -q -P 0x11 0 8M"],
+            },
+            Layer {
+                name: "B.qcow2",
+                create: &["-f", "qcow2"],
+                size: None,
+                writes: &["write -q -z 1M 2M"],
+            },
+            Layer {
+                name: "C.qcow2",
+                create: &["-f", "qcow2"],
+                size: None,
+                writes: &["write -q -P 0x33 0 64k"],
+            },
         ],
     );
     snapshot(&s, "C.qcow2", "c.raw");
@@ -295,14 +447,29 @@ fn extended_l2_top_with_partly_allocated_clusters() {
     build(
         &s,
         &[
-            Layer { name: "A.qcow2", create: &["-f", "qcow2", "-o", "cluster_size=4k"], size: Some("4M"), writes: &["write -q -P 0x11 0 4M"] },
-            Layer { name: "B.qcow2", create: &["-f", "qcow2"], size: None, writes: &["write -q -P 0x22 100k 50k", "write -q -z 300k 9k"] },
+            Layer {
+                name: "A.qcow2",
+                create: &["-f", "qcow2", "-o", "cluster_size=4k"],
+                size: Some("4M"),
+                writes: &["write -q -P 0x11 0 4M"],
+            },
+            Layer {
+                name: "B.qcow2",
+                create: &["-f", "qcow2"],
+                size: None,
+                writes: &["write -q -P 0x22 100k 50k", "write -q -z 300k 9k"],
+            },
             // 64 KiB clusters of 2 KiB subclusters, written in pieces.
             Layer {
                 name: "C.qcow2",
                 create: &["-f", "qcow2", "-o", "extended_l2=on"],
                 size: None,
-                writes: &["write -q -P 0x33 0 2k", "write -q -P 0x34 70k 6k", "write -q -z 96k 2k", "write -q -P 0x35 301k 1k"],
+                writes: &[
+                    "write -q -P 0x33 0 2k",
+                    "write -q -P 0x34 70k 6k",
+                    "write -q -z 96k 2k",
+                    "write -q -P 0x35 301k 1k",
+                ],
             },
         ],
     );

@@ -23,15 +23,25 @@ fn chain(s: &Scratch, fmt: &str) {
 fn assert_intact(s: &Scratch, fmt: &str) {
     let c = format!("C.{fmt}");
     let check = s.run("qemu-img", &["check", &c]);
-    assert!(check.status == 0 || check.status == 3, "qemu-img check after a crash: {}{}", check.stdout, check.stderr);
+    assert!(
+        check.status == 0 || check.status == 3,
+        "qemu-img check after a crash: {}{}",
+        check.stdout,
+        check.stderr
+    );
     assert!(s.same("c.raw", &c), "content changed after a crash");
     let info = s.qemu_info(&c);
-    assert_eq!(info["backing-filename"], format!("B.{fmt}"), "backing file changed before the end");
+    assert_eq!(
+        info["backing-filename"],
+        format!("B.{fmt}"),
+        "backing file changed before the end"
+    );
 }
 
 /// Data already copied into C (C's own 64 KiB write excluded), from qemu-img map.
 fn copied_so_far(s: &Scratch, c: &str) -> u64 {
-    let map: serde_json::Value = serde_json::from_str(&s.qemu_img(&["map", "--output=json", c])).unwrap();
+    let map: serde_json::Value =
+        serde_json::from_str(&s.qemu_img(&["map", "--output=json", c])).unwrap();
     let own: u64 = map
         .as_array()
         .unwrap()
@@ -57,7 +67,11 @@ fn resume(s: &Scratch, fmt: &str) -> u64 {
     }
     assert!(s.qemu_info(&c).get("backing-filename").is_none());
     let copied = v["copied"].as_u64().expect("copied");
-    assert_eq!(before + copied, TOTAL, "{fmt}: {before} were copied before the interruption, {copied} after");
+    assert_eq!(
+        before + copied,
+        TOTAL,
+        "{fmt}: {before} were copied before the interruption, {copied} after"
+    );
     copied
 }
 
@@ -82,7 +96,10 @@ fn fault_hook_at_several_points() {
             let copied = resume(&s, fmt);
             // Batches of 4 MiB: by the 8th chunk at least one batch was committed.
             if n >= 8 {
-                assert!(copied < TOTAL, "{fmt} n={n}: nothing of the first run was kept");
+                assert!(
+                    copied < TOTAL,
+                    "{fmt} n={n}: nothing of the first run was kept"
+                );
             }
         }
     }

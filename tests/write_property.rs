@@ -20,15 +20,55 @@ const SETUPS: &[(&[&str], bool, bool, bool)] = &[
     (&["-f", "qcow2"], false, false, false),
     (&["-f", "qcow2"], true, true, false),
     (&["-f", "qcow2", "-o", "compat=0.10"], true, false, false),
-    (&["-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k"], true, false, false),
-    (&["-f", "qcow2", "-o", "cluster_size=512,refcount_bits=1"], false, false, false),
-    (&["-f", "qcow2", "-o", "cluster_size=512"], true, true, false),
-    (&["-f", "qcow2", "-o", "cluster_size=2M"], true, false, false),
-    (&["-f", "qcow2", "-o", "refcount_bits=64,lazy_refcounts=on"], false, true, false),
+    (
+        &["-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k"],
+        true,
+        false,
+        false,
+    ),
+    (
+        &["-f", "qcow2", "-o", "cluster_size=512,refcount_bits=1"],
+        false,
+        false,
+        false,
+    ),
+    (
+        &["-f", "qcow2", "-o", "cluster_size=512"],
+        true,
+        true,
+        false,
+    ),
+    (
+        &["-f", "qcow2", "-o", "cluster_size=2M"],
+        true,
+        false,
+        false,
+    ),
+    (
+        &["-f", "qcow2", "-o", "refcount_bits=64,lazy_refcounts=on"],
+        false,
+        true,
+        false,
+    ),
     (&["-f", "qcow2"], false, false, true),
-    (&["-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k,compression_type=zstd"], false, true, true),
+    (
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=32k,compression_type=zstd",
+        ],
+        false,
+        true,
+        true,
+    ),
     (&["-f", "qed"], false, false, false),
-    (&["-f", "qed", "-o", "cluster_size=4k,table_size=2"], true, false, false),
+    (
+        &["-f", "qed", "-o", "cluster_size=4k,table_size=2"],
+        true,
+        false,
+        false,
+    ),
 ];
 
 const SIZE: u64 = 6 << 20;
@@ -46,7 +86,10 @@ fn run_case(setup: usize, batches: &[Vec<Op>]) {
     let s = Scratch::new();
     if compressed {
         s.qemu_img(&["create", "-q", "-f", "raw", "src.raw", "6M"]);
-        s.qemu_io("src.raw", &["write -q -P 0x31 0 2M", "write -q -P 0x32 3M 2M"]);
+        s.qemu_io(
+            "src.raw",
+            &["write -q -P 0x31 0 2M", "write -q -P 0x32 3M 2M"],
+        );
         let mut args = vec!["convert", "-c", "-O", "qcow2"];
         args.extend_from_slice(&create[2..]);
         args.extend(["src.raw", "img"]);
@@ -77,7 +120,8 @@ fn run_case(setup: usize, batches: &[Vec<Op>]) {
             for op in batch {
                 match *op {
                     Op::Write { off, len, byte } => {
-                        img.write(off, &vec![byte; len as usize], &below).expect("write");
+                        img.write(off, &vec![byte; len as usize], &below)
+                            .expect("write");
                         shadow[off as usize..(off + len) as usize].fill(byte);
                     }
                     Op::Zero { off, len } => {
@@ -90,7 +134,10 @@ fn run_case(setup: usize, batches: &[Vec<Op>]) {
         }
         s.write_file("shadow.raw", &shadow);
         s.assert_clean("img");
-        assert!(s.same("shadow.raw", "img"), "setup {setup}: content differs after {batch:?}");
+        assert!(
+            s.same("shadow.raw", "img"),
+            "setup {setup}: content differs after {batch:?}"
+        );
     }
 }
 
@@ -108,12 +155,26 @@ proptest! {
 #[test]
 fn every_setup_once() {
     let batch = vec![
-        Op::Write { off: 1000, len: 70_000, byte: 3 },
-        Op::Zero { off: 2 << 20, len: 1 << 20 },
-        Op::Write { off: (1 << 20) + 512, len: 512, byte: 9 },
+        Op::Write {
+            off: 1000,
+            len: 70_000,
+            byte: 3,
+        },
+        Op::Zero {
+            off: 2 << 20,
+            len: 1 << 20,
+        },
+        Op::Write {
+            off: (1 << 20) + 512,
+            len: 512,
+            byte: 9,
+        },
         Op::Zero { off: 100, len: 300 },
         // Whole subclusters inside a (compressed) cluster: the rest of it must survive.
-        Op::Zero { off: (3 << 20) + 4096, len: 8192 },
+        Op::Zero {
+            off: (3 << 20) + 4096,
+            len: 8192,
+        },
     ];
     for setup in 0..SETUPS.len() {
         run_case(setup, &[batch.clone(), batch.clone()]);

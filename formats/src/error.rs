@@ -37,7 +37,10 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with the action that failed.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// Malformed metadata.

@@ -32,7 +32,11 @@ pub trait Storage: Send + Sync + Debug {
     /// The ranges of `[start, end)` that hold data; the rest are holes that read as zeros.
     /// Storage that cannot tell reports everything as data.
     fn data_extents(&self, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
-        Ok(if start < end { vec![(start, end)] } else { vec![] })
+        Ok(if start < end {
+            vec![(start, end)]
+        } else {
+            vec![]
+        })
     }
 }
 
@@ -44,7 +48,11 @@ pub trait Storage: Send + Sync + Debug {
 pub fn fault_point() {
     static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
     static COUNT: AtomicU64 = AtomicU64::new(0);
-    let limit = *LIMIT.get_or_init(|| std::env::var("COWIMG_TEST_KILL_AT_IO").ok().and_then(|v| v.parse().ok()));
+    let limit = *LIMIT.get_or_init(|| {
+        std::env::var("COWIMG_TEST_KILL_AT_IO")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
     if let Some(n) = limit {
         if COUNT.fetch_add(1, Ordering::SeqCst) + 1 >= n {
             // SAFETY: signalling our own process; nothing is touched.
@@ -68,7 +76,10 @@ pub struct FileStorage {
 impl FileStorage {
     /// Wraps an already opened (and, by the caller, locked) file.
     pub fn new(file: File, path: impl Into<PathBuf>) -> Self {
-        FileStorage { file, path: path.into() }
+        FileStorage {
+            file,
+            path: path.into(),
+        }
     }
 
     /// The underlying file, e.g. for locking.
@@ -212,7 +223,12 @@ impl<S: Storage> Storage for Unsynced<S> {
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`, with a message naming what was read.
-pub(crate) fn read_exact(s: &dyn Storage, buf: &mut [u8], offset: u64, what: &str) -> crate::Result<()> {
+pub(crate) fn read_exact(
+    s: &dyn Storage,
+    buf: &mut [u8],
+    offset: u64,
+    what: &str,
+) -> crate::Result<()> {
     s.read_at(buf, offset)
         .map_err(|e| crate::Error::io(format!("reading {what} at offset {offset:#x}"), e))
 }

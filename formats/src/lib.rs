@@ -146,7 +146,13 @@ impl Status {
 
     /// The status of a run that has nothing beyond its allocation to report.
     pub fn plain(run: Run) -> Status {
-        Status { start: run.start, len: run.len, alloc: run.alloc, reserved: None, recurse: None }
+        Status {
+            start: run.start,
+            len: run.len,
+            alloc: run.alloc,
+            reserved: None,
+            recurse: None,
+        }
     }
 }
 
@@ -166,8 +172,19 @@ pub fn push_status(out: &mut Vec<Status>, st: Status) {
             && last.recurse == st.recurse
             && contiguous(last.reserved, st.reserved, last.len)
         {
-            let mut runs = vec![Run { start: last.start, len: last.len, alloc: last.alloc }];
-            push_run(&mut runs, Run { start: st.start, len: st.len, alloc: st.alloc });
+            let mut runs = vec![Run {
+                start: last.start,
+                len: last.len,
+                alloc: last.alloc,
+            }];
+            push_run(
+                &mut runs,
+                Run {
+                    start: st.start,
+                    len: st.len,
+                    alloc: st.alloc,
+                },
+            );
             if runs.len() == 1 {
                 last.len += st.len;
                 return;
@@ -223,7 +240,11 @@ pub trait Image: Send + Sync {
     /// The runs of `[start, start + len)` as qemu's block status reports them (see
     /// [`Status`]); reads need only [`Image::map`].
     fn status(&self, start: u64, len: u64) -> Result<Vec<Status>> {
-        Ok(self.map(start, len)?.into_iter().map(Status::plain).collect())
+        Ok(self
+            .map(start, len)?
+            .into_iter()
+            .map(Status::plain)
+            .collect())
     }
     /// The storage that holds the guest data ([`Alloc::Data`] host offsets point into it):
     /// the image file itself, or a qcow2 image's external data file.
@@ -235,7 +256,10 @@ pub trait Image: Send + Sync {
     /// Decompresses the cluster described by [`Alloc::Compressed`] into `out` (one cluster).
     fn read_compressed(&self, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
         let _ = (host, len, out);
-        Err(Error::Unsupported(format!("compressed clusters in {}", self.format())))
+        Err(Error::Unsupported(format!(
+            "compressed clusters in {}",
+            self.format()
+        )))
     }
     /// Facts for `info`.
     fn details(&self) -> Details;
@@ -280,7 +304,10 @@ pub trait Image: Send + Sync {
     /// Sets or clears cowimg's copy-on-read flag (header area; synced).
     fn set_copy_on_read(&self, on: bool) -> Result<()> {
         let _ = on;
-        Err(Error::Unsupported(format!("the copy-on-read flag in {} images", self.format())))
+        Err(Error::Unsupported(format!(
+            "the copy-on-read flag in {} images",
+            self.format()
+        )))
     }
 
     // ---- checking ----

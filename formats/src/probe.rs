@@ -15,7 +15,8 @@ pub enum Probed {
 
 pub fn probe(s: &dyn Storage) -> Result<Probed> {
     let mut b = [0u8; 512];
-    s.read_at(&mut b, 0).map_err(|e| Error::io("reading the first sector", e))?;
+    s.read_at(&mut b, 0)
+        .map_err(|e| Error::io("reading the first sector", e))?;
     Ok(probe_bytes(&b))
 }
 

@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use crate::io::{read_exact, write_all, Storage};
-use crate::{push_run, Alloc, BackingRef, CheckMode, CheckReport, Details, Error, Format, Image, ReadBelow, Result, Run};
+use crate::{
+    push_run, Alloc, BackingRef, CheckMode, CheckReport, Details, Error, Format, Image, ReadBelow,
+    Result, Run,
+};
 
 pub struct Raw {
     storage: Arc<dyn Storage>,
@@ -13,11 +16,17 @@ pub struct Raw {
 
 impl Raw {
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Raw> {
-        let len = storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        let len = storage
+            .len()
+            .map_err(|e| Error::io("reading the file size", e))?;
         // qemu counts a raw image in whole 512-byte sectors: a file of 1000 bytes is a disk of
         // 1024, whose last 24 bytes read as zeros (past the end of the file).
         let size = len.div_ceil(512) * 512;
-        Ok(Raw { storage, size, writable })
+        Ok(Raw {
+            storage,
+            size,
+            writable,
+        })
     }
 }
 
@@ -46,15 +55,39 @@ impl Image for Raw {
         // Holes of the file read as zeros; report them so that copies skip them, and so that
         // `map` says what qemu-img map says of a sparse raw file.
         let end = start.saturating_add(len).min(self.size);
-        let extents = self.storage.data_extents(start, end).map_err(|e| Error::io("finding holes", e))?;
+        let extents = self
+            .storage
+            .data_extents(start, end)
+            .map_err(|e| Error::io("finding holes", e))?;
         let mut runs = Vec::new();
         let mut pos = start;
         for (a, b) in extents {
-            push_run(&mut runs, Run { start: pos, len: a - pos, alloc: Alloc::Zero { host: Some(pos) } });
-            push_run(&mut runs, Run { start: a, len: b - a, alloc: Alloc::Data { host: a } });
+            push_run(
+                &mut runs,
+                Run {
+                    start: pos,
+                    len: a - pos,
+                    alloc: Alloc::Zero { host: Some(pos) },
+                },
+            );
+            push_run(
+                &mut runs,
+                Run {
+                    start: a,
+                    len: b - a,
+                    alloc: Alloc::Data { host: a },
+                },
+            );
             pos = b;
         }
-        push_run(&mut runs, Run { start: pos, len: end.saturating_sub(pos), alloc: Alloc::Zero { host: Some(pos) } });
+        push_run(
+            &mut runs,
+            Run {
+                start: pos,
+                len: end.saturating_sub(pos),
+                alloc: Alloc::Zero { host: Some(pos) },
+            },
+        );
         Ok(runs)
     }
 
@@ -93,6 +126,8 @@ impl Image for Raw {
     }
 
     fn check(&self, _mode: CheckMode) -> Result<CheckReport> {
-        Err(Error::Unsupported("This image format does not support checks".into()))
+        Err(Error::Unsupported(
+            "This image format does not support checks".into(),
+        ))
     }
 }

@@ -55,7 +55,10 @@ pub fn run(a: &Args) -> Result<i32> {
             say(format!("Strict mode: Offset {off} block status mismatch!"));
             1
         }
-        Outcome::Mismatch { offset, size_mismatch } => {
+        Outcome::Mismatch {
+            offset,
+            size_mismatch,
+        } => {
             if size_mismatch {
                 say("Warning: Image size mismatch!".into());
             }
@@ -94,7 +97,9 @@ pub fn compare(c1: &Chain, c2: &Chain, strict: bool) -> Result<Outcome> {
         let st2 = w2.status_above(offset, s2 - offset)?;
         let mut chunk = st1.len.min(st2.len);
         if chunk == 0 {
-            return Err(Error::Msg(format!("no allocation status at offset {offset}")));
+            return Err(Error::Msg(format!(
+                "no allocation status at offset {offset}"
+            )));
         }
         if strict && st1.flags != st2.flags {
             return Ok(Outcome::StrictStatus(offset));
@@ -109,7 +114,10 @@ pub fn compare(c1: &Chain, c2: &Chain, strict: bool) -> Result<Outcome> {
                 c1.read(offset, &mut buf1[..n])?;
                 c2.read(offset, &mut buf2[..n])?;
                 if let Some(d) = first_diff_sector(&buf1[..n], &buf2[..n]) {
-                    return Ok(Outcome::Mismatch { offset: offset + d, size_mismatch: false });
+                    return Ok(Outcome::Mismatch {
+                        offset: offset + d,
+                        size_mismatch: false,
+                    });
                 }
             }
         } else {
@@ -118,7 +126,10 @@ pub fn compare(c1: &Chain, c2: &Chain, strict: bool) -> Result<Outcome> {
             let (c, buf) = if a1 { (c1, &mut buf1) } else { (c2, &mut buf2) };
             c.read(offset, &mut buf[..n])?;
             if let Some(d) = first_nonzero_sector(&buf[..n]) {
-                return Ok(Outcome::Mismatch { offset: offset + d, size_mismatch: false });
+                return Ok(Outcome::Mismatch {
+                    offset: offset + d,
+                    size_mismatch: false,
+                });
             }
         }
         offset += chunk;
@@ -132,29 +143,43 @@ pub fn compare(c1: &Chain, c2: &Chain, strict: bool) -> Result<Outcome> {
             let st = walker.status_above(offset, max - offset)?;
             let mut chunk = st.len;
             if chunk == 0 {
-                return Err(Error::Msg(format!("no allocation status at offset {offset}")));
+                return Err(Error::Msg(format!(
+                    "no allocation status at offset {offset}"
+                )));
             }
             if st.has(ALLOCATED) && !st.has(ZERO) {
                 chunk = chunk.min(IO);
                 let n = chunk as usize;
                 longer.read(offset, &mut buf1[..n])?;
                 if let Some(d) = first_nonzero_sector(&buf1[..n]) {
-                    return Ok(Outcome::Mismatch { offset: offset + d, size_mismatch: true });
+                    return Ok(Outcome::Mismatch {
+                        offset: offset + d,
+                        size_mismatch: true,
+                    });
                 }
             }
             offset += chunk;
         }
-        return Ok(Outcome::Identical { size_mismatch: true });
+        return Ok(Outcome::Identical {
+            size_mismatch: true,
+        });
     }
-    Ok(Outcome::Identical { size_mismatch: false })
+    Ok(Outcome::Identical {
+        size_mismatch: false,
+    })
 }
 
 /// Offset of the first 512-byte sector that differs (qemu reports sector offsets, counted
 /// from the start of the chunk it read).
 fn first_diff_sector(a: &[u8], b: &[u8]) -> Option<u64> {
-    a.chunks(512).zip(b.chunks(512)).position(|(x, y)| x != y).map(|i| i as u64 * 512)
+    a.chunks(512)
+        .zip(b.chunks(512))
+        .position(|(x, y)| x != y)
+        .map(|i| i as u64 * 512)
 }
 
 fn first_nonzero_sector(a: &[u8]) -> Option<u64> {
-    a.chunks(512).position(|x| !is_zero(x)).map(|i| i as u64 * 512)
+    a.chunks(512)
+        .position(|x| !is_zero(x))
+        .map(|i| i as u64 * 512)
 }

@@ -40,7 +40,9 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         o.apply(a.out_format, list)?;
     }
     if a.compress && a.out_format != Format::Qcow2 {
-        return Err(crate::error::Error::Msg("Compression not supported for this file format".into()));
+        return Err(crate::error::Error::Msg(
+            "Compression not supported for this file format".into(),
+        ));
     }
     let spec = o.spec(a.out_format, size, None, false)?;
     spec.validate()?;
@@ -53,7 +55,11 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let extents: Vec<Extent> = entries(&chain, 0, size)?
         .into_iter()
         .filter(|e| !e.zero)
-        .map(|e| Extent { start: e.start, len: e.length, action: Action::Copy })
+        .map(|e| Extent {
+            start: e.start,
+            len: e.length,
+            action: Action::Copy,
+        })
         .collect();
     let counters = Arc::new(Counters::default());
     let limiter = RateLimiter::new(0);
@@ -74,8 +80,14 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     };
     // Whole units of the output (whole clusters when compressing), so that no cluster is
     // written in pieces: the widened parts read as zeros, as they are.
-    let unit = if a.compress { target.image.cluster_size().unwrap_or(512) } else { target.image.allocation_unit() };
-    let result = copier.run(&widen(extents, unit, size)).and_then(|()| chain.finish());
+    let unit = if a.compress {
+        target.image.cluster_size().unwrap_or(512)
+    } else {
+        target.image.allocation_unit()
+    };
+    let result = copier
+        .run(&widen(extents, unit, size))
+        .and_then(|()| chain.finish());
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
     result?;
     drop(target);
@@ -89,10 +101,19 @@ pub fn widen(extents: Vec<Extent>, unit: u64, size: u64) -> Vec<Extent> {
     let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
     for e in extents {
         let start = e.start / unit * unit;
-        let end = (e.start + e.len).div_ceil(unit).saturating_mul(unit).min(size);
+        let end = (e.start + e.len)
+            .div_ceil(unit)
+            .saturating_mul(unit)
+            .min(size);
         match out.last_mut() {
-            Some(l) if l.action == e.action && l.start + l.len >= start => l.len = end.max(l.start + l.len) - l.start,
-            _ => out.push(Extent { start, len: end - start, action: e.action }),
+            Some(l) if l.action == e.action && l.start + l.len >= start => {
+                l.len = end.max(l.start + l.len) - l.start
+            }
+            _ => out.push(Extent {
+                start,
+                len: end - start,
+                action: e.action,
+            }),
         }
     }
     out
@@ -104,7 +125,14 @@ mod tests {
 
     #[test]
     fn extents_widen_to_units_and_merge() {
-        let e = |start, len| Extent { start, len, action: Action::Copy };
-        assert_eq!(widen(vec![e(100, 10), e(600, 10), e(5000, 100)], 512, 5050), vec![e(0, 1024), e(4608, 442)]);
+        let e = |start, len| Extent {
+            start,
+            len,
+            action: Action::Copy,
+        };
+        assert_eq!(
+            widen(vec![e(100, 10), e(600, 10), e(5000, 100)], 512, 5050),
+            vec![e(0, 1024), e(4608, 442)]
+        );
     }
 }

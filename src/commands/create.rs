@@ -44,7 +44,9 @@ fn on_off(key: &str, v: &str) -> Result<bool> {
     match v {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
-        _ => Err(Error::Usage(format!("Parameter '{key}' expects 'on' or 'off'"))),
+        _ => Err(Error::Usage(format!(
+            "Parameter '{key}' expects 'on' or 'off'"
+        ))),
     }
 }
 
@@ -61,11 +63,28 @@ impl ImageOptions {
             let (key, value) = item.split_once('=').unwrap_or((item, "on"));
             let allowed: &[&str] = match format {
                 Format::Qcow2 => &[
-                    "size", "cluster_size", "compat", "lazy_refcounts", "refcount_bits", "extended_l2",
-                    "compression_type", "backing_file", "backing_fmt", "preallocation", "data_file",
-                    "data_file_raw", "encryption", "encrypt.format",
+                    "size",
+                    "cluster_size",
+                    "compat",
+                    "lazy_refcounts",
+                    "refcount_bits",
+                    "extended_l2",
+                    "compression_type",
+                    "backing_file",
+                    "backing_fmt",
+                    "preallocation",
+                    "data_file",
+                    "data_file_raw",
+                    "encryption",
+                    "encrypt.format",
                 ],
-                Format::Qed => &["size", "cluster_size", "table_size", "backing_file", "backing_fmt"],
+                Format::Qed => &[
+                    "size",
+                    "cluster_size",
+                    "table_size",
+                    "backing_file",
+                    "backing_fmt",
+                ],
                 Format::Raw => &["size", "preallocation"],
             };
             if !allowed.contains(&key) {
@@ -102,13 +121,21 @@ impl ImageOptions {
     }
 
     /// The creation spec for `format` with virtual size `size`.
-    pub fn spec(&self, format: Format, size: u64, backing: Option<BackingRef>, copy_on_read: bool) -> Result<Spec> {
+    pub fn spec(
+        &self,
+        format: Format,
+        size: u64,
+        backing: Option<BackingRef>,
+        copy_on_read: bool,
+    ) -> Result<Spec> {
         Ok(match format {
             Format::Qcow2 => {
                 let v2 = match self.compat.as_deref() {
                     None | Some("1.1") | Some("v3") => false,
                     Some("0.10") | Some("v2") => true,
-                    Some(c) => return Err(Error::Usage(format!("Invalid compatibility level: '{c}'"))),
+                    Some(c) => {
+                        return Err(Error::Usage(format!("Invalid compatibility level: '{c}'")))
+                    }
                 };
                 let d = qcow2::create::Options::default();
                 Spec::Qcow2(qcow2::create::Options {
@@ -138,7 +165,9 @@ impl ImageOptions {
                     return Err(Error::Usage("raw images cannot have a backing file".into()));
                 }
                 if copy_on_read {
-                    return Err(Error::Usage("raw images cannot carry the copy-on-read flag".into()));
+                    return Err(Error::Usage(
+                        "raw images cannot carry the copy-on-read flag".into(),
+                    ));
                 }
                 Spec::Raw { size }
             }
@@ -166,7 +195,11 @@ fn formatting_line(file: &str, spec: &Spec, o: &ImageOptions) -> String {
                     s += &format!(" backing_fmt={f}");
                 }
             }
-            s += &format!(" lazy_refcounts={} refcount_bits={}", if q.lazy_refcounts { "on" } else { "off" }, q.refcount_bits);
+            s += &format!(
+                " lazy_refcounts={} refcount_bits={}",
+                if q.lazy_refcounts { "on" } else { "off" },
+                q.refcount_bits
+            );
             if q.copy_on_read {
                 s += " copy_on_read=on";
             }
@@ -200,25 +233,40 @@ pub fn run(a: &Args) -> Result<i32> {
         o.apply(a.format, list).map_err(ctx)?;
     }
     if let Some(cs) = &a.cluster_size {
-        o.cluster_size = Some(parse_size(cs).ok_or_else(|| ctx(Error::Usage(format!("Invalid cluster size '{cs}'"))))?);
+        o.cluster_size = Some(
+            parse_size(cs)
+                .ok_or_else(|| ctx(Error::Usage(format!("Invalid cluster size '{cs}'"))))?,
+        );
     }
     let backing_name = a.backing.clone().or(o.backing_file.clone());
     let backing_format = a.backing_format.clone().or(o.backing_fmt.clone());
     let mut size = match &a.size {
-        Some(s) => Some(parse_size(s).ok_or_else(|| Error::Usage(format!("Invalid image size specified: '{s}'.")))?),
+        Some(s) => Some(
+            parse_size(s)
+                .ok_or_else(|| Error::Usage(format!("Invalid image size specified: '{s}'.")))?,
+        ),
         None => o.size,
     };
     let backing = match backing_name {
         None => None,
         Some(name) => {
             let full = combine(&a.file, &name);
-            if std::fs::canonicalize(&full).ok().is_some_and(|p| std::fs::canonicalize(&a.file).ok() == Some(p))
+            if std::fs::canonicalize(&full)
+                .ok()
+                .is_some_and(|p| std::fs::canonicalize(&a.file).ok() == Some(p))
                 || full == a.file
             {
-                return Err(ctx(Error::Msg("Error: Trying to create an image with the same filename as the backing file".into())));
+                return Err(ctx(Error::Msg(
+                    "Error: Trying to create an image with the same filename as the backing file"
+                        .into(),
+                )));
             }
             if !a.unsafe_backing || size.is_none() {
-                let fmt = backing_format.as_deref().map(parse_format).transpose().map_err(ctx)?;
+                let fmt = backing_format
+                    .as_deref()
+                    .map(parse_format)
+                    .transpose()
+                    .map_err(ctx)?;
                 let layer = open_image(&full, fmt, Access::ReadShared)
                     .map_err(|e| ctx(Error::Msg(format!("{e}\nCould not open backing image."))))?;
                 if backing_format.is_none() {
@@ -229,13 +277,21 @@ pub fn run(a: &Args) -> Result<i32> {
                 }
                 size = size.or(Some(layer.size()));
             } else if backing_format.is_none() {
-                return Err(ctx(Error::Msg("Backing file specified without backing format".into())));
+                return Err(ctx(Error::Msg(
+                    "Backing file specified without backing format".into(),
+                )));
             }
-            Some(BackingRef { name, format: backing_format.clone() })
+            Some(BackingRef {
+                name,
+                format: backing_format.clone(),
+            })
         }
     };
-    let size = size.ok_or_else(|| ctx(Error::Usage("Image creation needs a size parameter".into())))?;
-    let spec = o.spec(a.format, size, backing, a.copy_on_read).map_err(ctx)?;
+    let size =
+        size.ok_or_else(|| ctx(Error::Usage("Image creation needs a size parameter".into())))?;
+    let spec = o
+        .spec(a.format, size, backing, a.copy_on_read)
+        .map_err(ctx)?;
     spec.validate().map_err(ctx)?;
     if !a.quiet {
         println!("{}", formatting_line(&a.file, &spec, &o));

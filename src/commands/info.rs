@@ -3,8 +3,8 @@
 
 use serde_json::{json, Map, Value};
 
-use cowimg_formats::qcow2::Qcow2Details;
 use cowimg_formats::probe::{probe, Probed};
+use cowimg_formats::qcow2::Qcow2Details;
 use cowimg_formats::{Details, FileStorage, Format};
 
 use crate::chain::{combine, is_protocol_format, Chain, Layer, OpenOptions};
@@ -56,7 +56,11 @@ pub fn run(a: &Args) -> Result<i32> {
     }
     if a.json {
         let values: Vec<Value> = facts.iter().map(to_json).collect();
-        let out = if a.backing_chain { Value::Array(values) } else { values.into_iter().next().expect("top") };
+        let out = if a.backing_chain {
+            Value::Array(values)
+        } else {
+            values.into_iter().next().expect("top")
+        };
         println!("{}", crate::commands::pretty_json(&out));
     } else {
         let blocks: Vec<String> = facts.iter().map(to_human).collect();
@@ -127,11 +131,17 @@ fn to_json(f: &Facts) -> Value {
                     if let Some(ic) = s.icount {
                         o.insert("icount".into(), json!(ic));
                     }
-                    o.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
+                    o.insert(
+                        "vm-clock-nsec".into(),
+                        json!(s.vm_clock_nsec % 1_000_000_000),
+                    );
                     o.insert("name".into(), json!(s.name));
                     o.insert("date-sec".into(), json!(s.date_sec));
                     o.insert("date-nsec".into(), json!(s.date_nsec));
-                    o.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
+                    o.insert(
+                        "vm-clock-sec".into(),
+                        json!(s.vm_clock_nsec / 1_000_000_000),
+                    );
                     o.insert("id".into(), json!(s.id));
                     o.insert("vm-state-size".into(), json!(s.vm_state_size));
                     Value::Object(o)
@@ -152,10 +162,16 @@ fn to_json(f: &Facts) -> Value {
     m.insert("format".into(), json!(f.layer.format.name()));
     m.insert("actual-size".into(), json!(f.actual_size));
     if let Details::Qcow2(d) = img.details() {
-        m.insert("format-specific".into(), json!({"type": "qcow2", "data": qcow2_json(&d)}));
+        m.insert(
+            "format-specific".into(),
+            json!({"type": "qcow2", "data": qcow2_json(&d)}),
+        );
     }
     if let Some(b) = &backing {
-        m.insert("full-backing-filename".into(), json!(combine(&f.layer.filename, &b.name)));
+        m.insert(
+            "full-backing-filename".into(),
+            json!(combine(&f.layer.filename, &b.name)),
+        );
         m.insert("backing-filename".into(), json!(b.name));
         if let Some(p) = f.probed_backing {
             m.insert("probed-backing-filename-format".into(), json!(p.name()));
@@ -168,7 +184,10 @@ fn to_json(f: &Facts) -> Value {
 
 fn qcow2_json(d: &Qcow2Details) -> Value {
     let mut m = Map::new();
-    m.insert("compat".into(), json!(if d.version >= 3 { "1.1" } else { "0.10" }));
+    m.insert(
+        "compat".into(),
+        json!(if d.version >= 3 { "1.1" } else { "0.10" }),
+    );
     m.insert("compression-type".into(), json!(d.compression_type));
     if d.version >= 3 {
         m.insert("lazy-refcounts".into(), json!(d.lazy_refcounts));
@@ -233,7 +252,9 @@ fn to_human(f: &Facts) -> String {
         o += "\n";
         match (&b.format, f.probed_backing) {
             (Some(fmt), _) => o += &format!("backing file format: {fmt}\n"),
-            (None, Some(p)) => o += &format!("backing file format: {p} (probed: the image does not record it)\n"),
+            (None, Some(p)) => {
+                o += &format!("backing file format: {p} (probed: the image does not record it)\n")
+            }
             (None, None) => {}
         }
     }
@@ -243,7 +264,10 @@ fn to_human(f: &Facts) -> String {
     if let Details::Qcow2(d) = img.details() {
         if !d.snapshots.is_empty() {
             o += "Snapshot list:\n";
-            o += &format!("{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n", "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT");
+            o += &format!(
+                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+                "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+            );
             for s in &d.snapshots {
                 let secs = s.vm_clock_nsec / 1_000_000_000;
                 let clock = format!(
@@ -279,7 +303,10 @@ fn to_human(f: &Facts) -> String {
 
 fn qcow2_human(d: &Qcow2Details) -> String {
     let mut o = String::new();
-    o += &format!("    compat: {}\n", if d.version >= 3 { "1.1" } else { "0.10" });
+    o += &format!(
+        "    compat: {}\n",
+        if d.version >= 3 { "1.1" } else { "0.10" }
+    );
     o += &format!("    compression type: {}\n", d.compression_type);
     if d.version >= 3 {
         o += &format!("    lazy refcounts: {}\n", d.lazy_refcounts);
@@ -290,16 +317,25 @@ fn qcow2_human(d: &Qcow2Details) -> String {
                 for (j, flag) in bitmap_flags(b).iter().enumerate() {
                     o += &format!("                [{j}]: {flag}\n");
                 }
-                o += &format!("            name: {}\n            granularity: {}\n", b.name, b.granularity);
+                o += &format!(
+                    "            name: {}\n            granularity: {}\n",
+                    b.name, b.granularity
+                );
             }
         }
     }
     o += &format!("    refcount bits: {}\n", d.refcount_bits);
     if d.version >= 3 {
         if let Some(df) = &d.data_file {
-            o += &format!("    data file: {df}\n    data file raw: {}\n", d.data_file_raw);
+            o += &format!(
+                "    data file: {df}\n    data file raw: {}\n",
+                d.data_file_raw
+            );
         }
-        o += &format!("    corrupt: {}\n    extended l2: {}\n", d.corrupt, d.extended_l2);
+        o += &format!(
+            "    corrupt: {}\n    extended l2: {}\n",
+            d.corrupt, d.extended_l2
+        );
     }
     o
 }

@@ -30,22 +30,45 @@ pub struct Done<T> {
 }
 
 /// Runs `body` (the copy and whatever follows it) with progress reporting over `plan`.
-pub fn run<T>(plan: &Plan, o: &JobOptions, cancel: &AtomicBool, body: impl FnOnce(&Settings) -> Result<T>) -> Result<Done<T>> {
+pub fn run<T>(
+    plan: &Plan,
+    o: &JobOptions,
+    cancel: &AtomicBool,
+    body: impl FnOnce(&Settings) -> Result<T>,
+) -> Result<Done<T>> {
     let counters = Arc::new(Counters::default());
     // Ranges needing nothing count as done from the start, as QEMU's progress counts them.
-    counters.done.store(plan.range_len - plan.work(), Ordering::Relaxed);
+    counters
+        .done
+        .store(plan.range_len - plan.work(), Ordering::Relaxed);
     let limiter = RateLimiter::new(o.speed);
     let reporter = Reporter::start(o.progress, plan.range_len, o.speed, counters.clone());
     let started = Instant::now();
-    let settings = Settings { jobs: o.jobs, limiter: &limiter, cancel, counters: &counters, compress: o.compress };
+    let settings = Settings {
+        jobs: o.jobs,
+        limiter: &limiter,
+        cancel,
+        counters: &counters,
+        compress: o.compress,
+    };
     let result = body(&settings);
     let elapsed = started.elapsed().as_secs_f64();
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
-    Ok(Done { value: result?, copied: counters.copied.load(Ordering::Relaxed), elapsed })
+    Ok(Done {
+        value: result?,
+        copied: counters.copied.load(Ordering::Relaxed),
+        elapsed,
+    })
 }
 
 /// The `--output json` result object.
-pub fn result_json(file: &str, len: u64, copied: u64, elapsed: f64, backing: Option<&BackingRef>) -> String {
+pub fn result_json(
+    file: &str,
+    len: u64,
+    copied: u64,
+    elapsed: f64,
+    backing: Option<&BackingRef>,
+) -> String {
     crate::commands::pretty_json(&json!({
         "filename": file,
         "len": len,
@@ -62,5 +85,8 @@ pub fn summary(file: &str, copied: u64, elapsed: f64, backing: Option<&BackingRe
         Some(b) => format!("its backing file is now '{}'", b.name),
         None => "it is now standalone".to_string(),
     };
-    format!("Copied {} into '{file}' in {elapsed:.2} s; {tail}.", crate::size::size_to_str(copied))
+    format!(
+        "Copied {} into '{file}' in {elapsed:.2} s; {tail}.",
+        crate::size::size_to_str(copied)
+    )
 }

@@ -126,15 +126,19 @@ fn parse_options(format: Format, lists: &[String]) -> Result<Target> {
         for item in list.split(',').filter(|s| !s.is_empty()) {
             let (key, value) = item.split_once('=').unwrap_or((item, "on"));
             match key {
-                "preallocation" => prealloc = match value {
-                    "off" => Prealloc::Off,
-                    "metadata" if format == Format::Qcow2 => Prealloc::Metadata,
-                    "falloc" if format != Format::Qed => Prealloc::Falloc,
-                    "full" if format != Format::Qed => Prealloc::Full,
-                    _ => return Err(Error::Usage(format!(
+                "preallocation" => {
+                    prealloc = match value {
+                        "off" => Prealloc::Off,
+                        "metadata" if format == Format::Qcow2 => Prealloc::Metadata,
+                        "falloc" if format != Format::Qed => Prealloc::Falloc,
+                        "full" if format != Format::Qed => Prealloc::Full,
+                        _ => {
+                            return Err(Error::Usage(format!(
                         "Parameter 'preallocation' does not accept value '{value}' for {format}"
-                    ))),
-                },
+                    )))
+                        }
+                    }
+                }
                 "nocow" | "extent_size_hint" => {}
                 // qemu's qcow2 measure ignores an external data file: the figures are those of
                 // the qcow2 file as if it held the data.

@@ -20,6 +20,7 @@ pub fn pretty_json(v: &Value) -> String {
     let mut out = Vec::new();
     let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
     let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-    v.serialize(&mut ser).expect("serialising a Value cannot fail");
+    v.serialize(&mut ser)
+        .expect("serialising a Value cannot fail");
     String::from_utf8(out).expect("JSON is UTF-8")
 }

@@ -35,7 +35,9 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
                 "Must specify backing file (-b) or use unsafe mode (-u)\nTry 'cowimg rebase --help' for more info".into(),
             ));
         }
-        return Err(Error::Usage("-u needs -b NEW (or -b \"\" to drop the backing file)".into()));
+        return Err(Error::Usage(
+            "-u needs -b NEW (or -b \"\" to drop the backing file)".into(),
+        ));
     };
     let new = if new_name.is_empty() {
         None
@@ -45,24 +47,36 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
                 "Could not change the backing file to '{new_name}': backing format must be specified (-F)"
             )));
         };
-        Format::from_name(&fmt)
-            .ok_or_else(|| Error::Usage(format!("Unknown backing format '{fmt}' (cowimg handles qcow2, qed and raw)")))?;
-        Some(BackingRef { name: new_name.clone(), format: Some(fmt) })
+        Format::from_name(&fmt).ok_or_else(|| {
+            Error::Usage(format!(
+                "Unknown backing format '{fmt}' (cowimg handles qcow2, qed and raw)"
+            ))
+        })?;
+        Some(BackingRef {
+            name: new_name.clone(),
+            format: Some(fmt),
+        })
     };
 
     if a.unsafe_mode {
         let top = open_image(&a.file, a.format, Access::Write)?;
         if top.format == Format::Raw {
-            return Err(Error::Msg(format!("Could not change the backing file to '{new_name}': Operation not supported")));
+            return Err(Error::Msg(format!(
+                "Could not change the backing file to '{new_name}': Operation not supported"
+            )));
         }
-        top.image.set_backing(new.as_ref()).map_err(|e| Error::image(&a.file, e))?;
+        top.image
+            .set_backing(new.as_ref())
+            .map_err(|e| Error::image(&a.file, e))?;
         report(a, new.as_ref(), 0, 0, 0.0);
         return Ok(0);
     }
 
     let chain = Chain::open(&a.file, OpenOptions::write(a.format))?;
     if chain.top().format == Format::Raw {
-        return Err(Error::Msg(format!("Could not change the backing file to '{new_name}': Operation not supported")));
+        return Err(Error::Msg(format!(
+            "Could not change the backing file to '{new_name}': Operation not supported"
+        )));
     }
     let size = chain.size();
     // Where the new backing file is: resolved against the image's directory, as stored.
@@ -76,10 +90,15 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     }
     let new_chain = match (&resolved, in_chain) {
         (Some(path), None) => {
-            let fmt = new.as_ref().and_then(|b| b.format.as_deref()).map(crate::chain::parse_format).transpose()?;
+            let fmt = new
+                .as_ref()
+                .and_then(|b| b.format.as_deref())
+                .map(crate::chain::parse_format)
+                .transpose()?;
             Some(
-                Chain::open(path, OpenOptions::read(fmt, a.force_share))
-                    .map_err(|e| Error::Msg(format!("Could not open new backing file '{new_name}': {e}")))?,
+                Chain::open(path, OpenOptions::read(fmt, a.force_share)).map_err(|e| {
+                    Error::Msg(format!("Could not open new backing file '{new_name}': {e}"))
+                })?,
             )
         }
         _ => None,
@@ -89,7 +108,12 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         (None, Some(nc)) => stream::plan_against(&chain, nc)?,
         (None, None) => unreachable!("a new backing file is either in the chain or opened"),
     };
-    let opts = JobOptions { speed: a.speed, jobs: a.jobs, progress: a.progress, compress: a.compress };
+    let opts = JobOptions {
+        speed: a.speed,
+        jobs: a.jobs,
+        progress: a.progress,
+        compress: a.compress,
+    };
     let done = job::run(&plan, &opts, cancel, |settings| {
         stream::copy(&chain, &plan, new.is_some(), new_chain.as_ref(), settings)?;
         stream::switch(&chain, new.as_ref())
@@ -100,7 +124,10 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
 
 fn report(a: &Args, backing: Option<&BackingRef>, len: u64, copied: u64, elapsed: f64) {
     if a.json {
-        println!("{}", job::result_json(&a.file, len, copied, elapsed, backing));
+        println!(
+            "{}",
+            job::result_json(&a.file, len, copied, elapsed, backing)
+        );
     } else if !a.unsafe_mode && a.progress != Mode::Off {
         eprintln!("{}", job::summary(&a.file, copied, elapsed, backing));
     }

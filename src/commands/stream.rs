@@ -35,17 +35,27 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
             Some(0) => return Err(Error::Usage(format!("--base '{b}' is the image itself"))),
             Some(i) => i,
             None => {
-                let names: Vec<&str> = chain.layers[1..].iter().map(|l| l.filename.as_str()).collect();
+                let names: Vec<&str> = chain.layers[1..]
+                    .iter()
+                    .map(|l| l.filename.as_str())
+                    .collect();
                 return Err(Error::Usage(format!(
                     "'{b}' is not in the backing chain of '{}' (its backing files: {})",
                     a.file,
-                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
                 )));
             }
         },
     };
     if chain.layers.len() == 1 {
-        say(a, &format!("Nothing to stream: '{}' has no backing file.", a.file));
+        say(
+            a,
+            &format!("Nothing to stream: '{}' has no backing file.", a.file),
+        );
         return Ok(0);
     }
     if base == 1 {
@@ -57,7 +67,13 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
             ),
             None => String::new(),
         };
-        say(a, &format!("Nothing to stream: '{}' is already the backing file of '{}'{hint}.", chain.layers[1].filename, a.file));
+        say(
+            a,
+            &format!(
+                "Nothing to stream: '{}' is already the backing file of '{}'{hint}.",
+                chain.layers[1].filename, a.file
+            ),
+        );
         return Ok(0);
     }
     let partial = a.offset.is_some() || a.length.is_some();
@@ -65,7 +81,12 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let end = a.length.map_or(size, |l| start.saturating_add(l).min(size));
     let plan = stream::plan(&chain, base, start, end)?;
     let keep_base = base < chain.layers.len();
-    let opts = JobOptions { speed: a.speed, jobs: a.jobs, progress: a.progress, compress: a.compress };
+    let opts = JobOptions {
+        speed: a.speed,
+        jobs: a.jobs,
+        progress: a.progress,
+        compress: a.compress,
+    };
     let done = job::run(&plan, &opts, cancel, |settings| {
         stream::copy(&chain, &plan, keep_base, None, settings)?;
         if !partial {
@@ -79,7 +100,10 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     })?;
     let backing = done.value.as_ref();
     if a.json {
-        println!("{}", job::result_json(&a.file, plan.range_len, done.copied, done.elapsed, backing));
+        println!(
+            "{}",
+            job::result_json(&a.file, plan.range_len, done.copied, done.elapsed, backing)
+        );
     } else if partial {
         say(
             a,
@@ -91,7 +115,10 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
             ),
         );
     } else {
-        say(a, &job::summary(&a.file, done.copied, done.elapsed, backing));
+        say(
+            a,
+            &job::summary(&a.file, done.copied, done.elapsed, backing),
+        );
     }
     Ok(0)
 }

@@ -30,7 +30,9 @@ impl Run {
 
 impl Scratch {
     pub fn new() -> Scratch {
-        Scratch { dir: tempfile::tempdir().expect("scratch dir") }
+        Scratch {
+            dir: tempfile::tempdir().expect("scratch dir"),
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -42,14 +44,20 @@ impl Scratch {
             .args(args)
             .current_dir(self.dir.path())
             .output()
-            .unwrap_or_else(|e| panic!("cannot run {program} (install qemu-utils for qemu-img/qemu-io): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("cannot run {program} (install qemu-utils for qemu-img/qemu-io): {e}")
+            });
         Run::from(out)
     }
 
     /// Runs a qemu tool and insists that it succeeds.
     pub fn qemu(&self, program: &str, args: &[&str]) -> String {
         let r = self.run(program, args);
-        assert_eq!(r.status, 0, "{program} {args:?} failed: {}{}", r.stdout, r.stderr);
+        assert_eq!(
+            r.status, 0,
+            "{program} {args:?} failed: {}{}",
+            r.stdout, r.stderr
+        );
         r.stdout
     }
 
@@ -59,7 +67,10 @@ impl Scratch {
 
     /// qemu-io with a list of -c commands.
     pub fn qemu_io(&self, image: &str, cmds: &[&str]) {
-        let mut args = vec!["-f".to_string(), detect_format(&self.path(image)).to_string()];
+        let mut args = vec![
+            "-f".to_string(),
+            detect_format(&self.path(image)).to_string(),
+        ];
         for c in cmds {
             args.push("-c".into());
             args.push(c.to_string());
@@ -76,25 +87,39 @@ impl Scratch {
     /// Runs cowimg and insists that it succeeds.
     pub fn cowimg_ok(&self, args: &[&str]) -> String {
         let r = self.cowimg(args);
-        assert_eq!(r.status, 0, "cowimg {args:?} failed: {}{}", r.stdout, r.stderr);
+        assert_eq!(
+            r.status, 0,
+            "cowimg {args:?} failed: {}{}",
+            r.stdout, r.stderr
+        );
         r.stdout
     }
 
     /// `qemu-img compare`: true when identical.
     pub fn same(&self, a: &str, b: &str) -> bool {
         let r = self.run("qemu-img", &["compare", a, b]);
-        assert!(r.status == 0 || r.status == 1, "qemu-img compare {a} {b}: {}{}", r.stdout, r.stderr);
+        assert!(
+            r.status == 0 || r.status == 1,
+            "qemu-img compare {a} {b}: {}{}",
+            r.stdout,
+            r.stderr
+        );
         r.status == 0
     }
 
     /// `qemu-img check` must find no error and no leak.
     pub fn assert_clean(&self, image: &str) {
         let r = self.run("qemu-img", &["check", image]);
-        assert_eq!(r.status, 0, "qemu-img check {image}: {}{}", r.stdout, r.stderr);
+        assert_eq!(
+            r.status, 0,
+            "qemu-img check {image}: {}{}",
+            r.stdout, r.stderr
+        );
     }
 
     pub fn qemu_info(&self, image: &str) -> serde_json::Value {
-        serde_json::from_str(&self.qemu_img(&["info", "--output=json", image])).expect("qemu-img info JSON")
+        serde_json::from_str(&self.qemu_img(&["info", "--output=json", image]))
+            .expect("qemu-img info JSON")
     }
 
     pub fn write_file(&self, name: &str, data: &[u8]) {
@@ -108,7 +133,9 @@ impl Scratch {
 
 /// Format of an image by its magic.
 pub fn detect_format(p: &Path) -> &'static str {
-    let b = std::fs::read(p).map(|v| v.into_iter().take(4).collect::<Vec<u8>>()).unwrap_or_default();
+    let b = std::fs::read(p)
+        .map(|v| v.into_iter().take(4).collect::<Vec<u8>>())
+        .unwrap_or_default();
     match b.as_slice() {
         b"QFI\xfb" => "qcow2",
         b"QED\0" => "qed",

@@ -65,7 +65,12 @@ pub struct Allocator {
 }
 
 /// The highest host cluster whose refcount is not zero.
-fn last_in_use(storage: &dyn Storage, table: &[u64], rgeo: RefGeometry, file_len: u64) -> Result<Option<u64>> {
+fn last_in_use(
+    storage: &dyn Storage,
+    table: &[u64],
+    rgeo: RefGeometry,
+    file_len: u64,
+) -> Result<Option<u64>> {
     let cs = 1u64 << rgeo.cluster_bits;
     for (bi, &e) in table.iter().enumerate().rev() {
         let offset = e & OFFSET_MASK;
@@ -80,7 +85,10 @@ fn last_in_use(storage: &dyn Storage, table: &[u64], rgeo: RefGeometry, file_len
         }
         let mut block = vec![0u8; cs as usize];
         read_exact(storage, &mut block, offset, "a refcount block")?;
-        if let Some(idx) = (0..rgeo.entries_per_block() as usize).rev().find(|&i| rgeo.get(&block, i) != 0) {
+        if let Some(idx) = (0..rgeo.entries_per_block() as usize)
+            .rev()
+            .find(|&i| rgeo.get(&block, i) != 0)
+        {
             return Ok(Some(bi as u64 * rgeo.entries_per_block() + idx as u64));
         }
     }
@@ -92,9 +100,17 @@ impl Allocator {
     pub fn load(storage: &dyn Storage, h: &Header, file_len: u64) -> Result<Allocator> {
         let cs = h.cluster_size();
         let mut buf = vec![0u8; h.refcount_table_clusters as usize * cs as usize];
-        read_exact(storage, &mut buf, h.refcount_table_offset, "the refcount table")?;
+        read_exact(
+            storage,
+            &mut buf,
+            h.refcount_table_offset,
+            "the refcount table",
+        )?;
         let table = table::decode(&buf);
-        let rgeo = RefGeometry { cluster_bits: h.cluster_bits, refcount_order: h.refcount_order };
+        let rgeo = RefGeometry {
+            cluster_bits: h.cluster_bits,
+            refcount_order: h.refcount_order,
+        };
         // Append after the last cluster in use. Space behind it has refcount 0: it is free,
         // typically the data of an interrupted run that never got referenced.
         let end = match last_in_use(storage, &table, rgeo, file_len)? {
@@ -165,7 +181,10 @@ impl Allocator {
     }
 
     pub fn has_work(&self) -> bool {
-        !self.new_clusters.is_empty() || !self.frees.is_empty() || !self.extra_refs.is_empty() || self.data_written
+        !self.new_clusters.is_empty()
+            || !self.frees.is_empty()
+            || !self.extra_refs.is_empty()
+            || self.data_written
     }
 
     /// The refcount block for table index `bi`, read on a miss.
@@ -173,7 +192,9 @@ impl Allocator {
         if !self.blocks.contains_key(&bi) {
             let offset = self.table.get(bi as usize).copied().unwrap_or(0) & OFFSET_MASK;
             if offset == 0 {
-                return Err(Error::Corrupt(format!("refcount block {bi} is not allocated")));
+                return Err(Error::Corrupt(format!(
+                    "refcount block {bi} is not allocated"
+                )));
             }
             if offset % self.cluster_size != 0 || offset + self.cluster_size > file_len {
                 return Err(Error::Corrupt(format!(
@@ -183,21 +204,39 @@ impl Allocator {
             }
             let mut data = vec![0u8; self.cluster_size as usize];
             read_exact(storage, &mut data, offset, "a refcount block")?;
-            self.blocks.insert(bi, Block { offset, data, dirty: None, new: false });
+            self.blocks.insert(
+                bi,
+                Block {
+                    offset,
+                    data,
+                    dirty: None,
+                    new: false,
+                },
+            );
         }
         Ok(self.blocks.get_mut(&bi).expect("inserted above"))
     }
 
     /// Changes the refcount of host cluster `cluster`: `1` gives a fresh cluster its first
     /// reference, `2` adds one more, `-1` drops one.
-    fn adjust(&mut self, storage: &dyn Storage, cluster: u64, delta: i64, file_len: u64) -> Result<()> {
+    fn adjust(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: u64,
+        delta: i64,
+        file_len: u64,
+    ) -> Result<()> {
         let (bi, idx) = self.rgeo.locate(cluster);
         let rgeo = self.rgeo;
         let block = self.block(storage, bi, file_len)?;
         let old = rgeo.get(&block.data, idx);
         let new = match delta {
             2 if old >= 1 && old < rgeo.max() => old + 1,
-            2 => return Err(Error::Corrupt(format!("cluster {cluster} cannot take another reference (refcount {old})"))),
+            2 => {
+                return Err(Error::Corrupt(format!(
+                    "cluster {cluster} cannot take another reference (refcount {old})"
+                )))
+            }
             1 if old == 0 => 1,
             1 => {
                 return Err(Error::Corrupt(format!(
@@ -206,7 +245,9 @@ impl Allocator {
                 )))
             }
             _ if old == 0 => {
-                return Err(Error::Corrupt(format!("cluster {cluster} is freed but its refcount is already 0")))
+                return Err(Error::Corrupt(format!(
+                    "cluster {cluster} is freed but its refcount is already 0"
+                )))
             }
             _ => old - 1,
         };
@@ -243,7 +284,15 @@ impl Allocator {
                 pending.push(offset / cs);
                 self.table[bi as usize] = offset;
                 self.table_dirty.insert(bi as usize);
-                self.blocks.insert(bi, Block { offset, data: vec![0u8; cs as usize], dirty: None, new: true });
+                self.blocks.insert(
+                    bi,
+                    Block {
+                        offset,
+                        data: vec![0u8; cs as usize],
+                        dirty: None,
+                        new: true,
+                    },
+                );
             }
             self.adjust(storage, cluster, 1, file_len.max(self.end))?;
         }
@@ -266,7 +315,8 @@ impl Allocator {
         if self.moved_from.is_none() {
             self.moved_from = Some((self.table_offset, self.table_clusters));
         }
-        self.table.resize((u64::from(clusters) * entries_per_cluster) as usize, 0);
+        self.table
+            .resize((u64::from(clusters) * entries_per_cluster) as usize, 0);
         self.table_offset = offset;
         self.table_clusters = clusters;
         (0..u64::from(clusters)).map(|i| offset / cs + i).collect()
@@ -279,7 +329,12 @@ impl Allocator {
             b.new = false;
         }
         if self.moved_from.is_some() {
-            write_all(storage, &table::encode(&self.table), self.table_offset, "the new refcount table")?;
+            write_all(
+                storage,
+                &table::encode(&self.table),
+                self.table_offset,
+                "the new refcount table",
+            )?;
             self.table_dirty.clear();
         }
         Ok(())
@@ -289,7 +344,12 @@ impl Allocator {
     fn write_dirty_blocks(&mut self, storage: &dyn Storage) -> Result<()> {
         for b in self.blocks.values_mut() {
             if let Some((a, z)) = b.dirty.take() {
-                write_all(storage, &b.data[a..z], b.offset + a as u64, "refcount entries")?;
+                write_all(
+                    storage,
+                    &b.data[a..z],
+                    b.offset + a as u64,
+                    "refcount entries",
+                )?;
             }
         }
         Ok(())
@@ -299,7 +359,12 @@ impl Allocator {
     fn write_table_entries(&mut self, storage: &dyn Storage) -> Result<bool> {
         let any = !self.table_dirty.is_empty();
         for &i in &self.table_dirty {
-            write_all(storage, &self.table[i].to_be_bytes(), self.table_offset + 8 * i as u64, "a refcount table entry")?;
+            write_all(
+                storage,
+                &self.table[i].to_be_bytes(),
+                self.table_offset + 8 * i as u64,
+                "a refcount table entry",
+            )?;
         }
         self.table_dirty.clear();
         Ok(any)
@@ -323,7 +388,9 @@ impl Qcow2 {
         if !m.has_staged() {
             return Ok(());
         }
-        let Some(alloc) = m.alloc.as_mut() else { return Ok(()) };
+        let Some(alloc) = m.alloc.as_mut() else {
+            return Ok(());
+        };
         let file_len = m.file_len;
         alloc.count_new_clusters(s, file_len)?;
 
@@ -353,11 +420,21 @@ impl Qcow2 {
         // 3. References.
         for (&off, slot) in m.l2.iter_mut() {
             if let Some((a, z)) = slot.dirty.take() {
-                write_all(s, &table::encode(&slot.words[a..=z]), off + 8 * a as u64, "L2 entries")?;
+                write_all(
+                    s,
+                    &table::encode(&slot.words[a..=z]),
+                    off + 8 * a as u64,
+                    "L2 entries",
+                )?;
             }
         }
         for &i in &m.l1_dirty {
-            write_all(s, &m.l1[i].to_be_bytes(), m.header.l1_table_offset + 8 * i as u64, "an L1 entry")?;
+            write_all(
+                s,
+                &m.l1[i].to_be_bytes(),
+                m.header.l1_table_offset + 8 * i as u64,
+                "an L1 entry",
+            )?;
         }
         m.l1_dirty.clear();
         sync(s)?;
@@ -389,7 +466,9 @@ impl Qcow2 {
             return Err(Error::Refused("the image is open read-only".into()));
         }
         if self.data_file.is_some() {
-            return Err(Error::Unsupported("writing to qcow2 images with an external data file".into()));
+            return Err(Error::Unsupported(
+                "writing to qcow2 images with an external data file".into(),
+            ));
         }
         if m.header.incompatible_features & super::header::INCOMPAT_CORRUPT != 0 {
             return Err(Error::Refused(
@@ -423,10 +502,19 @@ impl Qcow2 {
         let alloc = Allocator::load(&*self.storage, &m.header, m.file_len)?;
         // Map the metadata before anything is written: a damaged image whose structures
         // overlap must not be written through them (qemu's overlap checks).
-        let (_, snapshot_table_len) =
-            super::snapshot::read_snapshots(&*self.storage, m.header.snapshots_offset, m.header.nb_snapshots, m.file_len)?;
-        m.metadata =
-            Some(super::overlap::MetadataMap::build(&m.header, &m.l1, &alloc.table, &self.snapshots, snapshot_table_len)?);
+        let (_, snapshot_table_len) = super::snapshot::read_snapshots(
+            &*self.storage,
+            m.header.snapshots_offset,
+            m.header.nb_snapshots,
+            m.file_len,
+        )?;
+        m.metadata = Some(super::overlap::MetadataMap::build(
+            &m.header,
+            &m.l1,
+            &alloc.table,
+            &self.snapshots,
+            snapshot_table_len,
+        )?);
         m.alloc = Some(alloc);
         Ok(())
     }

@@ -73,7 +73,16 @@ pub struct Meta {
 
 impl Meta {
     pub fn new(header: Header, l1: Vec<u64>, file_len: u64) -> Meta {
-        Meta { header, l1, l1_dirty: BTreeSet::new(), l2: HashMap::new(), tick: 0, file_len, alloc: None, metadata: None }
+        Meta {
+            header,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            l2: HashMap::new(),
+            tick: 0,
+            file_len,
+            alloc: None,
+            metadata: None,
+        }
     }
 
     /// Whether anything is staged that a commit must write: allocations, refcount changes,
@@ -85,13 +94,20 @@ impl Meta {
     }
 
     /// The L2 table at host offset `offset`, read and validated on a miss.
-    pub fn l2_table(&mut self, storage: &dyn Storage, geo: &Geometry, offset: u64) -> Result<&mut L2Slot> {
+    pub fn l2_table(
+        &mut self,
+        storage: &dyn Storage,
+        geo: &Geometry,
+        offset: u64,
+    ) -> Result<&mut L2Slot> {
         self.tick += 1;
         let tick = self.tick;
         if !self.l2.contains_key(&offset) {
             let cs = geo.cluster_size();
             if offset % cs != 0 {
-                return Err(Error::Corrupt(format!("L2 table offset {offset:#x} unaligned")));
+                return Err(Error::Corrupt(format!(
+                    "L2 table offset {offset:#x} unaligned"
+                )));
             }
             if offset + cs > self.file_len {
                 return Err(Error::Corrupt(format!(
@@ -104,7 +120,13 @@ impl Meta {
             self.evict(cs);
             self.l2.insert(
                 offset,
-                L2Slot { words: table::decode(&buf), last_use: tick, dirty: None, new: false, extended: geo.extended_l2 },
+                L2Slot {
+                    words: table::decode(&buf),
+                    last_use: tick,
+                    dirty: None,
+                    new: false,
+                    extended: geo.extended_l2,
+                },
             );
         }
         let slot = self.l2.get_mut(&offset).expect("inserted above");
@@ -115,14 +137,28 @@ impl Meta {
     /// Puts a table made in memory (new, or a copy of a shared one) into the cache, pinned.
     pub fn insert_new_l2(&mut self, offset: u64, words: Vec<u64>, extended: bool) {
         self.tick += 1;
-        self.l2.insert(offset, L2Slot { words, last_use: self.tick, dirty: None, new: true, extended });
+        self.l2.insert(
+            offset,
+            L2Slot {
+                words,
+                last_use: self.tick,
+                dirty: None,
+                new: true,
+                extended,
+            },
+        );
     }
 
     /// Drops least recently used clean tables until one more fits in the budget.
     fn evict(&mut self, cluster_size: u64) {
         let budget = (L2_CACHE_BYTES / cluster_size).max(8) as usize;
         while self.l2.len() >= budget {
-            let victim = self.l2.iter().filter(|(_, s)| !s.pinned()).min_by_key(|(_, s)| s.last_use).map(|(&k, _)| k);
+            let victim = self
+                .l2
+                .iter()
+                .filter(|(_, s)| !s.pinned())
+                .min_by_key(|(_, s)| s.last_use)
+                .map(|(&k, _)| k);
             match victim {
                 Some(k) => {
                     self.l2.remove(&k);

@@ -46,7 +46,9 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
             d.total_out(),
             out.len()
         ))),
-        Err(e) => Err(Error::Corrupt(format!("compressed cluster does not inflate: {e}"))),
+        Err(e) => Err(Error::Corrupt(format!(
+            "compressed cluster does not inflate: {e}"
+        ))),
     }
 }
 
@@ -57,9 +59,9 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     let mut outb = OutBuffer::around(out);
     while outb.pos() < outb.capacity() {
         let before = (inb.pos(), outb.pos());
-        let hint = dec
-            .run(&mut inb, &mut outb)
-            .map_err(|e| Error::Corrupt(format!("compressed cluster does not decode (zstd): {e}")))?;
+        let hint = dec.run(&mut inb, &mut outb).map_err(|e| {
+            Error::Corrupt(format!("compressed cluster does not decode (zstd): {e}"))
+        })?;
         if hint == 0 || (inb.pos(), outb.pos()) == before {
             break;
         }
@@ -81,7 +83,8 @@ pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> 
     let out = match kind {
         CompressionType::Zlib => {
             // Raw deflate with a 4 KiB window, as qemu writes (window bits -12).
-            let mut c = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
             let mut out = Vec::with_capacity(input.len());
             match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
                 Ok(flate2::Status::StreamEnd) => out,
@@ -89,7 +92,9 @@ pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> 
                 Err(e) => return Err(Error::io("deflate", std::io::Error::other(e))),
             }
         }
-        CompressionType::Zstd => zstd::bulk::compress(input, 0).map_err(|e| Error::io("zstd compression", e))?,
+        CompressionType::Zstd => {
+            zstd::bulk::compress(input, 0).map_err(|e| Error::io("zstd compression", e))?
+        }
     };
     Ok((out.len() <= limit).then_some(out))
 }

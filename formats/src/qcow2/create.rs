@@ -50,15 +50,21 @@ impl Default for Options {
 pub fn validate(o: &Options) -> Result<()> {
     let cs = o.cluster_size;
     if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
-        return Err(Error::invalid("Cluster size must be a power of two between 512 and 2048k"));
+        return Err(Error::invalid(
+            "Cluster size must be a power of two between 512 and 2048k",
+        ));
     }
     if !o.refcount_bits.is_power_of_two() || o.refcount_bits > 64 {
-        return Err(Error::invalid("Refcount width must be a power of two and may not exceed 64 bits"));
+        return Err(Error::invalid(
+            "Refcount width must be a power of two and may not exceed 64 bits",
+        ));
     }
     let v3 = "compatibility level 1.1 and above (use version=v3 or greater)";
     if o.v2 {
         if o.lazy_refcounts {
-            return Err(Error::invalid(format!("Lazy refcounts only supported with {v3}")));
+            return Err(Error::invalid(format!(
+                "Lazy refcounts only supported with {v3}"
+            )));
         }
         if o.refcount_bits != 16 {
             return Err(Error::invalid(
@@ -66,14 +72,20 @@ pub fn validate(o: &Options) -> Result<()> {
             ));
         }
         if o.extended_l2 {
-            return Err(Error::invalid(format!("Extended L2 entries are only supported with {v3}")));
+            return Err(Error::invalid(format!(
+                "Extended L2 entries are only supported with {v3}"
+            )));
         }
         if o.compression != CompressionType::Zlib {
-            return Err(Error::invalid(format!("Non-zlib compression type is only supported with {v3}")));
+            return Err(Error::invalid(format!(
+                "Non-zlib compression type is only supported with {v3}"
+            )));
         }
     }
     if o.extended_l2 && cs < 16384 {
-        return Err(Error::invalid("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"));
+        return Err(Error::invalid(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+        ));
     }
     if let Some(b) = &o.backing {
         if b.name.len() > header::MAX_BACKING_NAME {
@@ -90,7 +102,9 @@ pub fn validate(o: &Options) -> Result<()> {
 
 fn l1_size(o: &Options) -> u64 {
     let l2_entries = o.cluster_size / if o.extended_l2 { 16 } else { 8 };
-    align_up(o.size, 512).div_ceil(o.cluster_size).div_ceil(l2_entries)
+    align_up(o.size, 512)
+        .div_ceil(o.cluster_size)
+        .div_ceil(l2_entries)
 }
 
 /// Writes a new, empty image into `s` (which must be empty) and syncs it.
@@ -99,7 +113,10 @@ pub fn create(s: &dyn Storage, o: &Options) -> Result<()> {
     let cs = o.cluster_size;
     let cluster_bits = cs.trailing_zeros();
     let refcount_order = o.refcount_bits.trailing_zeros();
-    let rgeo = RefGeometry { cluster_bits, refcount_order };
+    let rgeo = RefGeometry {
+        cluster_bits,
+        refcount_order,
+    };
     let l1_entries = l1_size(o);
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
 
@@ -150,10 +167,18 @@ pub fn create(s: &dyn Storage, o: &Options) -> Result<()> {
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible_features: 0,
-        compatible_features: if o.lazy_refcounts { header::COMPAT_LAZY_REFCOUNTS } else { 0 },
+        compatible_features: if o.lazy_refcounts {
+            header::COMPAT_LAZY_REFCOUNTS
+        } else {
+            0
+        },
         autoclear_features: 0,
         refcount_order,
-        header_length: if o.v2 { header::V2_HEADER_LEN } else { header::V3_HEADER_LEN },
+        header_length: if o.v2 {
+            header::V2_HEADER_LEN
+        } else {
+            header::V3_HEADER_LEN
+        },
         compression_type: 0,
         extra_fields: Vec::new(),
         extensions: Vec::new(),
@@ -168,16 +193,25 @@ pub fn create(s: &dyn Storage, o: &Options) -> Result<()> {
         h.compression_type = 1;
     }
     if let Some(fmt) = o.backing.as_ref().and_then(|b| b.format.clone()) {
-        h.extensions.push(Extension { kind: header::EXT_BACKING_FORMAT, data: fmt.into_bytes() });
+        h.extensions.push(Extension {
+            kind: header::EXT_BACKING_FORMAT,
+            data: fmt.into_bytes(),
+        });
     }
     // qemu writes the feature name table only into clusters of 8 KiB and more.
     if !o.v2 && cs >= 8192 {
-        h.extensions.push(Extension { kind: header::EXT_FEATURE_TABLE, data: header::standard_feature_table() });
+        h.extensions.push(Extension {
+            kind: header::EXT_FEATURE_TABLE,
+            data: header::standard_feature_table(),
+        });
     }
     if o.copy_on_read {
         let mut d = vec![0u8; 8];
         put_be32(&mut d, 0, header::COWIMG_FLAG_COPY_ON_READ);
-        h.extensions.push(Extension { kind: header::EXT_COWIMG, data: d });
+        h.extensions.push(Extension {
+            kind: header::EXT_COWIMG,
+            data: d,
+        });
     }
     let ext = h.encode_extensions(true);
     let mut cluster0 = h.encode_fixed();
@@ -196,7 +230,8 @@ pub fn create(s: &dyn Storage, o: &Options) -> Result<()> {
 
     let mut reftable = vec![0u8; (tables * cs) as usize];
     for i in 0..blocks {
-        reftable[8 * i as usize..8 * i as usize + 8].copy_from_slice(&block_offset(i).to_be_bytes());
+        reftable[8 * i as usize..8 * i as usize + 8]
+            .copy_from_slice(&block_offset(i).to_be_bytes());
     }
     let mut refblocks = vec![0u8; (blocks * cs) as usize];
     for c in 0..total {
@@ -214,7 +249,12 @@ pub fn create(s: &dyn Storage, o: &Options) -> Result<()> {
     // The L1 table is all zeros: the file ends right after it (or after the last refcount
     // block behind it), as qemu leaves it.
     let end = (0..blocks).map(|i| block_offset(i) + cs).max().unwrap_or(0);
-    let end = if l1_entries == 0 { end } else { end.max(l1_offset + l1_entries * 8) };
-    s.set_len(end).map_err(|e| Error::io("sizing the new image", e))?;
+    let end = if l1_entries == 0 {
+        end
+    } else {
+        end.max(l1_offset + l1_entries * 8)
+    };
+    s.set_len(end)
+        .map_err(|e| Error::io("sizing the new image", e))?;
     sync(s)
 }

@@ -96,7 +96,10 @@ impl Header {
     }
 
     pub fn extension(&self, kind: u32) -> Option<&[u8]> {
-        self.extensions.iter().find(|e| e.kind == kind).map(|e| e.data.as_slice())
+        self.extensions
+            .iter()
+            .find(|e| e.kind == kind)
+            .map(|e| e.data.as_slice())
     }
 
     pub fn set_extension(&mut self, kind: u32, data: Option<Vec<u8>>) {
@@ -105,7 +108,11 @@ impl Header {
                 Some(e) => e.data = data,
                 None => {
                     // The backing format goes first, as qemu writes it.
-                    let at = if kind == EXT_BACKING_FORMAT { 0 } else { self.extensions.len() };
+                    let at = if kind == EXT_BACKING_FORMAT {
+                        0
+                    } else {
+                        self.extensions.len()
+                    };
                     self.extensions.insert(at, Extension { kind, data });
                 }
             },
@@ -122,7 +129,10 @@ impl Header {
     }
 
     pub fn cowimg_flags(&self) -> u32 {
-        self.extension(EXT_COWIMG).filter(|d| d.len() >= 4).map(|d| be32(d, 0)).unwrap_or(0)
+        self.extension(EXT_COWIMG)
+            .filter(|d| d.len() >= 4)
+            .map(|d| be32(d, 0))
+            .unwrap_or(0)
     }
 
     /// Parses and validates the header from the start of the file (`buf` holds at least the
@@ -137,7 +147,9 @@ impl Header {
         }
         let cluster_bits = be32(buf, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(Error::Unsupported(format!("cluster size: 2^{cluster_bits}")));
+            return Err(Error::Unsupported(format!(
+                "cluster size: 2^{cluster_bits}"
+            )));
         }
         let cluster_size = 1u64 << cluster_bits;
         let mut h = Header {
@@ -187,7 +199,9 @@ impl Header {
             }
         }
         if h.refcount_order > 6 {
-            return Err(Error::invalid("Reference count entry width too large; may not exceed 64 bits"));
+            return Err(Error::invalid(
+                "Reference count entry width too large; may not exceed 64 bits",
+            ));
         }
         let cluster0 = &buf[..buf.len().min(cluster_size as usize)];
         h.parse_extensions(cluster0)?;
@@ -201,17 +215,29 @@ impl Header {
         }
         if h.crypt_method != 0 {
             let what = if h.crypt_method == 1 { "AES" } else { "LUKS" };
-            return Err(Error::Unsupported(format!("qcow2 encryption ({what}); decrypt the image with qemu-img convert first")));
+            return Err(Error::Unsupported(format!(
+                "qcow2 encryption ({what}); decrypt the image with qemu-img convert first"
+            )));
         }
         let has_compression_bit = h.incompatible_features & INCOMPAT_COMPRESSION != 0;
         match (h.compression_type, has_compression_bit) {
             (0, false) | (1, true) => {}
-            (0, true) => return Err(Error::invalid("Compression type incompatible feature bit must not be set for zlib")),
-            (1, false) => return Err(Error::invalid("Compression type incompatible feature bit must be set for zstd")),
+            (0, true) => {
+                return Err(Error::invalid(
+                    "Compression type incompatible feature bit must not be set for zlib",
+                ))
+            }
+            (1, false) => {
+                return Err(Error::invalid(
+                    "Compression type incompatible feature bit must be set for zstd",
+                ))
+            }
             (t, _) => return Err(Error::Unsupported(format!("compression type {t}"))),
         }
         if h.extended_l2() && cluster_bits < 14 {
-            return Err(Error::invalid("Unsupported subcluster size: extended L2 needs clusters of at least 16 KiB"));
+            return Err(Error::invalid(
+                "Unsupported subcluster size: extended L2 needs clusters of at least 16 KiB",
+            ));
         }
         if h.incompatible_features & INCOMPAT_DATA_FILE != 0 && h.data_file_name().is_none() {
             return Err(Error::Unsupported(
@@ -231,7 +257,9 @@ impl Header {
             let start = h.backing_file_offset as usize;
             let end = start + len as usize;
             if end > cluster0.len() {
-                return Err(Error::invalid("Backing file name lies past the end of the file"));
+                return Err(Error::invalid(
+                    "Backing file name lies past the end of the file",
+                ));
             }
             h.backing_name = Some(String::from_utf8_lossy(&cluster0[start..end]).into_owned());
         }
@@ -246,9 +274,18 @@ impl Header {
             file_len,
         )?;
         if h.refcount_table_clusters == 0 {
-            return Err(Error::invalid("Image does not contain a reference count table"));
+            return Err(Error::invalid(
+                "Image does not contain a reference count table",
+            ));
         }
-        check_table("Active L1 table", h.l1_table_offset, u64::from(h.l1_size) * 8, MAX_L1_BYTES, cluster_size, file_len)?;
+        check_table(
+            "Active L1 table",
+            h.l1_table_offset,
+            u64::from(h.l1_size) * 8,
+            MAX_L1_BYTES,
+            cluster_size,
+            file_len,
+        )?;
         let l2_entries = cluster_size / h.l2_entry_size();
         let needed = h.size.div_ceil(cluster_size).div_ceil(l2_entries);
         if u64::from(h.l1_size) < needed || (h.size > 0 && h.l1_size == 0) {
@@ -257,7 +294,9 @@ impl Header {
         if h.nb_snapshots > MAX_SNAPSHOTS {
             return Err(Error::invalid("Too many snapshots"));
         }
-        if h.nb_snapshots > 0 && (h.snapshots_offset % cluster_size != 0 || h.snapshots_offset >= file_len) {
+        if h.nb_snapshots > 0
+            && (h.snapshots_offset % cluster_size != 0 || h.snapshots_offset >= file_len)
+        {
             return Err(Error::invalid("Snapshot table offset invalid"));
         }
         Ok(h)
@@ -301,10 +340,15 @@ impl Header {
             }
             let data = cluster0[off as usize..(off + len) as usize].to_vec();
             if kind == EXT_BACKING_FORMAT && data.len() >= 16 {
-                return Err(Error::invalid(format!("ext_backing_format: len={} too large (>=16)", data.len())));
+                return Err(Error::invalid(format!(
+                    "ext_backing_format: len={} too large (>=16)",
+                    data.len()
+                )));
             }
             if self.extensions.iter().any(|e| e.kind == kind) {
-                return Err(Error::invalid(format!("header extension {kind:#010x} appears twice")));
+                return Err(Error::invalid(format!(
+                    "header extension {kind:#010x} appears twice"
+                )));
             }
             self.extensions.push(Extension { kind, data });
             off += align_up(len, 8);
@@ -384,7 +428,10 @@ impl Header {
     pub fn live_ranges(&self) -> Vec<(u64, u64)> {
         let mut r = vec![(0, self.extensions_end.max(u64::from(self.header_length)))];
         if self.backing_file_offset != 0 {
-            r.push((self.backing_file_offset, self.backing_file_offset + u64::from(self.backing_file_size)));
+            r.push((
+                self.backing_file_offset,
+                self.backing_file_offset + u64::from(self.backing_file_size),
+            ));
         }
         r
     }
@@ -421,7 +468,14 @@ fn ext_string(d: &[u8]) -> String {
 
 /// qemu's `qcow2_validate_table`, plus a bound by the file length (a table past EOF would read
 /// as zeros and hide the damage).
-fn check_table(what: &str, offset: u64, bytes: u64, max: u64, cluster_size: u64, file_len: u64) -> Result<()> {
+fn check_table(
+    what: &str,
+    offset: u64,
+    bytes: u64,
+    max: u64,
+    cluster_size: u64,
+    file_len: u64,
+) -> Result<()> {
     if bytes > max {
         return Err(Error::invalid(format!("{what} too large")));
     }

@@ -7,11 +7,11 @@
 
 mod alloc;
 mod cache;
-mod overlap;
 pub mod check;
 pub mod compress;
 pub mod create;
 pub mod header;
+mod overlap;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;
@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use crate::io::{read_exact, Storage};
 use crate::util::{align_down, be32};
 use crate::{
-    push_run, push_status, Alloc, BackingRef, CheckMode, CheckReport, Details, Error, Format, Image, ReadBelow, Result, Run,
-    Status,
+    push_run, push_status, Alloc, BackingRef, CheckMode, CheckReport, Details, Error, Format,
+    Image, ReadBelow, Result, Run, Status,
 };
 use cache::Meta;
 use compress::CompressionType;
@@ -87,7 +87,9 @@ pub struct Qcow2 {
 impl Qcow2 {
     /// Opens and validates a qcow2 image.
     pub fn open(storage: Arc<dyn Storage>, opts: OpenOptions<'_>) -> Result<Qcow2> {
-        let file_len = storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io("reading the file size", e))?;
         let mut first = [0u8; 512];
         read_exact(&*storage, &mut first, 0, "the qcow2 header")?;
         if file_len < 72 || &first[0..4] != header::MAGIC {
@@ -95,14 +97,19 @@ impl Qcow2 {
         }
         let cluster_bits = be32(&first, 20);
         if !(header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(Error::Unsupported(format!("cluster size: 2^{cluster_bits}")));
+            return Err(Error::Unsupported(format!(
+                "cluster size: 2^{cluster_bits}"
+            )));
         }
         let cluster_size = 1u64 << cluster_bits;
         let mut cluster0 = vec![0u8; cluster_size.min(file_len.max(512)) as usize];
         read_exact(&*storage, &mut cluster0, 0, "the qcow2 header cluster")?;
         let header = Header::parse(&cluster0, file_len)?;
 
-        if opts.writable && !opts.repair && header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
+        if opts.writable
+            && !opts.repair
+            && header.incompatible_features & header::INCOMPAT_CORRUPT != 0
+        {
             return Err(Error::Refused(
                 "qcow2: Image is corrupt; cannot be opened read/write (repair it with `cowimg check -r all`)".into(),
             ));
@@ -110,17 +117,35 @@ impl Qcow2 {
         let data_file = match header.data_file_name() {
             Some(name) => match opts.data_file {
                 Some(open) => Some(open(&name)?),
-                None => return Err(Error::Unsupported(format!("external data file '{name}' (not opened)"))),
+                None => {
+                    return Err(Error::Unsupported(format!(
+                        "external data file '{name}' (not opened)"
+                    )))
+                }
             },
             None => None,
         };
-        let geo = Geometry { cluster_bits, extended_l2: header.extended_l2(), data_file: data_file.is_some() };
+        let geo = Geometry {
+            cluster_bits,
+            extended_l2: header.extended_l2(),
+            data_file: data_file.is_some(),
+        };
 
         let mut l1_buf = vec![0u8; header.l1_size as usize * 8];
-        read_exact(&*storage, &mut l1_buf, header.l1_table_offset, "the L1 table")?;
+        read_exact(
+            &*storage,
+            &mut l1_buf,
+            header.l1_table_offset,
+            "the L1 table",
+        )?;
         let l1 = table::decode(&l1_buf);
 
-        let (snapshots, _) = snapshot::read_snapshots(&*storage, header.snapshots_offset, header.nb_snapshots, file_len)?;
+        let (snapshots, _) = snapshot::read_snapshots(
+            &*storage,
+            header.snapshots_offset,
+            header.nb_snapshots,
+            file_len,
+        )?;
         let bitmaps = match header.extension(header::EXT_BITMAPS) {
             // Without the autoclear bit the extension is stale: qemu ignores it, so do we.
             Some(ext) if header.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 => {
@@ -182,7 +207,14 @@ impl Qcow2 {
             let region_end = end.min((l1i as u64 + 1) * l1_span);
             let l2_offset = meta.l1.get(l1i).copied().unwrap_or(0) & OFFSET_MASK;
             if l2_offset == 0 {
-                f(Run { start: off, len: region_end - off, alloc: Alloc::Unallocated }, None);
+                f(
+                    Run {
+                        start: off,
+                        len: region_end - off,
+                        alloc: Alloc::Unallocated,
+                    },
+                    None,
+                );
                 off = region_end;
                 continue;
             }
@@ -195,7 +227,14 @@ impl Qcow2 {
                 if !self.geo.extended_l2 || entry & table::OFLAG_COMPRESSED != 0 {
                     let kind = self.geo.kind(entry, 0, 0)?;
                     let alloc = Self::to_alloc(kind, off - cluster_start);
-                    f(Run { start: off, len: cluster_end - off, alloc }, None);
+                    f(
+                        Run {
+                            start: off,
+                            len: cluster_end - off,
+                            alloc,
+                        },
+                        None,
+                    );
                     off = cluster_end;
                 } else {
                     let sub = ((off - cluster_start) / sc) as u32;
@@ -206,7 +245,14 @@ impl Qcow2 {
                     let host = entry & OFFSET_MASK;
                     let reserved = (alloc == Alloc::Unallocated && self.geo.allocated(entry))
                         .then_some(host + (off - cluster_start));
-                    f(Run { start: off, len: sub_end - off, alloc }, reserved);
+                    f(
+                        Run {
+                            start: off,
+                            len: sub_end - off,
+                            alloc,
+                        },
+                        reserved,
+                    );
                     off = sub_end;
                 }
             }
@@ -245,7 +291,9 @@ impl Qcow2 {
     /// max(real * 10 / 9, real + 2)), and then asks the file about data clusters; images it
     /// cannot judge (damaged refcounts) count as not preallocated, as in qemu.
     pub fn metadata_preallocated(&self) -> bool {
-        *self.prealloc.get_or_init(|| self.detect_metadata_preallocation().unwrap_or(false))
+        *self
+            .prealloc
+            .get_or_init(|| self.detect_metadata_preallocation().unwrap_or(false))
     }
 
     fn detect_metadata_preallocation(&self) -> Result<bool> {
@@ -256,14 +304,23 @@ impl Qcow2 {
         let real_clusters = self.storage.allocated_bytes().map_err(io)? / cs;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
         let end_cluster = file_len.div_ceil(cs);
-        let rgeo = refcount::RefGeometry { cluster_bits: h.cluster_bits, refcount_order: h.refcount_order };
+        let rgeo = refcount::RefGeometry {
+            cluster_bits: h.cluster_bits,
+            refcount_order: h.refcount_order,
+        };
         let table_len = u64::from(h.refcount_table_clusters) * cs;
         let mut table = vec![0u8; table_len as usize];
-        read_exact(&*self.storage, &mut table, h.refcount_table_offset, "the refcount table")?;
+        read_exact(
+            &*self.storage,
+            &mut table,
+            h.refcount_table_offset,
+            "the refcount table",
+        )?;
         let per_block = rgeo.entries_per_block();
         // Nonzero entries per refcount block, by block offset: a table may name one block
         // many times, and a hostile one must not cost a read (and a count) per entry.
-        let mut counted: std::collections::HashMap<(u64, u64), u64> = std::collections::HashMap::new();
+        let mut counted: std::collections::HashMap<(u64, u64), u64> =
+            std::collections::HashMap::new();
         let mut count = 0u64;
         for (bi, e) in table::decode(&table).into_iter().enumerate() {
             let first = bi as u64 * per_block;
@@ -275,7 +332,9 @@ impl Qcow2 {
                 continue;
             }
             if block % cs != 0 || block.checked_add(cs).is_none_or(|b| b > file_len) {
-                return Err(Error::Corrupt(format!("refcount block offset {block:#x} is invalid")));
+                return Err(Error::Corrupt(format!(
+                    "refcount block offset {block:#x} is invalid"
+                )));
             }
             let n = (end_cluster - first).min(per_block);
             if let Some(c) = counted.get(&(block, n)) {
@@ -296,7 +355,9 @@ impl Qcow2 {
         match kind {
             Kind::Unallocated => Alloc::Unallocated,
             Kind::Zero => Alloc::Zero { host: None },
-            Kind::ZeroAlloc(h) => Alloc::Zero { host: Some(h + intra) },
+            Kind::ZeroAlloc(h) => Alloc::Zero {
+                host: Some(h + intra),
+            },
             Kind::Normal(h) => Alloc::Data { host: h + intra },
             Kind::Compressed { host, len } => Alloc::Compressed { host, len },
         }
@@ -322,7 +383,10 @@ impl Image for Qcow2 {
 
     fn backing(&self) -> Option<BackingRef> {
         let m = self.meta();
-        m.header.backing_name.clone().map(|name| BackingRef { name, format: m.header.backing_format() })
+        m.header.backing_name.clone().map(|name| BackingRef {
+            name,
+            format: m.header.backing_format(),
+        })
     }
 
     fn storage(&self) -> &Arc<dyn Storage> {
@@ -347,7 +411,13 @@ impl Image for Qcow2 {
             let mut region = Vec::new();
             let mut failed = None;
             self.walk(off, region_end - off, &mut |run, reserved| {
-                let st = Status { start: run.start, len: run.len, alloc: run.alloc, reserved, recurse: None };
+                let st = Status {
+                    start: run.start,
+                    len: run.len,
+                    alloc: run.alloc,
+                    reserved,
+                    recurse: None,
+                };
                 match (recurse, run.alloc) {
                     (true, Alloc::Data { host }) => {
                         if let Err(e) = self.push_recursed(&mut region, st, host) {
@@ -375,9 +445,14 @@ impl Image for Qcow2 {
     }
 
     fn read_compressed(&self, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
-        let file_len = self.storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        let file_len = self
+            .storage
+            .len()
+            .map_err(|e| Error::io("reading the file size", e))?;
         if host >= file_len {
-            return Err(Error::Corrupt(format!("compressed cluster at {host:#x} lies past the end of the file")));
+            return Err(Error::Corrupt(format!(
+                "compressed cluster at {host:#x} lies past the end of the file"
+            )));
         }
         let mut input = vec![0u8; len as usize];
         read_exact(&*self.storage, &mut input, host, "a compressed cluster")?;

@@ -20,7 +20,13 @@ pub struct MetadataMap {
 impl MetadataMap {
     /// Maps the header, the active L1 table and its L2 tables, the refcount table and blocks,
     /// the snapshot table and the snapshots' L1 tables.
-    pub fn build(h: &Header, l1: &[u64], reftable: &[u64], snapshots: &[Snapshot], snapshot_table_len: u64) -> Result<MetadataMap> {
+    pub fn build(
+        h: &Header,
+        l1: &[u64],
+        reftable: &[u64],
+        snapshots: &[Snapshot],
+        snapshot_table_len: u64,
+    ) -> Result<MetadataMap> {
         let cs = h.cluster_size();
         let mut r: Vec<(u64, u64, &'static str)> = vec![(0, cs, "the header")];
         let table = |off: u64, bytes: u64| (off, off + align_up(bytes.max(1), cs));
@@ -28,7 +34,10 @@ impl MetadataMap {
             let (a, b) = table(h.l1_table_offset, u64::from(h.l1_size) * 8);
             r.push((a, b, "the active L1 table"));
         }
-        let (a, b) = table(h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs);
+        let (a, b) = table(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+        );
         r.push((a, b, "the refcount table"));
         for e in reftable.iter().map(|e| e & OFFSET_MASK).filter(|&e| e != 0) {
             r.push((e, e + cs, "a refcount block"));

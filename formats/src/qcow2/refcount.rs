@@ -34,7 +34,10 @@ impl RefGeometry {
 
     /// (refcount table index, index inside the block) of a host cluster index.
     pub fn locate(&self, cluster: u64) -> (u64, usize) {
-        (cluster >> self.block_bits(), (cluster & (self.entries_per_block() - 1)) as usize)
+        (
+            cluster >> self.block_bits(),
+            (cluster & (self.entries_per_block() - 1)) as usize,
+        )
     }
 
     /// Byte range of the block that holds entry `idx` (for writing back only what changed).
@@ -48,7 +51,9 @@ impl RefGeometry {
         let bits = self.bits() as usize;
         if bits >= 8 {
             let n = bits / 8;
-            block[idx * n..idx * n + n].iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b))
+            block[idx * n..idx * n + n]
+                .iter()
+                .fold(0u64, |acc, &b| acc << 8 | u64::from(b))
         } else {
             let bit = idx * bits;
             u64::from((block[bit / 8] >> (bit % 8)) & ((1u8 << bits) - 1))
@@ -96,7 +101,10 @@ mod tests {
 
     #[test]
     fn sixteen_bit_entries_are_big_endian() {
-        let g = RefGeometry { cluster_bits: 16, refcount_order: 4 };
+        let g = RefGeometry {
+            cluster_bits: 16,
+            refcount_order: 4,
+        };
         let mut block = vec![0u8; 65536];
         g.set(&mut block, 3, 0x0102);
         assert_eq!(&block[6..8], &[1, 2]);

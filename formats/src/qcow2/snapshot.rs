@@ -24,24 +24,35 @@ pub struct Snapshot {
 pub const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
 
 /// Reads `count` snapshot entries starting at `offset`. Returns them and the table's size.
-pub fn read_snapshots(s: &dyn Storage, offset: u64, count: u32, file_len: u64) -> Result<(Vec<Snapshot>, u64)> {
+pub fn read_snapshots(
+    s: &dyn Storage,
+    offset: u64,
+    count: u32,
+    file_len: u64,
+) -> Result<(Vec<Snapshot>, u64)> {
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let mut pos = offset;
     for i in 0..count {
         let mut fixed = [0u8; 40];
         if pos + 40 > file_len || pos - offset > MAX_SNAPSHOT_TABLE {
-            return Err(Error::invalid(format!("snapshot table entry {i} lies past the end of the file")));
+            return Err(Error::invalid(format!(
+                "snapshot table entry {i} lies past the end of the file"
+            )));
         }
         read_exact(s, &mut fixed, pos, "snapshot table")?;
         let id_len = u64::from(be16(&fixed, 12));
         let name_len = u64::from(be16(&fixed, 14));
         let extra_len = u64::from(be32(&fixed, 36));
         if extra_len > 1024 {
-            return Err(Error::invalid(format!("snapshot {i} has {extra_len} bytes of extra data (at most 1024)")));
+            return Err(Error::invalid(format!(
+                "snapshot {i} has {extra_len} bytes of extra data (at most 1024)"
+            )));
         }
         let var_len = extra_len + id_len + name_len;
         if pos + 40 + var_len > file_len {
-            return Err(Error::invalid(format!("snapshot table entry {i} lies past the end of the file")));
+            return Err(Error::invalid(format!(
+                "snapshot table entry {i} lies past the end of the file"
+            )));
         }
         let mut var = vec![0u8; var_len as usize];
         read_exact(s, &mut var, pos + 40, "snapshot table")?;
@@ -50,7 +61,9 @@ pub fn read_snapshots(s: &dyn Storage, offset: u64, count: u32, file_len: u64) -
         if extra.len() >= 8 {
             vm_state_size = be64(extra, 0);
         }
-        let icount = (extra.len() >= 24).then(|| be64(extra, 16)).filter(|&c| c != u64::MAX);
+        let icount = (extra.len() >= 24)
+            .then(|| be64(extra, 16))
+            .filter(|&c| c != u64::MAX);
         let id_end = (extra_len + id_len) as usize;
         out.push(Snapshot {
             l1_table_offset: be64(&fixed, 0),
@@ -87,7 +100,12 @@ pub fn read_bitmaps(s: &dyn Storage, ext: &[u8], file_len: u64) -> Result<(Vec<B
     let count = be32(ext, 0);
     let dir_size = be64(ext, 8);
     let dir_offset = be64(ext, 16);
-    if count > 65535 || dir_size > 64 << 20 || dir_offset.checked_add(dir_size).is_none_or(|e| e > file_len) {
+    if count > 65535
+        || dir_size > 64 << 20
+        || dir_offset
+            .checked_add(dir_size)
+            .is_none_or(|e| e > file_len)
+    {
         return Err(Error::invalid("bitmap directory is invalid"));
     }
     let mut dir = vec![0u8; dir_size as usize];

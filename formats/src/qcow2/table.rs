@@ -21,7 +21,10 @@ pub enum Kind {
     /// Zero, with a host cluster kept allocated.
     ZeroAlloc(u64),
     Normal(u64),
-    Compressed { host: u64, len: u64 },
+    Compressed {
+        host: u64,
+        len: u64,
+    },
 }
 
 /// Geometry needed to decode entries.
@@ -135,7 +138,9 @@ impl Geometry {
 
     fn check_aligned(&self, host: u64) -> Result<()> {
         if host & (self.cluster_size() - 1) != 0 {
-            return Err(Error::Corrupt(format!("Cluster allocation offset {host:#x} unaligned")));
+            return Err(Error::Corrupt(format!(
+                "Cluster allocation offset {host:#x} unaligned"
+            )));
         }
         Ok(())
     }
@@ -143,7 +148,9 @@ impl Geometry {
 
 /// Decodes a table of big-endian u64 entries.
 pub fn decode(buf: &[u8]) -> Vec<u64> {
-    buf.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))).collect()
+    buf.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect()
 }
 
 /// Encodes entries as big-endian bytes.
@@ -162,31 +169,49 @@ mod tests {
     #[test]
     fn compressed_descriptor_round_trips() {
         // From qemu-img's output (64 KiB clusters): 0x40400000000501da is 2 sectors at 0x501da.
-        let g = Geometry { cluster_bits: 16, extended_l2: false, data_file: false };
+        let g = Geometry {
+            cluster_bits: 16,
+            extended_l2: false,
+            data_file: false,
+        };
         let (host, len) = g.compressed(0x4040_0000_0005_01da);
         assert_eq!(host, 0x501da);
         assert_eq!(len, 2 * 512 - 0x1da);
         assert_eq!(g.compressed_entry(host, len), 0x4040_0000_0005_01da);
-        let g = Geometry { cluster_bits: 21, extended_l2: false, data_file: false };
+        let g = Geometry {
+            cluster_bits: 21,
+            extended_l2: false,
+            data_file: false,
+        };
         let e = g.compressed_entry(0x1234_5600, 70_000);
         assert_eq!(g.compressed(e), (0x1234_5600, 70_144));
     }
 
     #[test]
     fn extended_entries_decode_per_subcluster() {
-        let g = Geometry { cluster_bits: 16, extended_l2: true, data_file: false };
+        let g = Geometry {
+            cluster_bits: 16,
+            extended_l2: true,
+            data_file: false,
+        };
         let entry = OFLAG_COPIED | 0x50000;
         let bitmap = 0x0000_0004_0000_0001;
         assert_eq!(g.kind(entry, bitmap, 0).unwrap(), Kind::Normal(0x50000));
         assert_eq!(g.kind(entry, bitmap, 1).unwrap(), Kind::Unallocated);
-        assert_eq!(g.kind(entry, bitmap, 2).unwrap(), Kind::ZeroAlloc(0x50000 + 2 * 2048));
+        assert_eq!(
+            g.kind(entry, bitmap, 2).unwrap(),
+            Kind::ZeroAlloc(0x50000 + 2 * 2048)
+        );
         assert_eq!(g.kind(0, 1 << 34, 2).unwrap(), Kind::Zero);
         assert!(g.kind(entry, 1 | 1 << 32, 0).is_err());
         // qemu refuses the whole cluster when any subcluster is both allocated and zero.
         assert!(g.kind(entry, 1 | 1 << 33 | 1 << 1, 0).is_err());
         // Allocated subclusters need a host cluster; with a data file, offset 0 is one.
         assert!(g.kind(0, 1, 0).is_err());
-        let d = Geometry { data_file: true, ..g };
+        let d = Geometry {
+            data_file: true,
+            ..g
+        };
         assert_eq!(d.kind(OFLAG_COPIED, 1, 0).unwrap(), Kind::Normal(0));
         assert_eq!(d.kind(OFLAG_COPIED, 1, 1).unwrap(), Kind::Unallocated);
         assert!(d.allocated(OFLAG_COPIED) && !g.allocated(OFLAG_COPIED));
@@ -194,9 +219,16 @@ mod tests {
 
     #[test]
     fn copied_offset_zero_is_unallocated_without_a_data_file() {
-        let g = Geometry { cluster_bits: 16, extended_l2: false, data_file: false };
+        let g = Geometry {
+            cluster_bits: 16,
+            extended_l2: false,
+            data_file: false,
+        };
         assert_eq!(g.kind(OFLAG_COPIED, 0, 0).unwrap(), Kind::Unallocated);
-        let d = Geometry { data_file: true, ..g };
+        let d = Geometry {
+            data_file: true,
+            ..g
+        };
         assert_eq!(d.kind(OFLAG_COPIED, 0, 0).unwrap(), Kind::Normal(0));
         assert!(g.kind(OFLAG_ZERO | 0x50200, 0, 0).is_err());
     }

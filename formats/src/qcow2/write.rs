@@ -47,7 +47,12 @@ impl Qcow2 {
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|&e| e <= self.size)
-            .ok_or_else(|| Error::invalid(format!("write of {} bytes at {offset} is past the end of the image", data.len())))?;
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "write of {} bytes at {offset} is past the end of the image",
+                    data.len()
+                ))
+            })?;
         if data.is_empty() {
             return Ok(());
         }
@@ -61,7 +66,9 @@ impl Qcow2 {
         for p in &plans {
             for (host, src) in self.build(p, offset, data, below)? {
                 // Coalesce writes straight from the caller's buffer that continue each other.
-                if let (Some((h, Source::Data(a, b))), Source::Data(c, d)) = (writes.last_mut(), &src) {
+                if let (Some((h, Source::Data(a, b))), Source::Data(c, d)) =
+                    (writes.last_mut(), &src)
+                {
                     if *h + (*b - *a) as u64 == host && *b == *c {
                         *b = *d;
                         continue;
@@ -112,11 +119,19 @@ impl Qcow2 {
             if entry & OFFSET_MASK != 0 || entry & OFLAG_COMPRESSED != 0 {
                 return Ok(false);
             }
-            m.alloc.as_mut().expect("prepared").alloc_bytes(bytes.len() as u64)
+            m.alloc
+                .as_mut()
+                .expect("prepared")
+                .alloc_bytes(bytes.len() as u64)
         };
         write_all(&*self.storage, bytes, host, "a compressed cluster")?;
         let mut m = self.meta();
-        self.set_entry(&mut m, offset, self.geo.compressed_entry(host, bytes.len() as u64), 0)?;
+        self.set_entry(
+            &mut m,
+            offset,
+            self.geo.compressed_entry(host, bytes.len() as u64),
+            0,
+        )?;
         Ok(true)
     }
 
@@ -212,18 +227,30 @@ impl Qcow2 {
     }
 
     /// The data writes for one cluster plan.
-    fn build(&self, p: &ClusterPlan, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<Vec<(u64, Source)>> {
+    fn build(
+        &self,
+        p: &ClusterPlan,
+        offset: u64,
+        data: &[u8],
+        below: &dyn ReadBelow,
+    ) -> Result<Vec<(u64, Source)>> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let unit = geo.subcluster_size();
         let data_at = |x: u64| (p.cluster + x - offset) as usize;
         // Span of units written: all of them when the old cluster is carried over.
-        let (span_lo, span_hi) =
-            if p.copy_all { (0, cs) } else { (align_down(p.lo, unit), align_up(p.hi, unit)) };
+        let (span_lo, span_hi) = if p.copy_all {
+            (0, cs)
+        } else {
+            (align_down(p.lo, unit), align_up(p.hi, unit))
+        };
         // A cluster of our own (standard L2) holds its content already: write just the bytes.
         let in_place = !p.fresh && !geo.extended_l2;
         if in_place || (span_lo == p.lo && span_hi == p.hi) {
-            return Ok(vec![(p.host + p.lo, Source::Data(data_at(p.lo), data_at(p.hi)))]);
+            return Ok(vec![(
+                p.host + p.lo,
+                Source::Data(data_at(p.lo), data_at(p.hi)),
+            )]);
         }
         let mut buf = vec![0u8; (span_hi - span_lo) as usize];
         let mut decompressed: Option<Vec<u8>> = None;
@@ -232,7 +259,11 @@ impl Qcow2 {
             let ue = u + unit;
             let covered = p.lo <= u && ue <= p.hi;
             let touched = p.lo < ue && u < p.hi;
-            let sub = if geo.extended_l2 { (u / unit) as u32 } else { 0 };
+            let sub = if geo.extended_l2 {
+                (u / unit) as u32
+            } else {
+                0
+            };
             let kind = geo.kind(p.entry, p.bitmap, sub)?;
             if !covered && (touched || matches!(kind, Kind::Normal(_) | Kind::Compressed { .. })) {
                 let out = &mut buf[(u - span_lo) as usize..(ue - span_lo) as usize];
@@ -283,20 +314,35 @@ impl Qcow2 {
         let l1i = (cluster >> (geo.cluster_bits + geo.l2_bits())) as usize;
         let idx = ((cluster / geo.cluster_size()) & (geo.l2_entries() - 1)) as usize;
         let l2 = self.writable_l2(m, &geo, l1i)?;
-        m.l2.get_mut(&l2).expect("writable_l2 caches it").set_entry(idx, entry, bitmap);
+        m.l2.get_mut(&l2)
+            .expect("writable_l2 caches it")
+            .set_entry(idx, entry, bitmap);
         Ok(())
     }
 
-    pub(super) fn write_zeroes_impl(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()> {
+    pub(super) fn write_zeroes_impl(
+        &self,
+        offset: u64,
+        len: u64,
+        below: &dyn ReadBelow,
+    ) -> Result<()> {
         let end = offset
             .checked_add(len)
             .filter(|&e| e <= self.size)
-            .ok_or_else(|| Error::invalid(format!("zero write of {len} bytes at {offset} is past the end of the image")))?;
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "zero write of {len} bytes at {offset} is past the end of the image"
+                ))
+            })?;
         let version = self.meta().header.version;
         let unit = self.geo.subcluster_size();
         // Whole units get a zero marker (v3); partial units, and everything on v2, which has
         // no zero clusters, get written zeros.
-        let (mid_lo, mid_hi) = if version >= 3 { (align_up(offset, unit), align_down(end, unit)) } else { (end, end) };
+        let (mid_lo, mid_hi) = if version >= 3 {
+            (align_up(offset, unit), align_down(end, unit))
+        } else {
+            (end, end)
+        };
         if mid_lo < mid_hi {
             let mut partial = vec![(offset, mid_lo), (mid_hi, end)];
             {
@@ -311,7 +357,12 @@ impl Qcow2 {
     }
 
     /// Writes zero bytes over the given ranges (those a zero marker cannot express).
-    fn write_zero_data(&self, ranges: &[(u64, u64)], len: u64, below: &dyn ReadBelow) -> Result<()> {
+    fn write_zero_data(
+        &self,
+        ranges: &[(u64, u64)],
+        len: u64,
+        below: &dyn ReadBelow,
+    ) -> Result<()> {
         let zeros = vec![0u8; (1 << 20).min(len) as usize];
         for &(a, b) in ranges {
             let mut pos = a;
@@ -346,7 +397,11 @@ impl Qcow2 {
                 ((OFLAG_ZERO, 0), free)
             } else if a == 0 && b == cs {
                 // The whole cluster reads zero: drop any host cluster.
-                let free = if compressed { Some(geo.compressed(entry)) } else { (host != 0).then_some((host, cs)) };
+                let free = if compressed {
+                    Some(geo.compressed(entry))
+                } else {
+                    (host != 0).then_some((host, cs))
+                };
                 ((0, u64::from(u32::MAX) << SUBCLUSTERS), free)
             } else if compressed {
                 // Subclusters of a compressed cluster cannot be marked: the cluster is
@@ -375,7 +430,10 @@ impl Qcow2 {
         match backing {
             Some(b) => {
                 if b.name.len() > header::MAX_BACKING_NAME {
-                    return Err(Error::invalid(format!("backing file name is {} bytes; qcow2 allows 1023", b.name.len())));
+                    return Err(Error::invalid(format!(
+                        "backing file name is {} bytes; qcow2 allows 1023",
+                        b.name.len()
+                    )));
                 }
                 h.backing_name = Some(b.name.clone());
                 let fmt = b.format.as_ref().map(|f| f.as_bytes().to_vec());
@@ -411,7 +469,9 @@ impl Qcow2 {
         let mut m = self.meta();
         self.prepare_write(&mut m)?;
         if m.has_staged() {
-            return Err(Error::Refused("internal: header change with uncommitted writes".into()));
+            return Err(Error::Refused(
+                "internal: header change with uncommitted writes".into(),
+            ));
         }
         Ok(m.header.clone())
     }
@@ -432,7 +492,11 @@ impl Qcow2 {
         let hl = u64::from(new.header_length);
         let name = new.backing_name.clone().unwrap_or_default().into_bytes();
         let full = new.encode_extensions(true);
-        let ext = if hl + full.len() as u64 <= 512 { full } else { new.encode_extensions(false) };
+        let ext = if hl + full.len() as u64 <= 512 {
+            full
+        } else {
+            new.encode_extensions(false)
+        };
         let chain_end = hl + ext.len() as u64;
 
         let mut sector = new.clone();
@@ -442,8 +506,13 @@ impl Qcow2 {
         } else if cs == 512 {
             (chain_end + name.len() as u64 <= 512).then_some(chain_end)
         } else if fits_sector {
-            let live: Vec<(u64, u64)> =
-                m.header.live_ranges().into_iter().filter(|&(_, e)| e > 512).map(|(a, e)| (a.max(512), e)).collect();
+            let live: Vec<(u64, u64)> = m
+                .header
+                .live_ranges()
+                .into_iter()
+                .filter(|&(_, e)| e > 512)
+                .map(|(a, e)| (a.max(512), e))
+                .collect();
             place_outside(name.len() as u64, 512, cs, &live)
         } else {
             None
@@ -467,7 +536,11 @@ impl Qcow2 {
                 // The essential header does not fit in one sector (many or large extensions):
                 // fall back to qemu's single write of the whole header area.
                 let full = new.encode_extensions(true);
-                let ext = if hl + (full.len() + name.len()) as u64 <= cs { full } else { new.encode_extensions(false) };
+                let ext = if hl + (full.len() + name.len()) as u64 <= cs {
+                    full
+                } else {
+                    new.encode_extensions(false)
+                };
                 let name_at = hl + ext.len() as u64;
                 if name_at + name.len() as u64 > cs {
                     return Err(Error::Refused("No space left in the file header".into()));

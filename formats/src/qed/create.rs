@@ -16,16 +16,28 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { size: 0, cluster_size: 65536, table_size: 4, backing: None, copy_on_read: false }
+        Options {
+            size: 0,
+            cluster_size: 65536,
+            table_size: 4,
+            backing: None,
+            copy_on_read: false,
+        }
     }
 }
 
 pub fn validate(o: &Options) -> Result<()> {
-    if !o.cluster_size.is_power_of_two() || !(header::MIN_CLUSTER_SIZE..=header::MAX_CLUSTER_SIZE).contains(&o.cluster_size) {
-        return Err(Error::invalid("QED cluster size must be within range [4096, 67108864] and power of 2"));
+    if !o.cluster_size.is_power_of_two()
+        || !(header::MIN_CLUSTER_SIZE..=header::MAX_CLUSTER_SIZE).contains(&o.cluster_size)
+    {
+        return Err(Error::invalid(
+            "QED cluster size must be within range [4096, 67108864] and power of 2",
+        ));
     }
     if !o.table_size.is_power_of_two() || o.table_size > header::MAX_TABLE_SIZE {
-        return Err(Error::invalid("QED table size must be within range [1, 16] and power of 2"));
+        return Err(Error::invalid(
+            "QED table size must be within range [1, 16] and power of 2",
+        ));
     }
     if o.table_size == 1 {
         // qemu's table offset check rejects every table of one cluster (its overflow test is
@@ -73,14 +85,17 @@ pub fn create(s: &dyn Storage, o: &Options) -> Result<()> {
         }
         h.backing_filename_offset = header::HEADER_LEN as u32;
         h.backing_filename_size = b.name.len() as u32;
-        cluster0[header::HEADER_LEN..header::HEADER_LEN + b.name.len()].copy_from_slice(b.name.as_bytes());
+        cluster0[header::HEADER_LEN..header::HEADER_LEN + b.name.len()]
+            .copy_from_slice(b.name.as_bytes());
     }
     cluster0[..header::HEADER_LEN].copy_from_slice(&h.encode());
     if o.copy_on_read {
         let at = header::COWIMG_RECORD_OFFSET as usize;
-        cluster0[at..at + header::COWIMG_RECORD_LEN].copy_from_slice(&header::encode_record(header::COWIMG_FLAG_COPY_ON_READ));
+        cluster0[at..at + header::COWIMG_RECORD_LEN]
+            .copy_from_slice(&header::encode_record(header::COWIMG_FLAG_COPY_ON_READ));
     }
     write_all(s, &cluster0, 0, "the header")?;
-    s.set_len(cs + h.table_bytes()).map_err(|e| Error::io("sizing the new image", e))?;
+    s.set_len(cs + h.table_bytes())
+        .map_err(|e| Error::io("sizing the new image", e))?;
     sync(s)
 }

@@ -80,9 +80,14 @@ impl Header {
             backing_filename_size: le32(b, 60),
         };
         if h.features & !F_KNOWN != 0 {
-            return Err(Error::Unsupported(format!("QED features: {:x}", h.features & !F_KNOWN)));
+            return Err(Error::Unsupported(format!(
+                "QED features: {:x}",
+                h.features & !F_KNOWN
+            )));
         }
-        if !h.cluster_size.is_power_of_two() || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&h.cluster_size) {
+        if !h.cluster_size.is_power_of_two()
+            || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&h.cluster_size)
+        {
             return Err(Error::invalid("QED cluster size is invalid"));
         }
         if !h.table_size.is_power_of_two() || h.table_size > MAX_TABLE_SIZE {
@@ -91,7 +96,9 @@ impl Header {
         if h.image_size % 512 != 0 || h.image_size > h.max_image_size() {
             return Err(Error::invalid("QED image size is invalid"));
         }
-        let l1_last = h.l1_table_offset.checked_add(h.table_bytes() - h.cluster_size);
+        let l1_last = h
+            .l1_table_offset
+            .checked_add(h.table_bytes() - h.cluster_size);
         if h.l1_table_offset % h.cluster_size != 0
             || h.l1_table_offset < h.header_bytes()
             || l1_last.is_none_or(|l| l >= file_len / h.cluster_size * h.cluster_size)
@@ -99,8 +106,12 @@ impl Header {
             return Err(Error::invalid("QED table offset is invalid"));
         }
         if h.features & F_BACKING_FILE != 0 {
-            if u64::from(h.backing_filename_offset) + u64::from(h.backing_filename_size) > h.header_bytes() {
-                return Err(Error::invalid("QED backing file name lies outside the header"));
+            if u64::from(h.backing_filename_offset) + u64::from(h.backing_filename_size)
+                > h.header_bytes()
+            {
+                return Err(Error::invalid(
+                    "QED backing file name lies outside the header",
+                ));
             }
             // qemu reads the name into a PATH_MAX buffer and refuses longer ones; the check
             // also keeps a hostile size from making cowimg allocate gigabytes.
@@ -143,7 +154,10 @@ pub fn encode_record(flags: u32) -> [u8; COWIMG_RECORD_LEN] {
 
 /// Decodes the record's flags; 0 when there is no (intact) record.
 pub fn decode_record(r: &[u8]) -> u32 {
-    if r.len() < COWIMG_RECORD_LEN || &r[..8] != COWIMG_MAGIC || crc32fast::hash(&r[..16]) != le32(r, 16) {
+    if r.len() < COWIMG_RECORD_LEN
+        || &r[..8] != COWIMG_MAGIC
+        || crc32fast::hash(&r[..16]) != le32(r, 16)
+    {
         return 0;
     }
     le32(r, 8)

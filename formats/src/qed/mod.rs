@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use crate::io::{read_exact, Storage};
 use crate::util::align_down;
 use crate::{
-    push_run, Alloc, BackingRef, CheckMode, CheckReport, Details, Error, Format, Image, ReadBelow, Result, Run, Status,
+    push_run, Alloc, BackingRef, CheckMode, CheckReport, Details, Error, Format, Image, ReadBelow,
+    Result, Run, Status,
 };
 use header::Header;
 use table::Pages;
@@ -53,7 +54,9 @@ pub(crate) struct Meta {
 
 impl Qed {
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Qed> {
-        let file_len = storage.len().map_err(|e| Error::io("reading the file size", e))?;
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io("reading the file size", e))?;
         let mut first = [0u8; 4096];
         read_exact(&*storage, &mut first, 0, "the QED header")?;
         if file_len < header::HEADER_LEN as u64 {
@@ -62,14 +65,20 @@ impl Qed {
         let h = Header::parse(&first, file_len)?;
         let backing_name = if h.features & header::F_BACKING_FILE != 0 {
             let mut name = vec![0u8; h.backing_filename_size as usize];
-            read_exact(&*storage, &mut name, u64::from(h.backing_filename_offset), "the backing file name")?;
+            read_exact(
+                &*storage,
+                &mut name,
+                u64::from(h.backing_filename_offset),
+                "the backing file name",
+            )?;
             Some(String::from_utf8_lossy(&name).into_owned())
         } else {
             None
         };
         let cowimg_flags = if h.header_size >= 1 {
             header::decode_record(
-                &first[header::COWIMG_RECORD_OFFSET as usize..header::COWIMG_RECORD_OFFSET as usize + header::COWIMG_RECORD_LEN],
+                &first[header::COWIMG_RECORD_OFFSET as usize
+                    ..header::COWIMG_RECORD_OFFSET as usize + header::COWIMG_RECORD_LEN],
             )
         } else {
             0
@@ -81,7 +90,10 @@ impl Qed {
         }
         let mut buf = vec![0u8; (l1_used * 8) as usize];
         read_exact(&*storage, &mut buf, h.l1_table_offset, "the L1 table")?;
-        let l1 = buf.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let l1 = buf
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
         let pages = Pages::new(h.table_entries());
         Ok(Qed {
             storage,
@@ -116,7 +128,9 @@ impl Qed {
             || offset < h.header_bytes()
             || last.is_none_or(|l| l >= align_down(file_len, h.cluster_size))
         {
-            return Err(Error::Corrupt(format!("L2 table offset {offset:#x} is invalid")));
+            return Err(Error::Corrupt(format!(
+                "L2 table offset {offset:#x} is invalid"
+            )));
         }
         Ok(())
     }
@@ -138,7 +152,10 @@ impl Image for Qed {
     fn backing(&self) -> Option<BackingRef> {
         let m = self.meta();
         let raw = m.header.features & header::F_BACKING_FORMAT_NO_PROBE != 0;
-        m.backing_name.clone().map(|name| BackingRef { name, format: raw.then(|| "raw".to_string()) })
+        m.backing_name.clone().map(|name| BackingRef {
+            name,
+            format: raw.then(|| "raw".to_string()),
+        })
     }
 
     fn storage(&self) -> &Arc<dyn Storage> {
@@ -160,7 +177,14 @@ impl Image for Qed {
             let region_end = end.min((l1i as u64 + 1) * l1_span);
             let table = m.l1.get(l1i).copied().unwrap_or(0);
             if table == 0 {
-                push_run(&mut runs, Run { start: off, len: region_end - off, alloc: Alloc::Unallocated });
+                push_run(
+                    &mut runs,
+                    Run {
+                        start: off,
+                        len: region_end - off,
+                        alloc: Alloc::Unallocated,
+                    },
+                );
                 off = region_end;
                 continue;
             }
@@ -176,13 +200,27 @@ impl Image for Qed {
                     0 => Alloc::Unallocated,
                     1 => Alloc::Zero { host: None },
                     host => {
-                        if host % cs != 0 || host < h.header_bytes() || host >= m.file_len.max(m.alloc_end()) {
-                            return Err(Error::Corrupt(format!("data cluster offset {host:#x} is invalid")));
+                        if host % cs != 0
+                            || host < h.header_bytes()
+                            || host >= m.file_len.max(m.alloc_end())
+                        {
+                            return Err(Error::Corrupt(format!(
+                                "data cluster offset {host:#x} is invalid"
+                            )));
                         }
-                        Alloc::Data { host: host + off - cluster }
+                        Alloc::Data {
+                            host: host + off - cluster,
+                        }
                     }
                 };
-                push_run(&mut runs, Run { start: off, len: cluster_end - off, alloc });
+                push_run(
+                    &mut runs,
+                    Run {
+                        start: off,
+                        len: cluster_end - off,
+                        alloc,
+                    },
+                );
                 off = cluster_end;
             }
         }
@@ -199,7 +237,11 @@ impl Image for Qed {
         // (qed_find_cluster limits the length to the L2 boundary): runs never merge across.
         while off < end {
             let region_end = end.min((off / l2_span + 1) * l2_span);
-            out.extend(self.map(off, region_end - off)?.into_iter().map(Status::plain));
+            out.extend(
+                self.map(off, region_end - off)?
+                    .into_iter()
+                    .map(Status::plain),
+            );
             off = region_end;
         }
         Ok(out)

@@ -30,7 +30,12 @@ pub struct Pages {
 
 impl Pages {
     pub fn new(table_entries: u64) -> Pages {
-        Pages { page_entries: table_entries.min(PAGE_ENTRIES), pages: HashMap::new(), new_tables: BTreeSet::new(), tick: 0 }
+        Pages {
+            page_entries: table_entries.min(PAGE_ENTRIES),
+            pages: HashMap::new(),
+            new_tables: BTreeSet::new(),
+            tick: 0,
+        }
     }
 
     pub fn is_new_table(&self, table: u64) -> bool {
@@ -44,12 +49,30 @@ impl Pages {
         if !self.pages.contains_key(&key) {
             self.evict();
             let page = if self.new_tables.contains(&table) {
-                Page { entries: vec![0; n], dirty: None, new: true, last_use: 0 }
+                Page {
+                    entries: vec![0; n],
+                    dirty: None,
+                    new: true,
+                    last_use: 0,
+                }
             } else {
                 let mut buf = vec![0u8; n * 8];
-                read_exact(s, &mut buf, table + key.1 * self.page_entries * 8, "an L2 table")?;
-                let entries = buf.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-                Page { entries, dirty: None, new: false, last_use: 0 }
+                read_exact(
+                    s,
+                    &mut buf,
+                    table + key.1 * self.page_entries * 8,
+                    "an L2 table",
+                )?;
+                let entries = buf
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                Page {
+                    entries,
+                    dirty: None,
+                    new: false,
+                    last_use: 0,
+                }
             };
             self.pages.insert(key, page);
         }
@@ -94,7 +117,12 @@ impl Pages {
     pub fn write_new(&mut self, s: &dyn Storage) -> Result<()> {
         let pe = self.page_entries;
         for (&(table, p), page) in self.pages.iter_mut().filter(|(_, p)| p.new) {
-            write_all(s, &encode(&page.entries), table + p * pe * 8, "a new L2 table")?;
+            write_all(
+                s,
+                &encode(&page.entries),
+                table + p * pe * 8,
+                "a new L2 table",
+            )?;
             page.new = false;
         }
         self.new_tables.clear();
@@ -106,7 +134,12 @@ impl Pages {
         let pe = self.page_entries;
         for (&(table, p), page) in self.pages.iter_mut() {
             if let Some((a, b)) = page.dirty.take() {
-                write_all(s, &encode(&page.entries[a..=b]), table + (p * pe + a as u64) * 8, "L2 entries")?;
+                write_all(
+                    s,
+                    &encode(&page.entries[a..=b]),
+                    table + (p * pe + a as u64) * 8,
+                    "L2 entries",
+                )?;
             }
         }
         Ok(())

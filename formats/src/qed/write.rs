@@ -67,11 +67,16 @@ impl Qed {
         let cs = m.header.cluster_size;
         let end = self.referenced_end(m)?;
         if end < m.file_len {
-            self.storage.set_len(end).map_err(|e| Error::io("dropping unreferenced clusters at the end", e))?;
+            self.storage
+                .set_len(end)
+                .map_err(|e| Error::io("dropping unreferenced clusters at the end", e))?;
             sync(&*self.storage)?;
             m.file_len = end;
         }
-        m.alloc = Some(Allocator { end: align_up(end, cs), dirty: false });
+        m.alloc = Some(Allocator {
+            end: align_up(end, cs),
+            dirty: false,
+        });
         Ok(())
     }
 
@@ -81,13 +86,19 @@ impl Qed {
         let cs = h.cluster_size;
         let mut end = h.header_bytes().max(h.l1_table_offset + h.table_bytes());
         let corrupt = |what: &str, off: u64| {
-            Error::Corrupt(format!("{what} offset {off:#x} is invalid; repair the image with `cowimg check -r all`"))
+            Error::Corrupt(format!(
+                "{what} offset {off:#x} is invalid; repair the image with `cowimg check -r all`"
+            ))
         };
         // The metadata must not overlap itself, nor any data cluster overlap it: writes through
         // a damaged table would change guest data or other tables (qemu's overlap checks).
-        let mut tables = vec![(0, h.header_bytes()), (h.l1_table_offset, h.l1_table_offset + h.table_bytes())];
+        let mut tables = vec![
+            (0, h.header_bytes()),
+            (h.l1_table_offset, h.l1_table_offset + h.table_bytes()),
+        ];
         for &table in m.l1.iter().filter(|&&t| t != 0) {
-            Self::check_table_offset(h, table, m.file_len).map_err(|_| corrupt("L2 table", table))?;
+            Self::check_table_offset(h, table, m.file_len)
+                .map_err(|_| corrupt("L2 table", table))?;
             tables.push((table, table + h.table_bytes()));
         }
         tables.sort_unstable();
@@ -109,7 +120,10 @@ impl Qed {
             while pos < h.table_bytes() {
                 let n = (h.table_bytes() - pos).min(buf.len() as u64) as usize;
                 crate::io::read_exact(&*self.storage, &mut buf[..n], table + pos, "an L2 table")?;
-                for e in buf[..n].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))) {
+                for e in buf[..n]
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                {
                     if e > 1 {
                         if e % cs != 0 || e >= m.file_len || is_table(e) {
                             return Err(corrupt("data cluster", e));
@@ -140,9 +154,15 @@ impl Qed {
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let plans = {
             let mut m = self.meta();
-            let end = offset.checked_add(data.len() as u64).filter(|&e| e <= m.header.image_size).ok_or_else(|| {
-                Error::invalid(format!("write of {} bytes at {offset} is past the end of the image", data.len()))
-            })?;
+            let end = offset
+                .checked_add(data.len() as u64)
+                .filter(|&e| e <= m.header.image_size)
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "write of {} bytes at {offset} is past the end of the image",
+                        data.len()
+                    ))
+                })?;
             self.prepare_write(&mut m)?;
             let cs = m.header.cluster_size;
             let mut plans = Vec::new();
@@ -150,10 +170,21 @@ impl Qed {
             while cluster < end {
                 let old = self.entry_at(&mut m, cluster)?;
                 let fresh = old <= 1;
-                let host = if fresh { m.alloc.as_mut().expect("prepared").reserve(cs) } else { old };
+                let host = if fresh {
+                    m.alloc.as_mut().expect("prepared").reserve(cs)
+                } else {
+                    old
+                };
                 let lo = offset.max(cluster) - cluster;
                 let hi = end.min(cluster + cs) - cluster;
-                plans.push(ClusterPlan { cluster, lo, hi, host, old, fresh });
+                plans.push(ClusterPlan {
+                    cluster,
+                    lo,
+                    hi,
+                    host,
+                    old,
+                    fresh,
+                });
                 cluster += cs;
             }
             plans
@@ -176,7 +207,12 @@ impl Qed {
                     len += (plans[j].hi - plans[j].lo) as usize;
                     j += 1;
                 }
-                write_all(&*self.storage, &data[at..at + len], p.host + p.lo, "guest data")?;
+                write_all(
+                    &*self.storage,
+                    &data[at..at + len],
+                    p.host + p.lo,
+                    "guest data",
+                )?;
                 i = j;
                 continue;
             }
@@ -184,7 +220,8 @@ impl Qed {
             if p.old == 0 {
                 below.read_below(p.cluster, &mut buf)?;
             }
-            buf[p.lo as usize..p.hi as usize].copy_from_slice(&data[at..at + (p.hi - p.lo) as usize]);
+            buf[p.lo as usize..p.hi as usize]
+                .copy_from_slice(&data[at..at + (p.hi - p.lo) as usize]);
             write_all(&*self.storage, &buf, p.host, "guest data")?;
             i += 1;
         }
@@ -216,7 +253,12 @@ impl Qed {
         m.pages.set(&*self.storage, table, idx, value)
     }
 
-    pub(super) fn write_zeroes_impl(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()> {
+    pub(super) fn write_zeroes_impl(
+        &self,
+        offset: u64,
+        len: u64,
+        below: &dyn ReadBelow,
+    ) -> Result<()> {
         let (cs, size) = {
             let m = self.meta();
             (m.header.cluster_size, m.header.image_size)
@@ -224,9 +266,17 @@ impl Qed {
         let end = offset
             .checked_add(len)
             .filter(|&e| e <= size)
-            .ok_or_else(|| Error::invalid(format!("zero write of {len} bytes at {offset} is past the end of the image")))?;
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "zero write of {len} bytes at {offset} is past the end of the image"
+                ))
+            })?;
         let (mid_lo, mid_hi) = (align_up(offset, cs), align_down(end, cs));
-        let mut to_write = if mid_lo < mid_hi { vec![(offset, mid_lo), (mid_hi, end)] } else { vec![(offset, end)] };
+        let mut to_write = if mid_lo < mid_hi {
+            vec![(offset, mid_lo), (mid_hi, end)]
+        } else {
+            vec![(offset, end)]
+        };
         if mid_lo < mid_hi {
             let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
             let mut m = self.meta();
@@ -263,29 +313,45 @@ impl Qed {
         let mut guard = self.meta();
         let m = &mut *guard;
         let s = &*self.storage;
-        let Some(alloc) = m.alloc.as_mut() else { return Ok(()) };
+        let Some(alloc) = m.alloc.as_mut() else {
+            return Ok(());
+        };
         if !alloc.dirty {
             return Ok(());
         }
         // 1. Data and new tables; a new table must lie whole inside the file.
-        let table_ends: Vec<u64> = m.pages.new_tables.iter().map(|t| t + m.header.table_bytes()).collect();
+        let table_ends: Vec<u64> = m
+            .pages
+            .new_tables
+            .iter()
+            .map(|t| t + m.header.table_bytes())
+            .collect();
         m.pages.write_new(s)?;
         if let Some(&end) = table_ends.iter().max() {
             let len = s.len().map_err(|e| Error::io("reading the file size", e))?;
             if len < end {
-                s.set_len(end).map_err(|e| Error::io("extending the file", e))?;
+                s.set_len(end)
+                    .map_err(|e| Error::io("extending the file", e))?;
             }
         }
         sync(s)?;
         // 2. References.
         m.pages.write_dirty(s)?;
         for &i in &m.l1_dirty {
-            write_all(s, &m.l1[i].to_le_bytes(), m.header.l1_table_offset + 8 * i as u64, "an L1 entry")?;
+            write_all(
+                s,
+                &m.l1[i].to_le_bytes(),
+                m.header.l1_table_offset + 8 * i as u64,
+                "an L1 entry",
+            )?;
         }
         m.l1_dirty.clear();
         sync(s)?;
         alloc.dirty = false;
-        m.file_len = m.file_len.max(alloc.end).max(s.len().map_err(|e| Error::io("reading the file size", e))?);
+        m.file_len = m
+            .file_len
+            .max(alloc.end)
+            .max(s.len().map_err(|e| Error::io("reading the file size", e))?);
         Ok(())
     }
 
@@ -293,7 +359,9 @@ impl Qed {
     fn header_for_change(&self, m: &mut Meta) -> Result<Header> {
         self.prepare_write(m)?;
         if m.alloc.as_ref().is_some_and(|a| a.dirty) {
-            return Err(Error::Refused("internal: header change with uncommitted writes".into()));
+            return Err(Error::Refused(
+                "internal: header change with uncommitted writes".into(),
+            ));
         }
         Ok(m.header.clone())
     }
@@ -315,11 +383,15 @@ impl Qed {
                 if h.compat_features != 0 {
                     // As qemu: the layout of data behind the header is unknown.
                     return Err(Error::Unsupported(
-                        "changing the backing file of a QED image with unknown compat features".into(),
+                        "changing the backing file of a QED image with unknown compat features"
+                            .into(),
                     ));
                 }
                 if b.name.len() > header::MAX_BACKING_NAME {
-                    return Err(Error::invalid(format!("backing file name is {} bytes; at most 1023", b.name.len())));
+                    return Err(Error::invalid(format!(
+                        "backing file name is {} bytes; at most 1023",
+                        b.name.len()
+                    )));
                 }
                 let live: Vec<(u64, u64)> = m
                     .backing_name
@@ -357,7 +429,8 @@ impl Qed {
         let rec_hi = rec_lo + header::COWIMG_RECORD_LEN as u64;
         let name_lo = u64::from(h.backing_filename_offset);
         let name_hi = name_lo + u64::from(h.backing_filename_size);
-        if h.header_size == 0 || (m.backing_name.is_some() && name_lo < rec_hi && rec_lo < name_hi) {
+        if h.header_size == 0 || (m.backing_name.is_some() && name_lo < rec_hi && rec_lo < name_hi)
+        {
             return Err(Error::Unsupported(
                 "a copy-on-read flag in this QED image: its header area has no room for cowimg's record".into(),
             ));
@@ -368,7 +441,12 @@ impl Qed {
         } else {
             flags &= !header::COWIMG_FLAG_COPY_ON_READ;
         }
-        write_all(&*self.storage, &header::encode_record(flags), rec_lo, "cowimg's record")?;
+        write_all(
+            &*self.storage,
+            &header::encode_record(flags),
+            rec_lo,
+            "cowimg's record",
+        )?;
         sync(&*self.storage)?;
         m.cowimg_flags = flags;
         Ok(())
