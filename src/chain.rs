@@ -168,19 +168,20 @@ pub fn open_layer(
     writable: bool,
     repair: bool,
 ) -> Result<Layer> {
-    let (format, probed) =
-        match format {
-            Some(f) => (f, false),
-            None => match probe(&*storage).map_err(|e| Error::open(filename, e.into()))? {
-                Probed::Known(f) => (f, true),
-                Probed::Other(name) => return Err(Error::open(
+    let (format, probed) = match format {
+        Some(f) => (f, false),
+        None => match probe(&*storage).map_err(|e| Error::open(filename, e.into()))? {
+            Probed::Known(f) => (f, true),
+            Probed::Other(name) => {
+                return Err(Error::open(
                     filename,
                     Error::Msg(format!(
                         "image format '{name}' is not supported by cowimg (qcow2, qed and raw are)"
                     )),
-                )),
-            },
-        };
+                ))
+            }
+        },
+    };
     let image: Arc<dyn Image> = match format {
         Format::Qcow2 => {
             // qemu opens the data file by the name as recorded: a relative name is relative
