@@ -485,6 +485,89 @@ fn corpus_case(name: &str) {
     }
 }
 
+/// The snapshot table as stored: (entry count, table bytes of `len`).
+fn snapshot_table(s: &Scratch, img: &str, len: usize) -> (u32, Vec<u8>) {
+    let b = s.read_file(img);
+    let n = u32::from_be_bytes(b[60..64].try_into().expect("4 bytes"));
+    let at = be64(&b, 64) as usize;
+    (n, b[at..at + len].to_vec())
+}
+
+/// A v3 snapshot table entry with only 8 bytes of extra data (no disk size): qemu-img check
+/// counts a corruption and `-r all` rewrites the table; cowimg must count it the same and
+/// write the same table, leaving every snapshot's data as it was.
+#[test]
+fn incomplete_snapshot_entry_is_counted_and_rewritten_as_qemu_does() {
+    let s = Scratch::new();
+    let img = "snap.qcow2";
+    base_qcow2(&s, img, &[]);
+    s.qemu_img(&["snapshot", "-c", "first", img]);
+    s.qemu_io(img, &["write -q -P 0xcc 0 64k"]);
+    // Rewrite entry 0 with 8 bytes of extra data instead of qemu's 24.
+    let b = s.read_file(img);
+    let at = be64(&b, 64);
+    let e = &b[at as usize..];
+    let extra = u32::from_be_bytes(e[36..40].try_into().expect("4 bytes")) as usize;
+    let id_name =
+        u16::from_be_bytes([e[12], e[13]]) as usize + u16::from_be_bytes([e[14], e[15]]) as usize;
+    assert!(extra >= 16, "qemu-img wrote {extra} bytes of extra data");
+    let mut entry = e[..36].to_vec();
+    entry.extend_from_slice(&8u32.to_be_bytes());
+    entry.extend_from_slice(&e[40..48]);
+    entry.extend_from_slice(&e[40 + extra..40 + extra + id_name]);
+    entry.resize(40 + extra + id_name, 0);
+    poke(&s, img, at, &entry);
+    let table_len = 40 + 24 + id_name;
+
+    let snap_data = |name: &str, out: &str| {
+        s.qemu_img(&[
+            "convert",
+            "-O",
+            "raw",
+            "-l",
+            "snapshot.name=first",
+            name,
+            out,
+        ]);
+        s.read_file(out)
+    };
+    let before = snap_data(img, "before-snap.raw");
+    let active = guest_data(&s, img, "before.raw").expect("reads");
+
+    let (qs, qv) = qemu_check(&s, img);
+    let (cs, cv) = cowimg_check(&s, img, &[]);
+    assert_eq!((cs, counts(&cv)), (qs, counts(&qv)));
+    assert_eq!((cs, cv["corruptions"].as_u64()), (2, Some(1)));
+    let r = s.cowimg(&["check", img]);
+    assert!(
+        r.stderr
+            .contains("ERROR snapshot table entry 0 is incomplete"),
+        "{}",
+        r.stderr
+    );
+
+    // -r leaks leaves it (a corruption); -r all rewrites the table as qemu does.
+    let (status, _) = cowimg_check(&s, img, &["-r", "leaks"]);
+    assert_eq!(status, 2);
+    copy(&s, img, "qemu.qcow2");
+    s.run("qemu-img", &["check", "-r", "all", "qemu.qcow2"]);
+    let r = s.cowimg(&["check", "-r", "all", img]);
+    assert_eq!(r.status, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr
+            .contains("Repairing snapshot table entry 0 is incomplete"),
+        "{}",
+        r.stderr
+    );
+    s.assert_clean(img);
+    assert_eq!(
+        snapshot_table(&s, img, table_len),
+        snapshot_table(&s, "qemu.qcow2", table_len)
+    );
+    assert_eq!(snap_data(img, "after-snap.raw"), before);
+    assert_eq!(guest_data(&s, img, "after.raw").expect("reads"), active);
+}
+
 #[test]
 fn qcow2_corpus_matches_qemu_and_repairs_no_worse() {
     for name in QCOW2_CORPUS {

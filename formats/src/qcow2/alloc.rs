@@ -383,7 +383,11 @@ impl Qcow2 {
     pub(super) fn commit_impl(&self) -> Result<()> {
         let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut guard = self.meta();
-        let m: &mut Meta = &mut guard;
+        self.commit_locked(&mut guard)
+    }
+
+    /// [`Self::commit_impl`] for a caller that holds the image exclusively already.
+    pub(super) fn commit_locked(&self, m: &mut Meta) -> Result<()> {
         let s: &dyn Storage = &*self.storage;
         if !m.has_staged() {
             return Ok(());

@@ -18,6 +18,60 @@ pub struct Snapshot {
     pub vm_state_size: u64,
     /// Guest instruction count, when recorded (qemu 5.0+).
     pub icount: Option<u64>,
+    /// The entry's extra data, ID and name as stored, for rewriting the table unchanged.
+    pub extra: Vec<u8>,
+    pub id_raw: Vec<u8>,
+    pub name_raw: Vec<u8>,
+}
+
+/// Extra data qemu writes in every entry: 64-bit VM state size, disk size, icount.
+const FULL_EXTRA: usize = 24;
+
+impl Snapshot {
+    /// A v3 image's entries must carry at least the 64-bit VM state size and the disk size.
+    pub fn is_incomplete(&self) -> bool {
+        self.extra.len() < 16
+    }
+}
+
+/// Encodes `snapshots` as a snapshot table, as qemu writes one: every entry with (at least)
+/// the 24 bytes of extra data qemu knows; a missing disk size is the image's `size`, a
+/// missing icount "none"; extra data qemu does not know is kept.
+pub fn encode_table(snapshots: &[Snapshot], size: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for sn in snapshots {
+        out.resize(align_up(out.len() as u64, 8) as usize, 0);
+        let mut extra = sn.extra.clone();
+        let known = |at: usize, or: u64| -> u64 {
+            if sn.extra.len() >= at + 8 {
+                be64(&sn.extra, at)
+            } else {
+                or
+            }
+        };
+        let fields = [sn.vm_state_size, known(8, size), known(16, u64::MAX)];
+        if extra.len() < FULL_EXTRA {
+            extra.resize(FULL_EXTRA, 0);
+        }
+        for (i, v) in fields.iter().enumerate() {
+            extra[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
+        }
+        out.extend_from_slice(&sn.l1_table_offset.to_be_bytes());
+        out.extend_from_slice(&sn.l1_size.to_be_bytes());
+        out.extend_from_slice(&(sn.id_raw.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(sn.name_raw.len() as u16).to_be_bytes());
+        out.extend_from_slice(&sn.date_sec.to_be_bytes());
+        out.extend_from_slice(&sn.date_nsec.to_be_bytes());
+        out.extend_from_slice(&sn.vm_clock_nsec.to_be_bytes());
+        // Too large for 32 bits: 0, so that old readers see a disk-only snapshot.
+        let small = u32::try_from(sn.vm_state_size).unwrap_or(0);
+        out.extend_from_slice(&small.to_be_bytes());
+        out.extend_from_slice(&(extra.len() as u32).to_be_bytes());
+        out.extend_from_slice(&extra);
+        out.extend_from_slice(&sn.id_raw);
+        out.extend_from_slice(&sn.name_raw);
+    }
+    out
 }
 
 /// The snapshot table's extent in the file, for `check`.
@@ -65,16 +119,21 @@ pub fn read_snapshots(
             .then(|| be64(extra, 16))
             .filter(|&c| c != u64::MAX);
         let id_end = (extra_len + id_len) as usize;
+        let id_raw = var[extra_len as usize..id_end].to_vec();
+        let name_raw = var[id_end..].to_vec();
         out.push(Snapshot {
             l1_table_offset: be64(&fixed, 0),
             l1_size: be32(&fixed, 8),
-            id: String::from_utf8_lossy(&var[extra_len as usize..id_end]).into_owned(),
-            name: String::from_utf8_lossy(&var[id_end..]).into_owned(),
+            id: String::from_utf8_lossy(&id_raw).into_owned(),
+            name: String::from_utf8_lossy(&name_raw).into_owned(),
             date_sec: be32(&fixed, 16),
             date_nsec: be32(&fixed, 20),
             vm_clock_nsec: be64(&fixed, 24),
             vm_state_size,
             icount,
+            extra: extra.to_vec(),
+            id_raw,
+            name_raw,
         });
         pos = align_up(pos + 40 + var_len, 8);
     }

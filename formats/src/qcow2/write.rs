@@ -464,6 +464,40 @@ impl Qcow2 {
         self.rewrite_header(h)
     }
 
+    /// Moves the snapshot table to new clusters holding `table` (the same entries,
+    /// re-encoded), for `check -r all`, which holds the image exclusively. As in every
+    /// commit, the new table and its refcounts are synced before the header points at it,
+    /// and the old table (`old_len` bytes) is freed last: a crash leaks clusters at worst.
+    pub(super) fn replace_snapshot_table_locked(
+        &self,
+        m: &mut Meta,
+        table: &[u8],
+        old_len: u64,
+    ) -> Result<()> {
+        self.prepare_write(m)?;
+        let s = &*self.storage;
+        let cs = self.geo.cluster_size();
+        let clusters = (table.len() as u64).div_ceil(cs).max(1);
+        let alloc = m.alloc.as_mut().expect("prepared");
+        let host = alloc.reserve(clusters);
+        let mut buf = table.to_vec();
+        buf.resize((clusters * cs) as usize, 0);
+        write_all(s, &buf, host, "the snapshot table")?;
+        self.commit_locked(m)?;
+
+        let old = m.header.snapshots_offset;
+        m.header.snapshots_offset = host;
+        write_all(s, &m.header.encode_fixed(), 0, "the header")?;
+        sync(s)?;
+
+        if old_len > 0 {
+            let alloc = m.alloc.as_mut().expect("prepared");
+            alloc.free_range(old, old_len);
+            self.commit_locked(m)?;
+        }
+        Ok(())
+    }
+
     /// The header to change, after checking that the image may be changed now.
     fn header_for_change(&self) -> Result<Header> {
         let mut m = self.meta();
