@@ -156,6 +156,9 @@ fn make(s: &Scratch, name: &str) -> &'static str {
                 poke(s, &img, l2e(0), &(first_free * 256).to_le_bytes());
             }
             "d-truncated" => truncate(s, &img, first_free - cs / 2),
+            // A partial last cluster ending inside a sector: qemu sees whole sectors, so a
+            // whole cluster (a leak).
+            "d-partial-tail" => truncate(s, &img, first_free + cs - 125),
             "d-clean" => {}
             other => panic!("unknown QED scenario {other}"),
         }
@@ -251,6 +254,7 @@ const QED_CORPUS: &[&str] = &[
     "d-needcheck.qed",
     "d-needcheck-eof.qed",
     "d-truncated.qed",
+    "d-partial-tail.qed",
 ];
 
 /// A lazy-refcounts image whose writer died (qemu-io abort): dirty bit set, refcounts stale.

@@ -105,7 +105,7 @@ struct Checker<'a, 'l> {
     s: &'a dyn Storage,
     h: Header,
     cs: u64,
-    /// The file length rounded down to whole clusters (qemu's `file_size`).
+    /// The file length in whole sectors, rounded down to whole clusters (qemu's `file_size`).
     file_size: u64,
     mode: CheckMode,
     log: &'l mut dyn FnMut(&str),
@@ -371,7 +371,9 @@ pub(super) fn run(
     let file_len = s.len().map_err(|e| Error::io("reading the file size", e))?;
     let h = m.header.clone();
     let cs = h.cluster_size;
-    let file_size = align_down(file_len, cs);
+    // qemu's block layer sees files in whole 512-byte sectors, so a partial last cluster
+    // that ends within the final sector counts as a whole one (and as a leak if unused).
+    let file_size = align_down(file_len.div_ceil(512).saturating_mul(512), cs);
     if file_size / cs > MAX_CLUSTERS {
         // A (sparse) file of absurd length: refuse as qemu does when it cannot allocate
         // its cluster bitmap, rather than walk billions of clusters.
