@@ -142,3 +142,30 @@ pub fn detect_format(p: &Path) -> &'static str {
         _ => "raw",
     }
 }
+
+/// Rewrites snapshot entry 0 with 8 bytes of extra data instead of qemu's 24 (no disk size).
+/// Returns the length of the table qemu's repair writes.
+pub fn shrink_snapshot_entry(s: &Scratch, img: &str) -> usize {
+    let b = s.read_file(img);
+    let at = u64::from_be_bytes(b[64..72].try_into().expect("8 bytes"));
+    let e = &b[at as usize..];
+    let extra = u32::from_be_bytes(e[36..40].try_into().expect("4 bytes")) as usize;
+    let id_name =
+        u16::from_be_bytes([e[12], e[13]]) as usize + u16::from_be_bytes([e[14], e[15]]) as usize;
+    assert!(extra >= 16, "qemu-img wrote {extra} bytes of extra data");
+    let mut entry = e[..36].to_vec();
+    entry.extend_from_slice(&8u32.to_be_bytes());
+    entry.extend_from_slice(&e[40..48]);
+    entry.extend_from_slice(&e[40 + extra..40 + extra + id_name]);
+    entry.resize(40 + extra + id_name, 0);
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new()
+            .write(true)
+            .open(s.path(img))
+            .expect("open image"),
+        &entry,
+        at,
+    )
+    .expect("rewrite the entry");
+    40 + 24 + id_name
+}

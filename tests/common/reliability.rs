@@ -638,6 +638,18 @@ pub fn damaged(s: &crate::common::Scratch, fmt: &str) -> String {
     name
 }
 
+/// A qcow2 image with an internal snapshot whose table entry lacks the disk size: its
+/// repair writes a new snapshot table and frees the old one.
+pub fn damaged_snapshot_table(s: &crate::common::Scratch) -> String {
+    let name = "S.qcow2".to_string();
+    s.qemu_img(&["create", "-q", "-f", "qcow2", &name, "4M"]);
+    s.qemu_io(&name, &["write -q -P 0x11 0 256k"]);
+    s.qemu_img(&["snapshot", "-c", "first", &name]);
+    s.qemu_io(&name, &["write -q -P 0x22 64k 64k"]);
+    crate::common::shrink_snapshot_entry(s, &name);
+    name
+}
+
 /// A <- B <- C (`fmt`, 8 MiB) with data, zeros and partial clusters in every layer, and an
 /// unrelated N. C's guest data is saved as `pristine.raw`.
 pub fn chain_fixture(s: &crate::common::Scratch, fmt: &str, opts: &str) {

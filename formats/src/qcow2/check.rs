@@ -1602,7 +1602,10 @@ fn pass(
         let incomplete = list.iter().filter(|sn| sn.is_incomplete()).count() as u64;
         if mode == CheckMode::RepairAll {
             let table = snapshot::encode_table(&list, m.header.size);
-            match img.replace_snapshot_table_locked(m, &table, old_len) {
+            // The allocator must see the repaired file (tables, refcounts, length).
+            let replaced = refresh(img, m)
+                .and_then(|()| img.replace_snapshot_table_locked(m, &table, old_len));
+            match replaced {
                 Ok(()) => c.res.corruptions_fixed += incomplete,
                 Err(e) => {
                     c.say(format!("ERROR failed to update snapshot table: {e}"));

@@ -465,17 +465,24 @@ impl Qcow2 {
     }
 
     /// Moves the snapshot table to new clusters holding `table` (the same entries,
-    /// re-encoded), for `check -r all`, which holds the image exclusively. As in every
-    /// commit, the new table and its refcounts are synced before the header points at it,
-    /// and the old table (`old_len` bytes) is freed last: a crash leaks clusters at worst.
+    /// re-encoded), for `check -r all`, which holds the image exclusively and has just
+    /// repaired the refcounts (`m` reloaded from disk). As in every commit, the new table and
+    /// its refcounts are synced before the header points at it, and the old table (`old_len`
+    /// bytes) is freed last: a crash leaks clusters at worst.
+    ///
+    /// The checks of a first write are skipped on purpose: the repair is what clears the
+    /// dirty and corrupt bits, and a snapshot table that overlaps other metadata is exactly
+    /// what moving it to clusters past the end of the file cures.
     pub(super) fn replace_snapshot_table_locked(
         &self,
         m: &mut Meta,
         table: &[u8],
         old_len: u64,
     ) -> Result<()> {
-        self.prepare_write(m)?;
         let s = &*self.storage;
+        if m.alloc.is_none() {
+            m.alloc = Some(super::alloc::Allocator::load(s, &m.header, m.file_len)?);
+        }
         let cs = self.geo.cluster_size();
         let clusters = (table.len() as u64).div_ceil(cs).max(1);
         let alloc = m.alloc.as_mut().expect("prepared");
