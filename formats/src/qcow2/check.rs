@@ -57,6 +57,8 @@ const BME_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
 const BME_ALL_ONES: u64 = 1;
 /// qemu refuses to check files of more clusters than this (its counters are `int`).
 const MAX_CLUSTERS: u64 = i32::MAX as u64;
+/// qemu's `BDRV_MAX_LENGTH`: a read reaching past it fails (EIO) instead of reading zeros.
+const MAX_READABLE: u64 = 0x7fff_ffff_c000_0000;
 /// Table bytes read per batch: neighbouring tables are fetched in one request.
 const WINDOW_BYTES: u64 = 4 << 20;
 /// Largest bitmap table cowimg reads (qemu's limit is 2^27 entries, far beyond any image).
@@ -241,7 +243,8 @@ struct Stored {
     diff: Counts,
     /// The highest cluster of the compared range with a non-zero stored count.
     highest: Option<u64>,
-    /// Refcount table indices whose block offset is misaligned: their counts cannot be read.
+    /// Refcount table indices whose block cannot be read (misaligned, or past qemu's
+    /// largest readable offset): their counts are unknown.
     bad_blocks: BTreeSet<u64>,
     /// Non-zero stored counts of clusters past the compared range (past the end of the file).
     beyond: Vec<(u64, u64)>,
@@ -1037,7 +1040,7 @@ impl<'a, 'l> Checker<'a, 'l> {
         for bi in 0..blocks_needed.max(last) {
             let e = st.reftable.get(bi as usize).copied().unwrap_or(0);
             let off = e & REFT_OFFSET_MASK;
-            if off != 0 && off % self.cs != 0 {
+            if off != 0 && self.unreadable_block(off) {
                 st.bad_blocks.insert(bi);
                 continue;
             }
@@ -1098,6 +1101,12 @@ impl<'a, 'l> Checker<'a, 'l> {
 
     /// The stored refcount of any cluster, `None` when it cannot be read (qemu's
     /// `qcow2_get_refcount` failing).
+    /// A refcount block qemu cannot read: misaligned (qemu refuses), or so far out that
+    /// reading it fails rather than reading zeros past the end of the file.
+    fn unreadable_block(&self, off: u64) -> bool {
+        off % self.cs != 0 || off.saturating_add(self.cs) > MAX_READABLE
+    }
+
     fn stored_refcount(&mut self, st: &Stored, cluster: u64) -> Result<Option<u64>> {
         let bi = cluster >> self.rgeo.block_bits();
         if st.bad_blocks.contains(&bi) {
@@ -1113,7 +1122,7 @@ impl<'a, 'l> Checker<'a, 'l> {
         if off == 0 {
             return Ok(Some(0));
         }
-        if off % self.cs != 0 {
+        if self.unreadable_block(off) {
             return Ok(None);
         }
         let mut block = vec![0u8; self.cs as usize];
@@ -1245,7 +1254,7 @@ impl<'a, 'l> Checker<'a, 'l> {
                 continue;
             };
             let off = e & REFT_OFFSET_MASK;
-            if off == 0 || off % self.cs != 0 {
+            if off == 0 || self.unreadable_block(off) {
                 continue;
             }
             let mut block = vec![0u8; self.cs as usize];
