@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use common::Scratch;
+use common::{agree, Scratch};
 use serde_json::Value;
 
 macro_rules! matrix {
@@ -290,44 +290,6 @@ fn human_lines(text: &str, cowimg: bool) -> Vec<String> {
         .filter(|l| !(cowimg && (l.starts_with("copy-on-read:") || l.contains("(probed"))))
         .map(str::to_string)
         .collect()
-}
-
-/// Every key qemu-img prints must be there with qemu-img's value; "actual-size" is the host's
-/// business, and under "children" only the child names are compared.
-fn agree(path: &str, want: &Value, got: &Value, bad: &mut Vec<String>) {
-    match (want, got) {
-        (Value::Object(w), Value::Object(g)) => {
-            for (k, wv) in w {
-                let p = format!("{path}.{k}");
-                match g.get(k) {
-                    _ if k == "actual-size" => {}
-                    None => bad.push(format!("{p}: missing (qemu-img: {wv})")),
-                    Some(gv) if k == "children" => {
-                        let names = |v: &Value| -> Vec<Value> {
-                            v.as_array()
-                                .map(|a| a.iter().map(|c| c["name"].clone()).collect())
-                                .unwrap_or_default()
-                        };
-                        if names(wv) != names(gv) {
-                            bad.push(format!(
-                                "{p}: child names {:?}, qemu-img {:?}",
-                                names(gv),
-                                names(wv)
-                            ));
-                        }
-                    }
-                    Some(gv) => agree(&p, wv, gv, bad),
-                }
-            }
-        }
-        (Value::Array(w), Value::Array(g)) if w.len() == g.len() => {
-            for (i, (wv, gv)) in w.iter().zip(g).enumerate() {
-                agree(&format!("{path}[{i}]"), wv, gv, bad);
-            }
-        }
-        _ if want == got => {}
-        _ => bad.push(format!("{path}: {got}, qemu-img {want}")),
-    }
 }
 
 /// In the chain view, an image whose backing format qemu had to probe carries cowimg's

@@ -25,7 +25,7 @@ mod reliability;
 
 use std::fmt::Write as _;
 
-use common::Scratch;
+use common::{agree, Scratch};
 use reliability::{count, first_seed, Rng};
 use serde_json::Value;
 
@@ -181,44 +181,6 @@ fn build(s: &Scratch, layers: &[Layer]) {
                 s.qemu("qemu-io", &refs);
             }
         }
-    }
-}
-
-/// Every key qemu-img prints must be there with qemu-img's value ("actual-size" aside; under
-/// "children" only the names).
-fn agree(path: &str, want: &Value, got: &Value, bad: &mut Vec<String>) {
-    match (want, got) {
-        (Value::Object(w), Value::Object(g)) => {
-            for (k, wv) in w {
-                let p = format!("{path}.{k}");
-                match g.get(k) {
-                    _ if k == "actual-size" => {}
-                    None => bad.push(format!("{p}: missing (qemu-img: {wv})")),
-                    Some(gv) if k == "children" => {
-                        let names = |v: &Value| -> Vec<Value> {
-                            v.as_array()
-                                .map(|a| a.iter().map(|c| c["name"].clone()).collect())
-                                .unwrap_or_default()
-                        };
-                        if names(wv) != names(gv) {
-                            bad.push(format!(
-                                "{p}: child names {:?}, qemu-img {:?}",
-                                names(gv),
-                                names(wv)
-                            ));
-                        }
-                    }
-                    Some(gv) => agree(&p, wv, gv, bad),
-                }
-            }
-        }
-        (Value::Array(w), Value::Array(g)) if w.len() == g.len() => {
-            for (i, (wv, gv)) in w.iter().zip(g).enumerate() {
-                agree(&format!("{path}[{i}]"), wv, gv, bad);
-            }
-        }
-        _ if want == got => {}
-        _ => bad.push(format!("{path}: cowimg {got}, qemu-img {want}")),
     }
 }
 

@@ -169,3 +169,41 @@ pub fn shrink_snapshot_entry(s: &Scratch, img: &str) -> usize {
     .expect("rewrite the entry");
     40 + 24 + id_name
 }
+
+/// Every key qemu-img prints must be there with qemu-img's value; "actual-size" is the host's
+/// business, and under "children" only the child names are compared.
+pub fn agree(path: &str, want: &serde_json::Value, got: &serde_json::Value, bad: &mut Vec<String>) {
+    match (want, got) {
+        (serde_json::Value::Object(w), serde_json::Value::Object(g)) => {
+            for (k, wv) in w {
+                let p = format!("{path}.{k}");
+                match g.get(k) {
+                    _ if k == "actual-size" => {}
+                    None => bad.push(format!("{p}: missing (qemu-img: {wv})")),
+                    Some(gv) if k == "children" => {
+                        let names = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+                            v.as_array()
+                                .map(|a| a.iter().map(|c| c["name"].clone()).collect())
+                                .unwrap_or_default()
+                        };
+                        if names(wv) != names(gv) {
+                            bad.push(format!(
+                                "{p}: child names {:?}, qemu-img {:?}",
+                                names(gv),
+                                names(wv)
+                            ));
+                        }
+                    }
+                    Some(gv) => agree(&p, wv, gv, bad),
+                }
+            }
+        }
+        (serde_json::Value::Array(w), serde_json::Value::Array(g)) if w.len() == g.len() => {
+            for (i, (wv, gv)) in w.iter().zip(g).enumerate() {
+                agree(&format!("{path}[{i}]"), wv, gv, bad);
+            }
+        }
+        _ if want == got => {}
+        _ => bad.push(format!("{path}: cowimg {got}, qemu-img {want}")),
+    }
+}
