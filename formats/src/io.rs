@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Byte-addressed storage under an image (a file, or a test double).
 pub trait Storage: Send + Sync + Debug {
@@ -219,6 +219,89 @@ impl<S: Storage> Storage for Unsynced<S> {
     }
     fn data_extents(&self, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
         self.0.data_extents(start, end)
+    }
+}
+
+/// An image file held in memory: for tests, fuzzing and tools that build images before
+/// writing them out. Reads past the end are zeros, as from a file; writes may not grow it
+/// past `max_len` (EFBIG), so that a hostile image cannot make it allocate without bound.
+#[derive(Debug)]
+pub struct MemStorage {
+    data: Mutex<Vec<u8>>,
+    path: PathBuf,
+    max_len: u64,
+}
+
+impl MemStorage {
+    /// `data` under the name `path`, growing to at most 1 GiB.
+    pub fn new(data: Vec<u8>, path: &str) -> MemStorage {
+        MemStorage {
+            data: Mutex::new(data),
+            path: PathBuf::from(path),
+            max_len: 1 << 30,
+        }
+    }
+
+    pub fn with_max_len(mut self, max_len: u64) -> MemStorage {
+        self.max_len = max_len;
+        self
+    }
+
+    pub fn contents(&self) -> Vec<u8> {
+        self.bytes().clone()
+    }
+
+    fn bytes(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self.bytes();
+        buf.fill(0);
+        if offset < d.len() as u64 {
+            let n = (d.len() as u64 - offset).min(buf.len() as u64) as usize;
+            buf[..n].copy_from_slice(&d[offset as usize..offset as usize + n]);
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.max_len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let mut d = self.bytes();
+        if (d.len() as u64) < end {
+            d.resize(end as usize, 0);
+        }
+        d[offset as usize..end as usize].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.bytes().len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if len > self.max_len {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        self.bytes().resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.len()
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
     }
 }
 

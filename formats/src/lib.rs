@@ -20,7 +20,7 @@ mod util;
 
 pub use check::{CheckMode, CheckReport, LostData};
 pub use error::{Error, Result};
-pub use io::{FileStorage, Storage};
+pub use io::{FileStorage, MemStorage, Storage};
 pub use util::is_zero;
 
 use std::sync::Arc;

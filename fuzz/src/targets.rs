@@ -5,15 +5,13 @@
 //! qcow2 external data file is refused rather than opened by its fuzzed name), and must end
 //! without a panic, a hang or a large allocation, whatever the bytes.
 
-use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cowimg::chain::{Chain, Layer};
 use cowimg_formats::probe::{probe, Probed};
 use cowimg_formats::qcow2::{self, Qcow2};
 use cowimg_formats::qed::Qed;
-use cowimg_formats::{Alloc, CheckMode, Format, Image, Storage};
+use cowimg_formats::{Alloc, CheckMode, Format, Image, MemStorage, Storage};
 
 /// Guest bytes read at most per input (so that a huge virtual size costs no time).
 pub const READ_CAP: u64 = 16 << 20;
@@ -21,67 +19,6 @@ pub const READ_CAP: u64 = 16 << 20;
 /// double, and must stay under the fuzzers' allocation caps; a real file would just be
 /// sparse).
 const MAX_LEN: u64 = 64 << 20;
-
-/// An image file in memory.
-#[derive(Debug)]
-pub struct Mem {
-    data: Mutex<Vec<u8>>,
-    path: PathBuf,
-}
-
-impl Mem {
-    pub fn new(data: &[u8]) -> Mem {
-        Mem {
-            data: Mutex::new(data.to_vec()),
-            path: PathBuf::from("fuzz.img"),
-        }
-    }
-}
-
-impl Storage for Mem {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let d = self.data.lock().unwrap();
-        buf.fill(0);
-        if offset < d.len() as u64 {
-            let n = (d.len() as u64 - offset).min(buf.len() as u64) as usize;
-            buf[..n].copy_from_slice(&d[offset as usize..offset as usize + n]);
-        }
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= MAX_LEN);
-        let Some(end) = end else {
-            return Err(io::Error::from_raw_os_error(27));
-        }; // EFBIG
-        let mut d = self.data.lock().unwrap();
-        if (d.len() as u64) < end {
-            d.resize(end as usize, 0);
-        }
-        d[offset as usize..end as usize].copy_from_slice(buf);
-        Ok(())
-    }
-    fn sync(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.data.lock().unwrap().len() as u64)
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        if len > MAX_LEN {
-            return Err(io::Error::from_raw_os_error(27));
-        }
-        self.data.lock().unwrap().resize(len as usize, 0);
-        Ok(())
-    }
-    fn allocated_bytes(&self) -> io::Result<u64> {
-        self.len()
-    }
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
 
 /// Opens `data` as `format` (probed when `None`), as cowimg opens a top image, minus the
 /// external data file.
@@ -91,7 +28,8 @@ pub fn open(
     writable: bool,
     repair: bool,
 ) -> Option<Arc<dyn Image>> {
-    let st: Arc<dyn Storage> = Arc::new(Mem::new(data));
+    let st: Arc<dyn Storage> =
+        Arc::new(MemStorage::new(data.to_vec(), "fuzz.img").with_max_len(MAX_LEN));
     let format = match format {
         Some(f) => f,
         None => match probe(&*st).ok()? {

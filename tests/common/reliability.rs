@@ -8,7 +8,7 @@
 #![allow(dead_code)]
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +16,7 @@ use cowimg::chain::{open_layer, Chain, Layer, OpenOptions};
 use cowimg::copy::Counters;
 use cowimg::ratelimit::RateLimiter;
 use cowimg::stream::{self, Settings};
-use cowimg_formats::{BackingRef, FileStorage, Format, Storage};
+use cowimg_formats::{BackingRef, FileStorage, Format, MemStorage, Storage};
 
 /// A count from the environment (long runs), or the short CI default.
 pub fn count(var: &str, default: u64) -> u64 {
@@ -73,74 +73,6 @@ impl Rng {
 
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len() as u64) as usize]
-    }
-}
-
-/// Storage held in memory (fuzzing, crash states that need no file).
-#[derive(Debug)]
-pub struct MemStorage {
-    data: Mutex<Vec<u8>>,
-    path: PathBuf,
-    /// Writes may not grow the storage past this (an over-allocation shows up as an error).
-    pub max_len: u64,
-}
-
-impl MemStorage {
-    pub fn new(data: Vec<u8>, path: &str) -> MemStorage {
-        MemStorage {
-            data: Mutex::new(data),
-            path: PathBuf::from(path),
-            max_len: 1 << 30,
-        }
-    }
-
-    pub fn contents(&self) -> Vec<u8> {
-        self.data.lock().unwrap().clone()
-    }
-}
-
-impl Storage for MemStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let d = self.data.lock().unwrap();
-        buf.fill(0);
-        if offset < d.len() as u64 {
-            let n = (d.len() as u64 - offset).min(buf.len() as u64) as usize;
-            buf[..n].copy_from_slice(&d[offset as usize..offset as usize + n]);
-        }
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.max_len);
-        let Some(end) = end else {
-            return Err(io::Error::from_raw_os_error(libc::EFBIG));
-        };
-        let mut d = self.data.lock().unwrap();
-        if (d.len() as u64) < end {
-            d.resize(end as usize, 0);
-        }
-        d[offset as usize..end as usize].copy_from_slice(buf);
-        Ok(())
-    }
-    fn sync(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.data.lock().unwrap().len() as u64)
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        if len > self.max_len {
-            return Err(io::Error::from_raw_os_error(libc::EFBIG));
-        }
-        self.data.lock().unwrap().resize(len as usize, 0);
-        Ok(())
-    }
-    fn allocated_bytes(&self) -> io::Result<u64> {
-        self.len()
-    }
-    fn path(&self) -> &Path {
-        &self.path
     }
 }
 
