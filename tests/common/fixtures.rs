@@ -509,27 +509,11 @@ fn dirty(s: &Scratch) -> String {
         "lazy.qcow2",
         "8M",
     ]);
-    let r = s.run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -q -P 0x11 0 128k",
-            "-c",
-            "write -q -P 0x12 3M 4096",
-            "-c",
-            "abort",
-            "lazy.qcow2",
-        ],
-    );
-    // Killed by SIGABRT: no exit code (134 is what a shell would show).
-    assert!(
-        r.status == -1 || r.status == 134,
-        "qemu-io abort: {} {}{}",
-        r.status,
-        r.stdout,
-        r.stderr
+    qemu_io_then_abort(
+        s,
+        "qcow2",
+        "lazy.qcow2",
+        &["write -q -P 0x11 0 128k", "write -q -P 0x12 3M 4096"],
     );
     "lazy.qcow2".into()
 }
@@ -1029,26 +1013,11 @@ fn resized(s: &Scratch, fmt: &str) -> String {
 /// QED left with the need-check bit by a crash during an allocating write.
 fn qed_need_check(s: &Scratch) -> String {
     s.qemu_img(&["create", "-q", "-f", "qed", "nc.qed", "8M"]);
-    let r = s.run(
-        "qemu-io",
-        &[
-            "-f",
-            "qed",
-            "-c",
-            "write -q -P 0x11 0 128k",
-            "-c",
-            "aio_write -P 0x12 1M 64k",
-            "-c",
-            "abort",
-            "nc.qed",
-        ],
-    );
-    assert!(
-        r.status == -1 || r.status == 134,
-        "qemu-io abort: {} {}{}",
-        r.status,
-        r.stdout,
-        r.stderr
+    qemu_io_then_abort(
+        s,
+        "qed",
+        "nc.qed",
+        &["write -q -P 0x11 0 128k", "aio_write -P 0x12 1M 64k"],
     );
     "nc.qed".into()
 }
@@ -1057,25 +1026,7 @@ fn qed_need_check(s: &Scratch) -> String {
 fn bitmap_in_use(s: &Scratch) -> String {
     s.qemu_img(&["create", "-q", "-f", "qcow2", "bu.qcow2", "8M"]);
     s.qemu_img(&["bitmap", "--add", "bu.qcow2", "bm0"]);
-    let r = s.run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -q -P 1 0 64k",
-            "-c",
-            "abort",
-            "bu.qcow2",
-        ],
-    );
-    assert!(
-        r.status == -1 || r.status == 134,
-        "qemu-io abort: {} {}{}",
-        r.status,
-        r.stdout,
-        r.stderr
-    );
+    qemu_io_then_abort(s, "qcow2", "bu.qcow2", &["write -q -P 1 0 64k"]);
     "bu.qcow2".into()
 }
 
@@ -1132,4 +1083,23 @@ fn qed_odd_size(s: &Scratch) -> String {
         ],
     );
     "odd.qed".into()
+}
+
+/// Runs qemu-io `cmds` on `image`, then `abort`: the process dies as in a crash, leaving what
+/// a killed writer leaves (dirty bits, need-check, in-use bitmaps). qemu-io is killed by
+/// SIGABRT, so it has no exit code (134 is what a shell would show).
+fn qemu_io_then_abort(s: &Scratch, fmt: &str, image: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.extend(["-c", "abort", image]);
+    let r = s.run("qemu-io", &args);
+    assert!(
+        r.status == -1 || r.status == 134,
+        "qemu-io abort: {} {}{}",
+        r.status,
+        r.stdout,
+        r.stderr
+    );
 }
