@@ -22,7 +22,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use super::cache::Meta;
 use super::header::Header;
-use super::refcount::RefGeometry;
+use super::refcount::{reftable_block, RefGeometry};
 use super::table::{self, Geometry, OFFSET_MASK};
 use super::Qcow2;
 use crate::io::{read_exact, sync, write_all, Storage};
@@ -73,7 +73,7 @@ fn last_in_use(
 ) -> Result<Option<u64>> {
     let cs = 1u64 << rgeo.cluster_bits;
     for (bi, &e) in table.iter().enumerate().rev() {
-        let offset = e & OFFSET_MASK;
+        let offset = reftable_block(e);
         if offset == 0 {
             continue;
         }
@@ -190,7 +190,7 @@ impl Allocator {
     /// The refcount block for table index `bi`, read on a miss.
     fn block(&mut self, storage: &dyn Storage, bi: u64, file_len: u64) -> Result<&mut Block> {
         if !self.blocks.contains_key(&bi) {
-            let offset = self.table.get(bi as usize).copied().unwrap_or(0) & OFFSET_MASK;
+            let offset = reftable_block(self.table.get(bi as usize).copied().unwrap_or(0));
             if offset == 0 {
                 return Err(Error::Corrupt(format!(
                     "refcount block {bi} is not allocated"
@@ -278,7 +278,7 @@ impl Allocator {
             if bi as usize >= self.table.len() {
                 pending.extend(self.grow_table(bi));
             }
-            if self.table[bi as usize] & OFFSET_MASK == 0 && !self.blocks.contains_key(&bi) {
+            if reftable_block(self.table[bi as usize]) == 0 && !self.blocks.contains_key(&bi) {
                 let offset = self.end;
                 self.end += cs;
                 pending.push(offset / cs);

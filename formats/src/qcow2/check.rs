@@ -46,8 +46,7 @@ const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
 /// Bits of a standard L2 entry that must be zero.
 const L2E_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Refcount table entries: offset bits and reserved bits.
-const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
-const REFT_RESERVED_MASK: u64 = 0x1ff;
+use super::refcount::{reftable_block, REFT_RESERVED_MASK};
 /// Extended L2 bitmap halves.
 const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
 const BITMAP_ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
@@ -974,7 +973,7 @@ impl<'a, 'l> Checker<'a, 'l> {
     fn check_refblocks(&mut self) -> Result<()> {
         let reftable = self.read_reftable()?;
         for (i, &e) in reftable.iter().enumerate() {
-            let offset = e & REFT_OFFSET_MASK;
+            let offset = reftable_block(e);
             let cluster = offset / self.cs;
             if e & REFT_RESERVED_MASK != 0 {
                 self.say(format!(
@@ -1039,7 +1038,7 @@ impl<'a, 'l> Checker<'a, 'l> {
         let mut wanted: Vec<(u64, u64)> = Vec::new();
         for bi in 0..blocks_needed.max(last) {
             let e = st.reftable.get(bi as usize).copied().unwrap_or(0);
-            let off = e & REFT_OFFSET_MASK;
+            let off = reftable_block(e);
             if off != 0 && self.unreadable_block(off) {
                 st.bad_blocks.insert(bi);
                 continue;
@@ -1118,7 +1117,7 @@ impl<'a, 'l> Checker<'a, 'l> {
         let Some(&e) = st.reftable.get(bi as usize) else {
             return Ok(Some(0));
         };
-        let off = e & REFT_OFFSET_MASK;
+        let off = reftable_block(e);
         if off == 0 {
             return Ok(Some(0));
         }
@@ -1163,7 +1162,7 @@ impl<'a, 'l> Checker<'a, 'l> {
             if bad {
                 if !self.signalled {
                     self.signalled = true;
-                    let off = st.reftable.get(bi as usize).copied().unwrap_or(0) & REFT_OFFSET_MASK;
+                    let off = reftable_block(st.reftable.get(bi as usize).copied().unwrap_or(0));
                     self.say(format!(
                         "qcow2: Image is corrupt: Refblock offset {off:#x} unaligned (reftable index: {}); further non-fatal corruption events will be suppressed",
                         c_hex(bi)
@@ -1253,7 +1252,7 @@ impl<'a, 'l> Checker<'a, 'l> {
             let Some(&e) = st.reftable.get(bi as usize) else {
                 continue;
             };
-            let off = e & REFT_OFFSET_MASK;
+            let off = reftable_block(e);
             if off == 0 || self.unreadable_block(off) {
                 continue;
             }

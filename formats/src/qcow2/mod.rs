@@ -32,7 +32,6 @@ pub use snapshot::{Bitmap, Snapshot};
 use table::{Geometry, Kind, OFFSET_MASK};
 
 /// Offset bits of a refcount table entry (bits 9..=63).
-const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
 /// Opens a file named by the image (its external data file).
 pub type Opener<'a> = &'a dyn Fn(&str) -> Result<Arc<dyn Storage>>;
@@ -327,7 +326,7 @@ impl Qcow2 {
             if first >= end_cluster || count >= threshold {
                 break;
             }
-            let block = e & REFT_OFFSET_MASK;
+            let block = refcount::reftable_block(e);
             if block == 0 {
                 continue;
             }

@@ -7,6 +7,7 @@
 //! refused. `check -r all` repairs such images.
 
 use super::header::Header;
+use super::refcount;
 use super::snapshot::Snapshot;
 use super::table::OFFSET_MASK;
 use crate::util::align_up;
@@ -39,7 +40,11 @@ impl MetadataMap {
             u64::from(h.refcount_table_clusters) * cs,
         );
         r.push((a, b, "the refcount table"));
-        for e in reftable.iter().map(|e| e & OFFSET_MASK).filter(|&e| e != 0) {
+        for e in reftable
+            .iter()
+            .map(|&e| refcount::reftable_block(e))
+            .filter(|&e| e != 0)
+        {
             r.push((e, e + cs, "a refcount block"));
         }
         if h.nb_snapshots > 0 {

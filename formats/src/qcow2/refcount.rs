@@ -3,6 +3,20 @@
 //! Entries are `refcount_bits` wide (1 to 64). Widths of 8 bits and more are big-endian;
 //! narrower ones are packed LSB-first inside each byte.
 
+/// Host offset bits of a refcount table entry (bits 9..=63). Unlike L1/L2 entries, a refcount
+/// table entry has no flag bits at the top: qemu's `REFT_OFFSET_MASK`.
+pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Reserved bits of a refcount table entry (must be zero).
+pub const REFT_RESERVED_MASK: u64 = 0x1ff;
+
+/// The host offset of the refcount block a refcount table entry points at (0: none).
+///
+/// Every reader of the refcount table decodes entries here, so the writer, `check` and qemu
+/// agree on which block an entry names, even when a hostile entry sets the high bits.
+pub fn reftable_block(entry: u64) -> u64 {
+    entry & REFT_OFFSET_MASK
+}
+
 /// Layout of refcount entries for one image.
 #[derive(Clone, Copy, Debug)]
 pub struct RefGeometry {
