@@ -194,6 +194,36 @@ pub fn push_status(out: &mut Vec<Status>, st: Status) {
     out.push(st);
 }
 
+/// Allocated tables one [`Image::status_ahead`] call reads at most.
+const AHEAD_TABLES: usize = 16;
+
+/// [`Image::status_ahead`] for formats whose answers end at an L2 table: `region(a, b)`
+/// gives the statuses of `[a, b)` inside one table's span, and `allocated(a)` tells whether
+/// the table covering `a` exists. Unallocated table ranges cost nothing; the walk stops after
+/// [`AHEAD_TABLES`] allocated ones.
+pub(crate) fn status_ahead_by_table(
+    start: u64,
+    end: u64,
+    span: u64,
+    allocated: impl Fn(u64) -> bool,
+    mut region: impl FnMut(u64, u64) -> Result<Vec<Status>>,
+) -> Result<Vec<Status>> {
+    let mut out = Vec::new();
+    let mut tables = 0;
+    let mut off = start;
+    while off < end && tables < AHEAD_TABLES {
+        let region_end = end.min((off / span).saturating_add(1).saturating_mul(span));
+        if allocated(off) {
+            tables += 1;
+        }
+        for st in region(off, region_end)? {
+            push_status(&mut out, st);
+        }
+        off = region_end;
+    }
+    Ok(out)
+}
+
 /// Reads guest data from whatever lies below a layer (its backing chain). Used to fill the
 /// untouched part of a cluster when a partial write allocates it.
 pub trait ReadBelow: Sync {
@@ -245,6 +275,19 @@ pub trait Image: Send + Sync {
             .into_iter()
             .map(Status::plain)
             .collect())
+    }
+    /// The runs from `start` on, as [`Image::status`] reports them but merged across L2
+    /// tables, for walks whose result does not depend on where qemu's answers end (`map`'s
+    /// merged output, `convert`, `stream`). The answer covers at least one run and at most
+    /// `len` bytes, and may stop early: after a bounded number of allocated tables, so that
+    /// memory and time per call grow with the data, never with the range asked (an
+    /// unallocated table range of any size is one run).
+    fn status_ahead(&self, start: u64, len: u64) -> Result<Vec<Status>> {
+        let mut out = Vec::new();
+        for st in self.status(start, len)? {
+            push_status(&mut out, st);
+        }
+        Ok(out)
     }
     /// The storage that holds the guest data ([`Alloc::Data`] host offsets point into it):
     /// the image file itself, or a qcow2 image's external data file.

@@ -87,7 +87,16 @@ pub fn compare(c1: &Chain, c2: &Chain, strict: bool) -> Result<Outcome> {
     if strict && s1 != s2 {
         return Ok(Outcome::StrictSize);
     }
-    let (w1, w2) = (Walker::new(c1), Walker::new(c2));
+    // Only strict mode prints where two answers differ; otherwise the first differing sector
+    // is the same however the answers are cut.
+    let walker = |c| {
+        if strict {
+            Walker::new(c)
+        } else {
+            Walker::coalescing(c)
+        }
+    };
+    let (w1, w2) = (walker(c1), walker(c2));
     let min = s1.min(s2);
     let mut buf1 = vec![0u8; IO as usize];
     let mut buf2 = vec![0u8; IO as usize];

@@ -24,8 +24,6 @@ pub mod flags {
     pub const COMPRESSED: u32 = 0x80;
 }
 
-/// qemu-img map asks at most this much per query.
-const MAP_QUERY: u64 = 1 << 30;
 /// qcow2 answers at most this many bytes per query (its byte count is an `int`).
 const QCOW2_MAX_ANSWER: u64 = i32::MAX as u64;
 
@@ -97,6 +95,10 @@ impl BlockStatus {
 /// of a raw file), which is then read once.
 pub struct Walker<'a> {
     chain: &'a Chain,
+    /// Answers end where qemu's would (strict `compare`, which prints where two answers
+    /// differ); otherwise answers are merged across L2 tables and as long as the data allows
+    /// (walks whose merged result is the same either way: map, convert, stream, measure).
+    exact: bool,
     /// Per layer: guest bytes one L2 table covers (no answer crosses its end).
     spans: Vec<u64>,
     windows: RefCell<Vec<Option<Window>>>,
@@ -111,8 +113,9 @@ struct Window {
 }
 
 impl Window {
-    /// The run holding `offset`, when this window can tell all of it up to `limit`.
-    fn run_at(&self, offset: u64, limit: u64) -> Option<Status> {
+    /// The run holding `offset`, when this window can tell all of it up to `limit` (or, with
+    /// `fresh`, as much of it as the window holds: a window just fetched at `offset`).
+    fn run_at(&self, offset: u64, limit: u64, fresh: bool) -> Option<Status> {
         if offset < self.start || offset >= self.end {
             return None;
         }
@@ -120,7 +123,7 @@ impl Window {
             .runs
             .get(self.runs.partition_point(|r| r.end() <= offset))?;
         // A run cut by the window's soft end may go on past it.
-        if r.end() == self.end && !self.hard_end && self.end < limit {
+        if r.end() == self.end && !self.hard_end && self.end < limit && !fresh {
             return None;
         }
         Some(r)
@@ -128,9 +131,21 @@ impl Window {
 }
 
 impl<'a> Walker<'a> {
+    /// A walker whose answers are qemu's, query by query (strict `compare`).
     pub fn new(chain: &'a Chain) -> Walker<'a> {
+        Walker::with(chain, true)
+    }
+
+    /// A walker whose answers are merged as far as the data allows: a walk's merged result
+    /// is qemu's, at a cost that grows with the data, not with the virtual size.
+    pub fn coalescing(chain: &'a Chain) -> Walker<'a> {
+        Walker::with(chain, false)
+    }
+
+    fn with(chain: &'a Chain, exact: bool) -> Walker<'a> {
         Walker {
             chain,
+            exact,
             spans: chain.layers.iter().map(|l| l2_span(&*l.image)).collect(),
             windows: RefCell::new((0..chain.layers.len()).map(|_| None).collect()),
         }
@@ -144,30 +159,40 @@ impl<'a> Walker<'a> {
         let limit = offset.saturating_add(bytes);
         let cached = self.windows.borrow()[i]
             .as_ref()
-            .and_then(|w| w.run_at(offset, limit));
+            .and_then(|w| w.run_at(offset, limit, false));
         let run = match cached {
             Some(r) => r,
             None => {
                 let size = layer.size();
-                // qcow2 and QED answers end at an L2 table's end: a window of that table is
-                // exact. A raw file's answer is its data or hole extent, up to what is asked.
-                let (end, hard_end) = match layer.format {
-                    Format::Raw => (limit.min(size), limit >= size),
-                    _ => {
-                        let span = self.spans[i];
-                        ((offset / span + 1).saturating_mul(span).min(size), true)
-                    }
+                let err = |e| Error::image(&layer.filename, e);
+                let (runs, end, hard_end) = if self.exact {
+                    // qcow2 and QED answers end at an L2 table's end: a window of that table
+                    // is exact. A raw file's answer is its data or hole extent, up to what is
+                    // asked.
+                    let (end, hard_end) = match layer.format {
+                        Format::Raw => (limit.min(size), limit >= size),
+                        _ => {
+                            let span = self.spans[i];
+                            ((offset / span + 1).saturating_mul(span).min(size), true)
+                        }
+                    };
+                    (
+                        img.status(offset, end - offset).map_err(err)?,
+                        end,
+                        hard_end,
+                    )
+                } else {
+                    let runs = img.status_ahead(offset, size - offset).map_err(err)?;
+                    let end = runs.last().map_or(offset, |r| r.end());
+                    (runs, end, end >= size)
                 };
-                let runs = img
-                    .status(offset, end - offset)
-                    .map_err(|e| Error::image(&layer.filename, e))?;
                 let w = Window {
                     start: offset,
                     end,
                     hard_end,
                     runs,
                 };
-                let found = w.run_at(offset, limit);
+                let found = w.run_at(offset, limit, true);
                 self.windows.borrow_mut()[i] = Some(w);
                 found.ok_or_else(|| {
                     Error::image(
@@ -213,7 +238,7 @@ impl<'a> Walker<'a> {
         let bytes = bytes.min(size - offset);
         let st = self.driver_status(i, offset, bytes)?;
         let mut len = st.len;
-        if layer.format == Format::Qcow2 {
+        if layer.format == Format::Qcow2 && self.exact {
             len = len.min(QCOW2_MAX_ANSWER);
         }
         let data_file = || {
@@ -340,13 +365,15 @@ fn l2_span(img: &dyn cowimg_formats::Image) -> u64 {
     }
 }
 
-/// The status of `[start, end)` of layer `i` and what shows through from below it, one
-/// entry per answer (not merged).
+/// The status of `[start, end)` of layer `i` and what shows through from below it, appended
+/// to `out` merged as qemu-img map merges entries. Where qemu's answers would end is not
+/// visible in a merged result, so the walk takes answers as long as the data allows: its
+/// cost grows with what is allocated, not with the size of the range.
 pub fn status(chain: &Chain, i: usize, start: u64, end: u64, out: &mut Vec<Entry>) -> Result<()> {
-    let walker = Walker::new(chain);
+    let walker = Walker::coalescing(chain);
     let mut pos = start;
     while pos < end {
-        let e = walker.map_entry(i, pos, (end - pos).min(MAP_QUERY))?;
+        let e = walker.map_entry(i, pos, end - pos)?;
         if e.length == 0 {
             // Only past the end of layer `i`, which callers do not ask for.
             return Err(Error::image(
@@ -355,23 +382,19 @@ pub fn status(chain: &Chain, i: usize, start: u64, end: u64, out: &mut Vec<Entry
             ));
         }
         pos += e.length;
-        out.push(e);
+        match out.last_mut() {
+            Some(last) if last.continues(&e) => last.length += e.length,
+            _ => out.push(e),
+        }
     }
     Ok(())
 }
 
 /// Merged entries for `[start, end)` of the chain's top.
 pub fn entries(chain: &Chain, start: u64, end: u64) -> Result<Vec<Entry>> {
-    let mut raw = Vec::new();
+    let mut merged = Vec::new();
     if start < end {
-        status(chain, 0, start, end, &mut raw)?;
-    }
-    let mut merged: Vec<Entry> = Vec::with_capacity(raw.len());
-    for e in raw {
-        match merged.last_mut() {
-            Some(last) if last.continues(&e) => last.length += e.length,
-            _ => merged.push(e),
-        }
+        status(chain, 0, start, end, &mut merged)?;
     }
     Ok(merged)
 }

@@ -259,6 +259,39 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Guest bytes one L2 table covers.
+    fn l2_span(&self) -> u64 {
+        self.geo.cluster_size() << self.geo.l2_bits()
+    }
+
+    /// The statuses of `[off, end)`, a range inside one L2 table's span.
+    fn region_status(&self, off: u64, end: u64) -> Result<Vec<Status>> {
+        let recurse = self.metadata_preallocated();
+        let mut region = Vec::new();
+        let mut failed = None;
+        self.walk(off, end - off, &mut |run, reserved| {
+            let st = Status {
+                start: run.start,
+                len: run.len,
+                alloc: run.alloc,
+                reserved,
+                recurse: None,
+            };
+            match (recurse, run.alloc) {
+                (true, Alloc::Data { host }) => {
+                    if let Err(e) = self.push_recursed(&mut region, st, host) {
+                        failed.get_or_insert(e);
+                    }
+                }
+                _ => push_status(&mut region, st),
+            }
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(region),
+        }
+    }
+
     /// Appends the status of a data run of an image with preallocated metadata: qemu asks the
     /// file about the run's host range, and reports the parts lying in a hole of the file (or
     /// past its end) as zero data.
@@ -400,39 +433,31 @@ impl Image for Qcow2 {
 
     fn status(&self, start: u64, len: u64) -> Result<Vec<Status>> {
         let end = start.saturating_add(len).min(self.size);
-        let l2_span = self.geo.cluster_size() << self.geo.l2_bits();
-        let recurse = self.metadata_preallocated();
         let mut out = Vec::new();
         let mut off = start;
         // qemu answers a status query from one L2 table at most: runs never merge across.
         while off < end {
-            let region_end = end.min((off / l2_span + 1) * l2_span);
-            let mut region = Vec::new();
-            let mut failed = None;
-            self.walk(off, region_end - off, &mut |run, reserved| {
-                let st = Status {
-                    start: run.start,
-                    len: run.len,
-                    alloc: run.alloc,
-                    reserved,
-                    recurse: None,
-                };
-                match (recurse, run.alloc) {
-                    (true, Alloc::Data { host }) => {
-                        if let Err(e) = self.push_recursed(&mut region, st, host) {
-                            failed.get_or_insert(e);
-                        }
-                    }
-                    _ => push_status(&mut region, st),
-                }
-            })?;
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            out.extend(region);
+            let region_end = end.min((off / self.l2_span()).saturating_add(1) * self.l2_span());
+            out.extend(self.region_status(off, region_end)?);
             off = region_end;
         }
         Ok(out)
+    }
+
+    fn status_ahead(&self, start: u64, len: u64) -> Result<Vec<Status>> {
+        let end = start.saturating_add(len).min(self.size);
+        let span = self.l2_span();
+        crate::status_ahead_by_table(
+            start,
+            end,
+            span,
+            |off| {
+                let l1 = &self.meta().l1;
+                l1.get((off / span) as usize)
+                    .is_some_and(|e| e & OFFSET_MASK != 0)
+            },
+            |a, b| self.region_status(a, b),
+        )
     }
 
     fn data_storage(&self) -> &Arc<dyn Storage> {

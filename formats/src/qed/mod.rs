@@ -236,7 +236,7 @@ impl Image for Qed {
         // qemu's QED driver answers a status query from one L2 table at most
         // (qed_find_cluster limits the length to the L2 boundary): runs never merge across.
         while off < end {
-            let region_end = end.min((off / l2_span + 1) * l2_span);
+            let region_end = end.min((off / l2_span).saturating_add(1) * l2_span);
             out.extend(
                 self.map(off, region_end - off)?
                     .into_iter()
@@ -245,6 +245,22 @@ impl Image for Qed {
             off = region_end;
         }
         Ok(out)
+    }
+
+    fn status_ahead(&self, start: u64, len: u64) -> Result<Vec<Status>> {
+        let h = self.header();
+        let span = h.table_entries() * h.cluster_size;
+        let end = start.saturating_add(len).min(h.image_size);
+        crate::status_ahead_by_table(
+            start,
+            end,
+            span,
+            |off| {
+                let l1 = &self.meta().l1;
+                l1.get((off / span) as usize).is_some_and(|&t| t != 0)
+            },
+            |a, b| Ok(self.map(a, b - a)?.into_iter().map(Status::plain).collect()),
+        )
     }
 
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
