@@ -186,3 +186,204 @@ fn exabyte_sparse_raw_maps_in_one_step() {
         .collect();
     assert_eq!(data, [1 << 40]);
 }
+
+/// Image set-ups for the concurrency tests: qemu-img create arguments, and whether the image
+/// has a backing file (partial clusters are then completed from it).
+const CONCURRENT_SETUPS: &[(&[&str], bool)] = &[
+    (&["-f", "qcow2"], false),
+    (&["-f", "qcow2"], true),
+    (
+        &["-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k"],
+        true,
+    ),
+    (&["-f", "qcow2", "-o", "cluster_size=512"], false),
+    (&["-f", "qcow2", "-o", "compat=0.10"], true),
+    (&["-f", "qed", "-o", "cluster_size=4k,table_size=2"], true),
+    (&["-f", "qed"], false),
+];
+
+/// The guest range the concurrency tests write: a few clusters of every set-up, so that
+/// writers meet in the same clusters all the time.
+const SPAN: u64 = 256 << 10;
+
+/// One write of a concurrent round: `byte == 0` is a zero write.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    off: u64,
+    len: u64,
+    byte: u8,
+}
+
+/// Runs `rounds` of concurrent writes (one `Vec<Piece>` per thread per round) on a fresh image
+/// of `setup`, committing after each round, and hands `check` the image's guest bytes and the
+/// shadow of what it read before the round. qemu-img check must be clean after every round.
+fn concurrent_rounds(
+    setup: usize,
+    rounds: &[Vec<Vec<Piece>>],
+    check: &dyn Fn(&[u8], &[u8], &[Vec<Piece>]),
+) {
+    use std::sync::Barrier;
+    let (create, backed) = CONCURRENT_SETUPS[setup];
+    let s = Scratch::new();
+    let mut args = vec!["create", "-q"];
+    args.extend_from_slice(create);
+    if backed {
+        s.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+        s.qemu_io("base.qcow2", &["write -q -P 0x5a 0 1M"]);
+        args.extend(["-b", "base.qcow2", "-F", "qcow2"]);
+    }
+    args.extend(["img", "1M"]);
+    s.qemu_img(&args);
+    let path = s.path("img").to_string_lossy().into_owned();
+    for round in rounds {
+        s.qemu_img(&["convert", "-O", "raw", "img", "before.raw"]);
+        let before = s.read_file("before.raw");
+        {
+            let chain = Chain::open(&path, OpenOptions::write(None)).expect("open for writing");
+            let img = &chain.top().image;
+            let below = chain.below(0);
+            let start = Barrier::new(round.len());
+            std::thread::scope(|scope| {
+                for pieces in round {
+                    let (img, below, start) = (img, &below, &start);
+                    scope.spawn(move || {
+                        start.wait();
+                        for p in pieces {
+                            if p.byte == 0 {
+                                img.write_zeroes(p.off, p.len, below).expect("write_zeroes");
+                            } else {
+                                img.write(p.off, &vec![p.byte; p.len as usize], below)
+                                    .expect("write");
+                            }
+                        }
+                    });
+                }
+            });
+            img.commit().expect("commit");
+        }
+        s.assert_clean("img");
+        s.qemu_img(&["convert", "-O", "raw", "img", "after.raw"]);
+        check(&before, &s.read_file("after.raw"), round);
+    }
+}
+
+/// Threads write disjoint byte ranges that share clusters and subclusters: the result is
+/// exactly the shadow, whatever the interleaving.
+fn disjoint_round(
+    cuts: &[u64],
+    owners: &[usize],
+    zero: &[bool],
+    threads: usize,
+) -> Vec<Vec<Piece>> {
+    let mut points: Vec<u64> = cuts.iter().map(|c| c % SPAN).collect();
+    points.extend([0, SPAN]);
+    points.sort_unstable();
+    points.dedup();
+    let mut round = vec![Vec::new(); threads];
+    for (i, w) in points.windows(2).enumerate() {
+        let byte = if zero[i % zero.len()] {
+            0
+        } else {
+            (i % 250) as u8 + 1
+        };
+        round[owners[i % owners.len()] % threads].push(Piece {
+            off: w[0],
+            len: w[1] - w[0],
+            byte,
+        });
+    }
+    round
+}
+
+fn expect_shadow(before: &[u8], after: &[u8], round: &[Vec<Piece>]) {
+    let mut shadow = before.to_vec();
+    for p in round.iter().flatten() {
+        shadow[p.off as usize..(p.off + p.len) as usize].fill(p.byte);
+    }
+    if let Some(at) = (0..shadow.len()).find(|&i| shadow[i] != after[i]) {
+        panic!(
+            "byte {at} reads {:#x}, written {:#x} (round {round:?})",
+            after[at], shadow[at]
+        );
+    }
+}
+
+/// Overlapping writes have no order, but every byte must read what one of the writes that
+/// covered it wrote: never the old content, never another range's bytes.
+fn expect_one_of_the_writers(before: &[u8], after: &[u8], round: &[Vec<Piece>]) {
+    for (at, (&old, &now)) in before.iter().zip(after).enumerate() {
+        let at = at as u64;
+        let writers: Vec<u8> = round
+            .iter()
+            .flatten()
+            .filter(|p| p.off <= at && at < p.off + p.len)
+            .map(|p| p.byte)
+            .collect();
+        if writers.is_empty() {
+            assert_eq!(now, old, "byte {at}, written by nobody, changed");
+        } else {
+            assert!(
+                writers.contains(&now),
+                "byte {at} reads {now:#x}, written {writers:?}"
+            );
+        }
+    }
+}
+
+mod concurrent {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn threads() -> impl Strategy<Value = usize> {
+        2usize..=4
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, .. ProptestConfig::default() })]
+
+        /// Disjoint ranges, same clusters: the image equals the shadow.
+        #[test]
+        fn disjoint_writes_in_shared_clusters(
+            setup in 0usize..CONCURRENT_SETUPS.len(),
+            rounds in prop::collection::vec(
+                (
+                    prop::collection::vec(0u64..SPAN, 1..24),
+                    prop::collection::vec(0usize..4, 1..8),
+                    prop::collection::vec(prop::bool::weighted(0.2), 1..5),
+                    threads(),
+                ),
+                1..3,
+            ),
+        ) {
+            let rounds: Vec<_> = rounds
+                .iter()
+                .map(|(cuts, owners, zero, n)| disjoint_round(cuts, owners, zero, *n))
+                .collect();
+            concurrent_rounds(setup, &rounds, &expect_shadow);
+        }
+
+        /// Overlapping ranges: each byte reads one of its writers' bytes.
+        #[test]
+        fn overlapping_writes(
+            setup in 0usize..CONCURRENT_SETUPS.len(),
+            pieces in prop::collection::vec(
+                prop::collection::vec((0u64..SPAN, 1u64..(96 << 10), prop::bool::weighted(0.2)), 1..6),
+                2..=4,
+            ),
+        ) {
+            let mut byte = 0u8;
+            let round: Vec<Vec<Piece>> = pieces
+                .iter()
+                .map(|t| {
+                    t.iter()
+                        .map(|&(off, len, zero)| {
+                            byte = byte % 250 + 1;
+                            Piece { off, len: len.min(SPAN - off), byte: if zero { 0 } else { byte } }
+                        })
+                        .collect()
+                })
+                .collect();
+            concurrent_rounds(setup, &[round], &expect_one_of_the_writers);
+        }
+    }
+}

@@ -10,6 +10,7 @@
 //! metadata sits behind short locks.
 
 pub mod check;
+pub mod clusters;
 pub mod error;
 pub mod io;
 pub mod probe;
@@ -319,8 +320,9 @@ pub trait Image: Send + Sync {
 
     /// Writes guest data at `offset`. Clusters that are not allocated in this layer are
     /// allocated; a partial cluster is completed from `below`. The data is written at once;
-    /// the metadata that makes it visible is staged until [`Image::commit`]. Concurrent calls
-    /// must touch disjoint allocation units.
+    /// the metadata that makes it visible is staged until [`Image::commit`]. Any threads may
+    /// write any ranges at once: writes touching one cluster run one after the other (see
+    /// [`clusters`]), others in parallel.
     fn write(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()>;
     /// Compresses one cluster's data for [`Image::write_compressed`] (pure computation, for
     /// the copy workers); `None` when the format has no compression or the data does not

@@ -79,6 +79,8 @@ pub struct Qcow2 {
     /// Writers hold it shared while they work; `commit` and header changes take it alone, so
     /// a commit never sees a write half done.
     gate: RwLock<()>,
+    /// Guest clusters being written: writes touching one cluster run one at a time.
+    clusters: crate::clusters::ClusterLocks,
     /// Whether the image looks metadata-preallocated (decided on first use, as qemu does).
     prealloc: OnceLock<bool>,
 }
@@ -162,6 +164,7 @@ impl Qcow2 {
             bitmaps,
             meta: Mutex::new(Meta::new(header, l1, file_len)),
             gate: RwLock::new(()),
+            clusters: Default::default(),
             prealloc: OnceLock::new(),
             storage,
         })

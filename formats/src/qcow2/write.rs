@@ -57,6 +57,8 @@ impl Qcow2 {
             return Ok(());
         }
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let cs = self.geo.cluster_size();
+        let _held = self.clusters.hold(offset / cs, end.div_ceil(cs));
         let plans = {
             let mut m = self.meta();
             self.prepare_write(&mut m)?;
@@ -112,6 +114,7 @@ impl Qcow2 {
             return Ok(false);
         }
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let _held = self.clusters.hold(offset / cs, offset / cs + 1);
         let host = {
             let mut m = self.meta();
             self.prepare_write(&mut m)?;
@@ -347,6 +350,8 @@ impl Qcow2 {
             let mut partial = vec![(offset, mid_lo), (mid_hi, end)];
             {
                 let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+                let cs = self.geo.cluster_size();
+                let _held = self.clusters.hold(mid_lo / cs, mid_hi.div_ceil(cs));
                 let mut m = self.meta();
                 self.prepare_write(&mut m)?;
                 partial.extend(self.zero_units(&mut m, mid_lo, mid_hi)?);

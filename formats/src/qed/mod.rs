@@ -38,6 +38,8 @@ pub struct Qed {
     writable: bool,
     meta: Mutex<Meta>,
     gate: RwLock<()>,
+    /// Guest clusters being written: writes touching one cluster run one at a time.
+    clusters: crate::clusters::ClusterLocks,
 }
 
 pub(crate) struct Meta {
@@ -109,6 +111,7 @@ impl Qed {
                 alloc: None,
             }),
             gate: RwLock::new(()),
+            clusters: Default::default(),
         })
     }
 

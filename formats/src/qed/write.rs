@@ -152,19 +152,23 @@ impl Qed {
 
     pub(super) fn write_impl(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let (cs, size) = {
+            let m = self.meta();
+            (m.header.cluster_size, m.header.image_size)
+        };
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= size)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "write of {} bytes at {offset} is past the end of the image",
+                    data.len()
+                ))
+            })?;
+        let _held = self.clusters.hold(offset / cs, end.div_ceil(cs));
         let plans = {
             let mut m = self.meta();
-            let end = offset
-                .checked_add(data.len() as u64)
-                .filter(|&e| e <= m.header.image_size)
-                .ok_or_else(|| {
-                    Error::invalid(format!(
-                        "write of {} bytes at {offset} is past the end of the image",
-                        data.len()
-                    ))
-                })?;
             self.prepare_write(&mut m)?;
-            let cs = m.header.cluster_size;
             let mut plans = Vec::new();
             let mut cluster = align_down(offset, cs);
             while cluster < end {
@@ -279,6 +283,7 @@ impl Qed {
         };
         if mid_lo < mid_hi {
             let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+            let _held = self.clusters.hold(mid_lo / cs, mid_hi / cs);
             let mut m = self.meta();
             self.prepare_write(&mut m)?;
             let mut c = mid_lo;
