@@ -387,3 +387,32 @@ mod concurrent {
         }
     }
 }
+
+/// An image dropped without `commit` keeps its writes: dropping commits what is staged.
+#[test]
+fn dropping_an_image_commits_its_writes() {
+    for format in ["qcow2", "qed"] {
+        let s = Scratch::new();
+        s.qemu_img(&["create", "-q", "-f", format, "img", "4M"]);
+        let path = s.path("img").to_string_lossy().into_owned();
+        {
+            let chain = Chain::open(&path, OpenOptions::write(None)).expect("open for writing");
+            let img = &chain.top().image;
+            img.write(65536, &[0x42; 70_000], &chain.below(0))
+                .expect("write");
+            img.write_zeroes(1 << 20, 1 << 20, &chain.below(0))
+                .expect("write_zeroes");
+        }
+        s.assert_clean("img");
+        let r = s.run(
+            "qemu-io",
+            &["-c", "read -q -P 0x42 65536 70000", "-f", format, "img"],
+        );
+        assert_eq!(r.status, 0, "{format}: {}{}", r.stdout, r.stderr);
+        assert!(
+            !r.stdout.contains("Pattern verification failed"),
+            "{format}: the write was lost: {}",
+            r.stdout
+        );
+    }
+}

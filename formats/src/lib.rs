@@ -195,6 +195,17 @@ pub fn push_status(out: &mut Vec<Status>, st: Status) {
     out.push(st);
 }
 
+/// Commits what a dropped image still has staged (its `Drop`): a write is never lost because
+/// its caller forgot to commit. The error has nowhere to go but stderr.
+pub(crate) fn commit_on_drop(image: &dyn Image) {
+    if let Err(e) = image.commit() {
+        eprintln!(
+            "cowimg: committing the writes staged in '{}' when it was closed failed: {e}",
+            image.storage().path().display()
+        );
+    }
+}
+
 /// Allocated tables one [`Image::status_ahead`] call reads at most.
 const AHEAD_TABLES: usize = 16;
 
@@ -342,7 +353,16 @@ pub trait Image: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()>;
     /// Makes every staged write durable, in crash-safe order: data and new tables, sync;
     /// reference counts, sync; table entries, sync.
+    ///
+    /// An image dropped with staged writes commits them itself (an error can then only be
+    /// printed on stderr): writes are never lost silently. Call `commit` (or
+    /// [`Image::close`]) where the outcome matters.
     fn commit(&self) -> Result<()>;
+    /// Commits what is staged before the image is let go, returning the outcome: the way to
+    /// end a writing session when errors must be seen.
+    fn close(&self) -> Result<()> {
+        self.commit()
+    }
     /// Points the image at a new backing file (or none); written last, crash-safely, synced.
     /// Must follow a [`Image::commit`].
     fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()>;

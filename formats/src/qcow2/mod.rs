@@ -85,6 +85,14 @@ pub struct Qcow2 {
     prealloc: OnceLock<bool>,
 }
 
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        if self.writable {
+            crate::commit_on_drop(self);
+        }
+    }
+}
+
 impl Qcow2 {
     /// Opens and validates a qcow2 image.
     pub fn open(storage: Arc<dyn Storage>, opts: OpenOptions<'_>) -> Result<Qcow2> {

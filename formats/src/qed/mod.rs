@@ -54,6 +54,14 @@ pub(crate) struct Meta {
     pub alloc: Option<write::Allocator>,
 }
 
+impl Drop for Qed {
+    fn drop(&mut self) {
+        if self.writable {
+            crate::commit_on_drop(self);
+        }
+    }
+}
+
 impl Qed {
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Qed> {
         let file_len = storage
