@@ -503,7 +503,15 @@ impl Qcow2 {
             write_all(&*self.storage, &m.header.encode_fixed(), 0, "the header")?;
             sync(&*self.storage)?;
         }
+        let reclaimable = self.reclaim_leaks(m)?;
         let alloc = Allocator::load(&*self.storage, &m.header, m.file_len)?;
+        if reclaimable && m.file_len > alloc.end {
+            // Nothing is counted past the last cluster in use: give the tail back.
+            let io = |e| Error::io("cutting the unreferenced end of the file", e);
+            self.storage.set_len(alloc.end).map_err(io)?;
+            self.storage.sync().map_err(io)?;
+            m.file_len = alloc.end;
+        }
         // Map the metadata before anything is written: a damaged image whose structures
         // overlap must not be written through them (qemu's overlap checks).
         let (_, snapshot_table_len) = super::snapshot::read_snapshots(
@@ -521,6 +529,21 @@ impl Qcow2 {
         )?);
         m.alloc = Some(alloc);
         Ok(())
+    }
+
+    /// Frees leaked clusters before the first allocation of a session, as `check -r leaks`
+    /// would. A run killed inside a commit leaves what it allocated counted but unreferenced
+    /// (its refcounts are synced before the references, by design); allocation is
+    /// append-only, so without this the space would never be reused and the file would only
+    /// grow. Returns whether the image checked clean, so that the end of the file past the
+    /// last cluster in use may be cut. A check that cannot finish (a damaged image) leaves
+    /// everything as it is: writing goes on as before, and `check` reports the damage.
+    fn reclaim_leaks(&self, m: &mut Meta) -> Result<bool> {
+        match super::check::run(self, m, crate::CheckMode::RepairLeaks, &mut |_| {}) {
+            Ok(r) => Ok(r.failed.is_none() && r.corruptions == 0 && r.check_errors == 0),
+            Err(e @ Error::Io { .. }) => Err(e),
+            Err(_) => Ok(false),
+        }
     }
 
     /// The L2 table covering L1 index `l1i`, made writable: a new table when there is none,
