@@ -9,7 +9,7 @@ use cowimg::chain::parse_format;
 use cowimg::commands::{check, compare, convert, create, info, map, measure, rebase, stream};
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
-use cowimg::size::parse_size;
+use cowimg::size::size_arg;
 use cowimg_formats::{CheckMode, Format};
 
 #[derive(Parser)]
@@ -247,10 +247,6 @@ fn fmt_opt(s: &Option<String>) -> Result<Option<Format>> {
     s.as_deref().map(parse_format).transpose()
 }
 
-fn size_arg(s: &str) -> Result<u64> {
-    parse_size(s).ok_or_else(|| Error::Usage(format!("Invalid size '{s}'")))
-}
-
 fn progress_json(v: Option<&str>) -> Result<bool> {
     match v {
         None => Ok(false),
@@ -261,8 +257,22 @@ fn progress_json(v: Option<&str>) -> Result<bool> {
     }
 }
 
-fn jobs(j: Option<usize>) -> usize {
-    j.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+/// The most copy workers `--jobs` accepts. Each worker is a thread with its own buffers and
+/// requests in flight; past a few hundred they only contend for the same disk, and a number
+/// far beyond (`--jobs 100000`) would exhaust threads and memory instead of being refused.
+const MAX_JOBS: usize = 256;
+
+/// The number of copy workers: `--jobs`, checked, or one per core (at most [`MAX_JOBS`]).
+fn jobs(j: Option<usize>) -> Result<usize> {
+    match j {
+        None => Ok(std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .min(MAX_JOBS)),
+        Some(n) if (1..=MAX_JOBS).contains(&n) => Ok(n),
+        Some(n) => Err(Error::Usage(format!(
+            "--jobs must be between 1 and {MAX_JOBS}, not {n}"
+        ))),
+    }
 }
 
 /// Runs a command; returns its exit status and whether errors use compare's status 2.
@@ -360,8 +370,11 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     format: fmt_opt(&format)?,
                     json: matches!(output, Output::Json),
                     force_share,
-                    start: size_arg(&start_offset)?,
-                    max_length: max_length.as_deref().map(size_arg).transpose()?,
+                    start: size_arg("start offset", &start_offset)?,
+                    max_length: max_length
+                        .as_deref()
+                        .map(|s| size_arg("max length", s))
+                        .transpose()?,
                 })
             })();
             (r, 1)
@@ -411,12 +424,18 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         file,
                         format: fmt_opt(&format)?,
                         base,
-                        speed: size_arg(&speed)?,
-                        jobs: jobs(j),
+                        speed: size_arg("speed (--speed)", &speed)?,
+                        jobs: jobs(j)?,
                         progress: Mode::choose(json, progress, json_out),
                         json: json_out,
-                        offset: offset.as_deref().map(size_arg).transpose()?,
-                        length: length.as_deref().map(size_arg).transpose()?,
+                        offset: offset
+                            .as_deref()
+                            .map(|s| size_arg("offset (--offset)", s))
+                            .transpose()?,
+                        length: length
+                            .as_deref()
+                            .map(|s| size_arg("length (--length)", s))
+                            .transpose()?,
                         compress,
                     },
                     cancel,
@@ -448,8 +467,8 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         backing,
                         backing_format,
                         unsafe_mode,
-                        speed: size_arg(&speed)?,
-                        jobs: jobs(j),
+                        speed: size_arg("speed (--speed)", &speed)?,
+                        jobs: jobs(j)?,
                         progress: Mode::choose(json, progress, true),
                         json: json_out,
                         force_share,
@@ -476,7 +495,10 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     format: fmt_opt(&format)?,
                     out_format: parse_format(&out_format)?,
                     options,
-                    size: size.as_deref().map(size_arg).transpose()?,
+                    size: size
+                        .as_deref()
+                        .map(|s| size_arg("image size", s))
+                        .transpose()?,
                     compress,
                     json: matches!(output, Output::Json),
                     force_share,
@@ -507,7 +529,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         out_format: parse_format(&out_format)?,
                         options,
                         progress: Mode::choose(json, progress, !progress),
-                        jobs: jobs(j),
+                        jobs: jobs(j)?,
                         force_share,
                         no_copy_on_read,
                         compress,

@@ -38,7 +38,7 @@ impl Spec {
         match self {
             Spec::Qcow2(o) => qcow2::create::validate(o)?,
             Spec::Qed(o) => qed::create::validate(o)?,
-            Spec::Raw { .. } => {}
+            Spec::Raw { size } => cowimg_formats::check_size(*size)?,
         }
         Ok(())
     }
@@ -138,8 +138,17 @@ impl Output {
             Spec::Qcow2(o) => qcow2::create::create(&s, o).map_err(err)?,
             Spec::Qed(o) => qed::create::create(&s, o).map_err(err)?,
             Spec::Raw { size } => {
-                s.set_len(*size)
-                    .map_err(|e| Error::io("sizing the new image", e))?;
+                s.set_len(*size).map_err(|e| {
+                    // What qemu-img says when the file system cannot hold the size.
+                    if e.raw_os_error() == Some(libc::EFBIG) {
+                        Error::Msg(format!(
+                            "{}: The image size is too large for file format 'raw'",
+                            self.dst.display()
+                        ))
+                    } else {
+                        Error::io("sizing the new image", e)
+                    }
+                })?;
                 s.sync()
                     .map_err(|e| Error::io("syncing the new image", e))?;
             }

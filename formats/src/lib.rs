@@ -26,6 +26,20 @@ pub use util::is_zero;
 
 use std::sync::Arc;
 
+/// The largest virtual size an image may have: qemu's `INT64_MAX` (its sizes are signed, and
+/// qemu-img refuses larger ones). Checked before any rounding, so nothing wraps.
+pub const MAX_SIZE: u64 = i64::MAX as u64;
+
+/// Refuses a virtual size beyond [`MAX_SIZE`], in qemu-img's words.
+pub fn check_size(size: u64) -> Result<()> {
+    if size > MAX_SIZE {
+        return Err(Error::invalid(format!(
+            "Invalid image size specified. Must be between 0 and {MAX_SIZE}."
+        )));
+    }
+    Ok(())
+}
+
 /// An image format cowimg reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Format {

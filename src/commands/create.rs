@@ -8,7 +8,7 @@ use crate::chain::{combine, open_image, parse_format};
 use crate::error::{Error, Result};
 use crate::lock::Access;
 use crate::output::{Output, Spec};
-use crate::size::parse_size;
+use crate::size::{parse_size, size_arg, SizeError, MAX_SIZE};
 
 pub struct Args {
     pub file: String,
@@ -50,10 +50,17 @@ fn on_off(key: &str, v: &str) -> Result<bool> {
     }
 }
 
+/// A numeric `-o` value, worded as qemu-img words its option errors.
 fn number<T: TryFrom<u64>>(key: &str, v: &str) -> Result<T> {
-    parse_size(v)
-        .and_then(|n| T::try_from(n).ok())
-        .ok_or_else(|| Error::Usage(format!("Parameter '{key}' expects a size, not '{v}'")))
+    let out_of_range =
+        || Error::Usage(format!("Value '{v}' is out of range for parameter '{key}'"));
+    match parse_size(v) {
+        Ok(n) if n <= MAX_SIZE => T::try_from(n).map_err(|_| out_of_range()),
+        Ok(_) | Err(SizeError::OutOfRange) => Err(out_of_range()),
+        Err(SizeError::Invalid) => Err(Error::Usage(format!(
+            "Parameter '{key}' expects a size, not '{v}'"
+        ))),
+    }
 }
 
 impl ImageOptions {
@@ -233,18 +240,12 @@ pub fn run(a: &Args) -> Result<i32> {
         o.apply(a.format, list).map_err(ctx)?;
     }
     if let Some(cs) = &a.cluster_size {
-        o.cluster_size = Some(
-            parse_size(cs)
-                .ok_or_else(|| ctx(Error::Usage(format!("Invalid cluster size '{cs}'"))))?,
-        );
+        o.cluster_size = Some(size_arg("cluster size (--cluster-size)", cs).map_err(ctx)?);
     }
     let backing_name = a.backing.clone().or(o.backing_file.clone());
     let backing_format = a.backing_format.clone().or(o.backing_fmt.clone());
     let mut size = match &a.size {
-        Some(s) => Some(
-            parse_size(s)
-                .ok_or_else(|| Error::Usage(format!("Invalid image size specified: '{s}'.")))?,
-        ),
+        Some(s) => Some(size_arg("image size", s)?),
         None => o.size,
     };
     let backing = match backing_name {

@@ -48,6 +48,7 @@ impl Default for Options {
 
 /// Checks options the way qemu-img does, with its messages.
 pub fn validate(o: &Options) -> Result<()> {
+    crate::check_size(o.size)?;
     let cs = o.cluster_size;
     if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
         return Err(Error::invalid(

@@ -27,6 +27,7 @@ impl Default for Options {
 }
 
 pub fn validate(o: &Options) -> Result<()> {
+    crate::check_size(o.size)?;
     if !o.cluster_size.is_power_of_two()
         || !(header::MIN_CLUSTER_SIZE..=header::MAX_CLUSTER_SIZE).contains(&o.cluster_size)
     {
