@@ -132,21 +132,50 @@ fn windows(extents: &[Extent], window: u64) -> Vec<Vec<Extent>> {
     out
 }
 
-/// Whose turn it is to store, in chunk order (compressing copies).
+/// A batch's shared state: whose turn it is to store, in chunk order (compressing copies),
+/// and the batch's first error. The error and the stop signal are one state under one lock, so
+/// a worker can only see the batch stopped once the error that stopped it is recorded: what
+/// the others fail with afterwards ("another copy worker failed") is never the one reported.
 #[derive(Default)]
 struct Turn {
-    state: Mutex<(usize, bool)>,
+    state: Mutex<TurnState>,
     cv: Condvar,
 }
 
+#[derive(Default)]
+struct TurnState {
+    /// The index of the chunk whose turn it is to store.
+    next: usize,
+    /// The first error of the batch; once set, every worker stops at its next step.
+    failed: Option<Error>,
+}
+
 impl Turn {
-    fn aborted(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1
+    fn lock(&self) -> std::sync::MutexGuard<'_, TurnState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn abort(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+    fn aborted(&self) -> bool {
+        self.lock().failed.is_some()
+    }
+
+    /// Records `e` unless an earlier error stopped the batch, and stops it.
+    fn fail(&self, e: Error) {
+        self.lock().failed.get_or_insert(e);
         self.cv.notify_all();
+    }
+
+    /// The batch's outcome: its first error, if any.
+    fn into_result(self) -> Result<()> {
+        match self
+            .state
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .failed
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 
@@ -160,11 +189,12 @@ struct Ticket<'a> {
 impl Ticket<'_> {
     /// Waits until every earlier chunk of the batch has stored its data.
     fn wait(&self) -> Result<()> {
-        let mut s = self.turn.state.lock().unwrap_or_else(|e| e.into_inner());
-        while s.0 < self.index && !s.1 {
+        let mut s = self.turn.lock();
+        while s.next < self.index && s.failed.is_none() {
             s = self.turn.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
-        if s.1 {
+        if s.failed.is_some() {
+            // Never reported: the batch already holds the error that stopped it.
             return Err(Error::Msg("another copy worker failed".into()));
         }
         Ok(())
@@ -173,12 +203,12 @@ impl Ticket<'_> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        let mut s = self.turn.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.turn.lock();
         // Wait for our turn only to pass it on: earlier chunks may still be storing.
-        while s.0 < self.index && !s.1 {
+        while s.next < self.index && s.failed.is_none() {
             s = self.turn.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
-        s.0 = s.0.max(self.index + 1);
+        s.next = s.next.max(self.index + 1);
         self.turn.cv.notify_all();
     }
 }
@@ -282,7 +312,6 @@ impl Copier<'_> {
     fn run_batch(&self, pool: &rayon::ThreadPool, chunks: &[Vec<Extent>], unit: u64) -> Result<()> {
         let next = AtomicUsize::new(0);
         let turn = Turn::default();
-        let failure: Mutex<Option<Error>> = Mutex::new(None);
         pool.scope(|scope| {
             for _ in 0..self.jobs.max(1) {
                 scope.spawn(|_| loop {
@@ -298,20 +327,13 @@ impl Copier<'_> {
                         .iter()
                         .try_for_each(|piece| self.copy_chunk(piece, unit, ticket.as_ref()));
                     if let Err(e) = r {
-                        turn.abort();
-                        failure
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(e);
+                        turn.fail(e);
                         return;
                     }
                 });
             }
         });
-        match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        turn.into_result()
     }
 
     fn copy_chunk(&self, c: &Extent, unit: u64, ticket: Option<&Ticket>) -> Result<()> {

@@ -310,6 +310,45 @@ fn a_full_disk_mid_stream_leaves_the_image_consistent_and_resumable() {
     }
 }
 
+/// ENOSPC in a parallel compressing convert: four workers, one of them hits the full disk
+/// while the others wait for their turn to store. The error shown is the real cause (the
+/// file, the offset, "No space left on device"), every time, never only "another copy worker
+/// failed" (which the waiting workers used to report first, in about half of the runs).
+#[test]
+fn a_full_disk_under_parallel_convert_reports_the_real_cause_every_time() {
+    let s = Scratch::new();
+    // Incompressible data: the copy needs far more than the disk holds.
+    let mut rng = Rng::new(12);
+    let data: Vec<u8> = (0..(32 << 20) / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
+    s.write_file("src.raw", &data);
+    let fs = Tmpfs::mount(s.path("small"), "4M");
+    for run in 0..12 {
+        let r = s.cowimg(&[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "--jobs",
+            "4",
+            "src.raw",
+            "small/out.qcow2",
+        ]);
+        assert_eq!(r.status, 1, "run {run}: {}{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr
+                .contains("small/out.qcow2: writing guest data at offset 0x")
+                && r.stderr.contains("No space left on device")
+                && !r.stderr.contains("another copy worker failed"),
+            "run {run}: {}",
+            r.stderr
+        );
+        // A failed convert leaves nothing behind, so every run starts on an empty disk.
+        assert_eq!(std::fs::read_dir(&fs.0).unwrap().count(), 0, "run {run}");
+    }
+}
+
 /// The file-size limit (RLIMIT_FSIZE through prlimit, SIGXFSZ ignored so that writes fail
 /// with EFBIG instead of killing the process): the same postconditions as a full disk.
 #[test]
