@@ -3,10 +3,11 @@
 //! Safety rules (DESIGN.md): backing names resolve against the directory of the image that
 //! names them; a recorded backing format is obeyed (a raw image is never re-read as another
 //! format); a missing format is probed by magic, and the layer says so; loops and chains
-//! deeper than [`MAX_DEPTH`] are refused; every file is locked as QEMU locks it.
+//! with more than [`MAX_DEPTH`] images are refused; every file is locked as QEMU locks it.
 
 use std::collections::HashSet;
 use std::fs;
+use std::io::Seek;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -20,8 +21,32 @@ use cowimg_formats::{Alloc, FileStorage, Format, Image, ReadBelow, Storage};
 use crate::error::{Error, Result};
 use crate::lock::{self, Access};
 
-/// Deepest chain cowimg opens.
-pub const MAX_DEPTH: usize = 256;
+/// The most images a chain may have (the top included). qemu has no fixed limit: it opens
+/// layers until the process runs out of file descriptors (under the default soft limit of
+/// 1024, `qemu-img convert` of a 2000-deep chain fails "Too many open files" near layer 985;
+/// `info --backing-chain`, one image at a time, reads 10,001). cowimg bounds what a mistaken
+/// or hostile chain can cost (a descriptor, tables and a cache per layer, and a walk through
+/// every layer for each unallocated range) at a depth far beyond real chains, and says so.
+pub const MAX_DEPTH: usize = 4096;
+
+/// Raises the soft limit on open files towards the hard one so that a chain of
+/// [`MAX_DEPTH`] images (each with a possible external data file) can be opened: the default
+/// soft limit (1024) would otherwise fail such chains with "Too many open files". Best
+/// effort: without a higher hard limit the open fails later, naming the layer.
+pub fn raise_descriptor_limit() {
+    let want = (2 * MAX_DEPTH + 64) as libc::rlim_t;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
 
 /// One image of a chain.
 pub struct Layer {
@@ -154,6 +179,18 @@ pub fn open_image_for(
         .write(access.writable())
         .open(filename)
         .map_err(|e| Error::open(filename, Error::Msg(os_text(&e))))?;
+    // qemu sizes a file by seeking to its end. A pseudo-file that cannot say how long it is
+    // (procfs: /proc/self/mem) is refused as qemu refuses it, never read as an empty image,
+    // just as character devices are refused above.
+    if let Err(e) = (&file).seek(std::io::SeekFrom::End(0)) {
+        return Err(Error::open(
+            filename,
+            Error::Msg(format!(
+                "Could not refresh total sector count: {}",
+                os_text(&e)
+            )),
+        ));
+    }
     lock::lock(&file, filename, access).map_err(|e| Error::open(filename, e))?;
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file, filename));
     open_layer(storage, filename, format, access.writable(), repair)
@@ -319,9 +356,9 @@ impl Chain {
                     Error::Msg(format!("Could not open backing file: {e}")),
                 )
             };
-            if self.layers.len() > MAX_DEPTH {
+            if self.layers.len() >= MAX_DEPTH {
                 return Err(wrap(Error::Msg(format!(
-                    "the backing chain is deeper than {MAX_DEPTH} images"
+                    "the backing chain has more than {MAX_DEPTH} images (cowimg's limit; qemu has none but its open-file limit)"
                 ))));
             }
             if let Some(c) = canonical(&full) {
@@ -443,32 +480,43 @@ impl Chain {
 
     /// Guest data as layer `i` and those below it read it; zeros past a layer's end.
     pub fn read_from(&self, i: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let Some(layer) = self.layers.get(i) else {
-            buf.fill(0);
-            return Ok(());
-        };
-        let img = &*layer.image;
-        let size = img.virtual_size();
-        let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        buf[inside..].fill(0);
-        if inside == 0 {
-            return Ok(());
-        }
-        let err = |e| Error::image(&layer.filename, e);
-        for run in img.map(offset, inside as u64).map_err(err)? {
-            let a = (run.start - offset) as usize;
-            let out = &mut buf[a..a + run.len as usize];
-            match run.alloc {
-                Alloc::Data { host } => img.read_host(host, out).map_err(err)?,
-                Alloc::Zero { .. } => out.fill(0),
-                Alloc::Compressed { host, len } => {
-                    let cs = img.cluster_size().unwrap_or(512);
-                    let mut cluster = vec![0u8; cs as usize];
-                    img.read_compressed(host, len, &mut cluster).map_err(err)?;
-                    let intra = (run.start % cs) as usize;
-                    out.copy_from_slice(&cluster[intra..intra + run.len as usize]);
+        // A work list, not recursion: what one layer leaves unallocated is read from the next,
+        // and a chain thousands of layers deep must not grow a worker thread's stack.
+        let mut todo: Vec<(usize, u64, &mut [u8])> = vec![(i, offset, buf)];
+        while let Some((i, offset, buf)) = todo.pop() {
+            let Some(layer) = self.layers.get(i) else {
+                buf.fill(0);
+                continue;
+            };
+            let img = &*layer.image;
+            let size = img.virtual_size();
+            let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+            let (mut rest, past) = buf.split_at_mut(inside);
+            past.fill(0);
+            if inside == 0 {
+                continue;
+            }
+            let err = |e| Error::image(&layer.filename, e);
+            let mut pos = offset;
+            for run in img.map(offset, inside as u64).map_err(err)? {
+                // Runs are sorted and within the range asked for; split off each one's bytes.
+                let skip = (run.start - pos) as usize;
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
+                let (out, tail) = tail.split_at_mut(run.len as usize);
+                rest = tail;
+                pos = run.start + run.len;
+                match run.alloc {
+                    Alloc::Data { host } => img.read_host(host, out).map_err(err)?,
+                    Alloc::Zero { .. } => out.fill(0),
+                    Alloc::Compressed { host, len } => {
+                        let cs = img.cluster_size().unwrap_or(512);
+                        let mut cluster = vec![0u8; cs as usize];
+                        img.read_compressed(host, len, &mut cluster).map_err(err)?;
+                        let intra = (run.start % cs) as usize;
+                        out.copy_from_slice(&cluster[intra..intra + run.len as usize]);
+                    }
+                    Alloc::Unallocated => todo.push((i + 1, run.start, out)),
                 }
-                Alloc::Unallocated => self.read_from(i + 1, run.start, out)?,
             }
         }
         Ok(())

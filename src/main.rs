@@ -544,6 +544,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    cowimg::chain::raise_descriptor_limit();
     // SIGINT and SIGTERM ask the running job to stop at the next chunk and commit what it
     // copied; a second signal falls back to the default action.
     let cancel = Arc::new(AtomicBool::new(false));

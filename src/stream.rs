@@ -136,7 +136,7 @@ fn push(out: &mut Vec<Extent>, e: Extent) {
     out.push(e);
 }
 
-/// Finds what determines `[start, end)` from layer `i` down, above `base`.
+/// Finds what determines `[start, end)` from layer `i` down, above `base`, in guest order.
 fn determine(
     chain: &Chain,
     i: usize,
@@ -145,30 +145,49 @@ fn determine(
     end: u64,
     out: &mut Vec<(u64, u64, Source)>,
 ) -> Result<()> {
-    if i >= base || i >= chain.layers.len() {
-        out.push((start, end, Source::Base));
-        return Ok(());
+    /// A step of the walk: a range found, or a range to look up from a layer down.
+    enum Step {
+        Found(u64, u64, Source),
+        Look(usize, u64, u64),
     }
-    let layer = &chain.layers[i];
-    let inside = end.min(layer.size()).max(start);
-    if inside > start {
-        let runs = layer
-            .image
-            .map(start, inside - start)
-            .map_err(|e| Error::image(&layer.filename, e))?;
-        for r in runs {
-            match r.alloc {
-                Alloc::Data { .. } | Alloc::Compressed { .. } => {
-                    out.push((r.start, r.end(), Source::Data))
-                }
-                Alloc::Zero { .. } => out.push((r.start, r.end(), Source::Zeros)),
-                Alloc::Unallocated => determine(chain, i + 1, base, r.start, r.end(), out)?,
+    // A stack of steps, not recursion, so that a deep chain cannot exhaust the stack; steps
+    // are pushed in reverse so that ranges come out in guest order.
+    let mut todo = vec![Step::Look(i, start, end)];
+    while let Some(step) = todo.pop() {
+        let (i, start, end) = match step {
+            Step::Found(a, b, src) => {
+                out.push((a, b, src));
+                continue;
+            }
+            Step::Look(i, a, b) => (i, a, b),
+        };
+        if i >= base || i >= chain.layers.len() {
+            out.push((start, end, Source::Base));
+            continue;
+        }
+        let layer = &chain.layers[i];
+        let inside = end.min(layer.size()).max(start);
+        let mut steps = Vec::new();
+        if inside > start {
+            let runs = layer
+                .image
+                .map(start, inside - start)
+                .map_err(|e| Error::image(&layer.filename, e))?;
+            for r in runs {
+                steps.push(match r.alloc {
+                    Alloc::Data { .. } | Alloc::Compressed { .. } => {
+                        Step::Found(r.start, r.end(), Source::Data)
+                    }
+                    Alloc::Zero { .. } => Step::Found(r.start, r.end(), Source::Zeros),
+                    Alloc::Unallocated => Step::Look(i + 1, r.start, r.end()),
+                });
             }
         }
-    }
-    if inside < end {
-        // Past the end of a removed layer the old chain reads zeros.
-        out.push((inside, end, Source::Zeros));
+        if inside < end {
+            // Past the end of a removed layer the old chain reads zeros.
+            steps.push(Step::Found(inside, end, Source::Zeros));
+        }
+        todo.extend(steps.into_iter().rev());
     }
     Ok(())
 }
