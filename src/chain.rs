@@ -75,8 +75,10 @@ pub struct OpenOptions {
     pub backing: bool,
     /// Share everything on the backing files as well (`-U`).
     pub force_share: bool,
-    /// Honour the top image's copy-on-read flag: reads of guest data copy what comes from
-    /// the backing chain into the top (which is then opened read-write).
+    /// Copy-on-read, as asked explicitly (`--copy-on-read`, or a consumer using the image as
+    /// its disk): reads of guest data copy what comes from the backing chain into the top,
+    /// which is then opened read-write. The image's own flag does not turn this on: commands
+    /// that inspect or copy out never modify their inputs.
     pub copy_on_read: bool,
 }
 
@@ -109,7 +111,7 @@ impl OpenOptions {
 /// An image and its backing files, top first.
 pub struct Chain {
     pub layers: Vec<Layer>,
-    /// Set when reads copy backing data into the top (its copy-on-read flag).
+    /// Set when reads copy backing data into the top (copy-on-read asked for at open).
     cor: Option<CopyOnRead>,
 }
 
@@ -307,11 +309,13 @@ impl Chain {
     pub fn open(filename: &str, opts: OpenOptions) -> Result<Chain> {
         let mut top = open_image(filename, opts.format, opts.access)?;
         let mut cor = None;
-        if opts.copy_on_read
-            && opts.access != Access::ReadShared
-            && top.image.copy_on_read()
-            && top.image.backing().is_some()
-        {
+        if opts.copy_on_read && opts.access == Access::ReadShared {
+            return Err(Error::Usage(
+                "--copy-on-read writes into the image, which -U (force-share) forbids: drop one of them"
+                    .into(),
+            ));
+        }
+        if opts.copy_on_read && top.image.backing().is_some() {
             if opts.access != Access::Write {
                 // Reopen for writing; the read-only descriptor goes first, or its own locks
                 // would look like another process's.

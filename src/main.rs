@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use cowimg::chain::parse_format;
-use cowimg::commands::{check, compare, convert, create, info, map, measure, rebase, stream};
+use cowimg::commands::{
+    amend, check, compare, convert, create, info, map, measure, rebase, stream,
+};
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
 use cowimg::size::size_arg;
@@ -27,6 +29,13 @@ struct Cli {
 enum Output {
     Human,
     Json,
+}
+
+/// A flag's value: on or off.
+#[derive(Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -119,7 +128,12 @@ enum Command {
         quiet: bool,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
-        /// Do not copy backing data into images flagged copy-on-read (no write lock).
+        /// Copy what each image's backing chain provides into it as it is read (opens it
+        /// read-write). Without it both images are only read, flagged copy-on-read or not.
+        #[arg(long, conflicts_with = "no_copy_on_read")]
+        copy_on_read: bool,
+        /// Accepted for compatibility and does nothing: reading never copies without
+        /// --copy-on-read.
         #[arg(long)]
         no_copy_on_read: bool,
         a: String,
@@ -212,6 +226,15 @@ enum Command {
         force_share: bool,
         file: Option<String>,
     },
+    /// Change options of an existing image in place (crash-safe).
+    Amend {
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Set or clear cowimg's copy-on-read flag (qcow2, qed).
+        #[arg(long, value_enum, value_name = "on|off")]
+        copy_on_read: Option<OnOff>,
+        file: String,
+    },
     /// Write an image's guest contents (through its chain) to a new standalone image.
     Convert {
         #[arg(short = 'f')]
@@ -232,7 +255,12 @@ enum Command {
         jobs: Option<usize>,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
-        /// Do not copy backing data into a source flagged copy-on-read (no write lock).
+        /// Copy what the source's backing chain provides into the source as it is read
+        /// (opens it read-write). Without it the source is only read, flagged or not.
+        #[arg(long, conflicts_with = "no_copy_on_read")]
+        copy_on_read: bool,
+        /// Accepted for compatibility and does nothing: reading never copies without
+        /// --copy-on-read.
         #[arg(long)]
         no_copy_on_read: bool,
         /// Compress clusters where they shrink (qcow2 output; -o compression_type=zlib|zstd).
@@ -385,7 +413,8 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             strict,
             quiet,
             force_share,
-            no_copy_on_read,
+            copy_on_read,
+            no_copy_on_read: _,
             a,
             b,
         } => {
@@ -398,7 +427,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     strict,
                     quiet,
                     force_share,
-                    no_copy_on_read,
+                    copy_on_read,
                 })
             })();
             (r, 2)
@@ -506,6 +535,20 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             })();
             (r, 1)
         }
+        Command::Amend {
+            format,
+            copy_on_read,
+            file,
+        } => {
+            let r = (|| {
+                amend::run(&amend::Args {
+                    file,
+                    format: fmt_opt(&format)?,
+                    copy_on_read: copy_on_read.map(|v| matches!(v, OnOff::On)),
+                })
+            })();
+            (r, 1)
+        }
         Command::Convert {
             format,
             out_format,
@@ -514,7 +557,8 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             progress_format,
             jobs: j,
             force_share,
-            no_copy_on_read,
+            copy_on_read,
+            no_copy_on_read: _,
             compress,
             src,
             dst,
@@ -531,7 +575,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         progress: Mode::choose(json, progress, !progress),
                         jobs: jobs(j)?,
                         force_share,
-                        no_copy_on_read,
+                        copy_on_read,
                         compress,
                     },
                     cancel,

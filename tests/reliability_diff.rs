@@ -461,14 +461,17 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
                 (f.clone(), "pristine.raw".into()),
                 ("out.raw".into(), "pristine.raw".into()),
             ];
-            let a = vec![
+            // qemu-img has no --copy-on-read: it only converts.
+            let theirs = vec![
                 "convert".to_string(),
                 "-O".into(),
                 "raw".into(),
                 f,
                 "out.raw".into(),
             ];
-            (a.clone(), a)
+            let mut mine = theirs.clone();
+            mine.insert(1, "--copy-on-read".into());
+            (mine, theirs)
         }
         _ => (
             vec!["stream".into(), top.name.clone()],

@@ -559,8 +559,8 @@ fn check_repair_killed() {
     }
 }
 
-/// Copy-on-read: `convert` of an image flagged copy-on-read fills it from its backing file
-/// as it reads. Killed at any point, the flagged image is free of corruption, reads as before
+/// Copy-on-read: `convert --copy-on-read` of an image flagged copy-on-read fills it from its
+/// backing file as it reads. Killed at any point, the flagged image is free of corruption, reads as before
 /// and keeps its backing file; the next convert completes (and the output is complete).
 #[test]
 fn copy_on_read_killed() {
@@ -583,8 +583,8 @@ fn copy_on_read_killed() {
         ]);
         template.qemu_io(&f, &["write -q -P 0x55 2M 64k"]);
         template.qemu_img(&["convert", "-O", "raw", &f, "pristine.raw"]);
-        let a = args(&["convert", "-O", "raw", &f, "out.raw"]);
-        let label = format!("convert -O raw {f} (copy-on-read)");
+        let a = args(&["convert", "--copy-on-read", "-O", "raw", &f, "out.raw"]);
+        let label = format!("convert --copy-on-read -O raw {f}");
         let rerun = a.clone();
         let verify: Box<dyn Fn(&Scratch, &End, &str)> = Box::new(move |s, end, what| {
             if let End::Failed(code, err) = end {

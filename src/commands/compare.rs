@@ -15,8 +15,9 @@ pub struct Args {
     pub strict: bool,
     pub quiet: bool,
     pub force_share: bool,
-    /// Read without honouring the images' copy-on-read flags.
-    pub no_copy_on_read: bool,
+    /// Copy what each image's backing chain provides into it as it is read (`--copy-on-read`);
+    /// otherwise both images are only read, flagged copy-on-read or not.
+    pub copy_on_read: bool,
 }
 
 const IO: u64 = 2 << 20;
@@ -33,7 +34,7 @@ pub enum Outcome {
 pub fn run(a: &Args) -> Result<i32> {
     let open = |file: &str, format| {
         let mut opts = OpenOptions::read(format, a.force_share);
-        opts.copy_on_read = !a.no_copy_on_read;
+        opts.copy_on_read = a.copy_on_read;
         Chain::open(file, opts)
     };
     let c1 = open(&a.a, a.format_a)?;

@@ -24,15 +24,16 @@ pub struct Args {
     pub progress: Mode,
     pub jobs: usize,
     pub force_share: bool,
-    /// Read without honouring the source's copy-on-read flag.
-    pub no_copy_on_read: bool,
+    /// Copy what the source's backing chain provides into the source as it is read
+    /// (`--copy-on-read`); otherwise the source is only read, flagged copy-on-read or not.
+    pub copy_on_read: bool,
     /// Store clusters compressed where they shrink (qcow2 output only).
     pub compress: bool,
 }
 
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let mut opts = OpenOptions::read(a.format, a.force_share);
-    opts.copy_on_read = !a.no_copy_on_read;
+    opts.copy_on_read = a.copy_on_read;
     let chain = Chain::open(&a.src, opts)?;
     let size = chain.size();
     let mut o = ImageOptions::default();

@@ -1,6 +1,7 @@
 //! The commands: each parses nothing itself (that is `main`), calls the library, prints, and
 //! returns its exit status.
 
+pub mod amend;
 pub mod check;
 pub mod compare;
 pub mod convert;
