@@ -341,8 +341,10 @@ impl Chain {
         Ok(chain)
     }
 
-    /// Opens the backing files below the current bottom layer.
-    fn open_backing(&mut self, access: Access) -> Result<()> {
+    /// Opens the backing files below the current bottom layer, with `access`, as
+    /// [`Chain::open`] does (safety rules, locks); a backing file that cannot be opened is
+    /// an error naming the image above it.
+    pub fn open_backing(&mut self, access: Access) -> Result<()> {
         let mut seen: HashSet<PathBuf> = self
             .layers
             .iter()

@@ -7,6 +7,8 @@
 //! cowimg reports lost (mappings it dropped on purpose, see docs/check.md).
 
 mod common;
+#[path = "common/fixtures.rs"]
+mod fixtures;
 
 use std::fs;
 use std::io;
@@ -932,7 +934,7 @@ fn raw_missing_and_bad_arguments() {
     let r = s.cowimg(&["check", "-q", "leak.qcow2"]);
     assert_eq!((r.status, r.stdout.as_str()), (3, ""));
     assert!(r.stderr.contains("Leaked cluster"), "{}", r.stderr);
-    // check does not need the backing file.
+    // A missing backing file: qemu-img check cannot open the image, nor can cowimg.
     s.qemu_img(&[
         "create",
         "-q",
@@ -946,7 +948,12 @@ fn raw_missing_and_bad_arguments() {
         "nob.qcow2",
         "64M",
     ]);
-    assert_eq!(s.cowimg(&["check", "nob.qcow2"]).status, 0);
+    let r = s.cowimg(&["check", "nob.qcow2"]);
+    assert_eq!(r.status, 1);
+    assert_eq!(
+        r.stderr,
+        "cowimg: Could not open 'nob.qcow2': Could not open backing file: Could not open 'missing.qcow2': No such file or directory\n"
+    );
     // A writer holds the image: check -r refuses, check -U reads.
     let mut child = std::process::Command::new("qemu-io")
         .args(["-f", "qcow2", "a.qcow2"])
@@ -1272,4 +1279,202 @@ fn large_sparse_image_checks_fast() {
         took.as_secs_f64() < 3.0,
         "check of a 1 TiB sparse image took {took:?}"
     );
+}
+
+/// Images qemu-img refuses to open, or whose check fails, each made from a clean image by one
+/// edit. Returns (name, what was done).
+fn refused_by_qemu(s: &Scratch) -> Vec<(String, &'static str)> {
+    base_qcow2(s, "clean.qcow2", &[]);
+    let clean = s.read_file("clean.qcow2");
+    let mut out = Vec::new();
+    let mut save = |name: &str, what: &'static str, edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = clean.clone();
+        edit(&mut b);
+        s.write_file(name, &b);
+        out.push((name.to_string(), what));
+    };
+    let put64 =
+        |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    let put32 =
+        |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let autoclear = |b: &mut Vec<u8>, bit: u64| {
+        let v = be64(b, 88) | bit;
+        b[88..96].copy_from_slice(&v.to_be_bytes());
+    };
+    // Snapshot table offsets qemu's table validation refuses, though there are no snapshots.
+    save(
+        "snap_unaligned.qcow2",
+        "no snapshots, table offset not cluster-aligned",
+        &|b| put64(b, 64, 0x12345),
+    );
+    save(
+        "snap_i64.qcow2",
+        "no snapshots, table offset beyond i64",
+        &|b| put64(b, 64, 1 << 63),
+    );
+    save(
+        "snap1_unaligned.qcow2",
+        "one snapshot at an unaligned offset",
+        &|b| {
+            put32(b, 60, 1);
+            put64(b, 64, 0x12345);
+        },
+    );
+    save("dfraw.qcow2", "data-file-raw bit, no data file", &|b| {
+        autoclear(b, 2)
+    });
+    let bitmaps = |count: u32, reserved: u32, size: u64, offset: u64| {
+        let mut e = Vec::new();
+        e.extend_from_slice(&count.to_be_bytes());
+        e.extend_from_slice(&reserved.to_be_bytes());
+        e.extend_from_slice(&size.to_be_bytes());
+        e.extend_from_slice(&offset.to_be_bytes());
+        e
+    };
+    for (name, what, ext, bit) in [
+        (
+            "bm_zero.qcow2",
+            "bitmaps extension with zero bitmaps",
+            bitmaps(0, 0, 0, 0),
+            true,
+        ),
+        (
+            "bm_unaligned.qcow2",
+            "bitmap directory unaligned",
+            bitmaps(1, 0, 4096, 0x123),
+            true,
+        ),
+        (
+            "bm_reserved.qcow2",
+            "bitmaps extension reserved field",
+            bitmaps(1, 7, 4096, 0x10000),
+            true,
+        ),
+        (
+            "bm_many.qcow2",
+            "too many bitmaps",
+            bitmaps(70000, 0, 4096, 0x10000),
+            true,
+        ),
+        (
+            "bm_huge_dir.qcow2",
+            "bitmap directory too large",
+            bitmaps(1, 0, 1 << 30, 0x10000),
+            true,
+        ),
+        (
+            "bm_short.qcow2",
+            "bitmaps extension too short",
+            bitmaps(1, 0, 0, 0)[..8].to_vec(),
+            true,
+        ),
+        (
+            "bm_short_stale.qcow2",
+            "short bitmaps extension, no autoclear bit",
+            bitmaps(1, 0, 0, 0)[..8].to_vec(),
+            false,
+        ),
+    ] {
+        save(name, what, &|b| {
+            fixtures::add_extension(b, 0x2385_2875, &ext);
+            if bit {
+                autoclear(b, 1);
+            }
+        });
+    }
+    save(
+        "ext_huge.qcow2",
+        "extension longer than the header cluster",
+        &|b| {
+            fixtures::add_extension(b, 0x1234_5678, &[1, 2, 3, 4]);
+            let at = be32_at(b, 100) as usize;
+            put32(b, at + 4, 1 << 20);
+        },
+    );
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "gone.qcow2",
+        "-F",
+        "qcow2",
+        "nobacking.qcow2",
+        "64M",
+    ]);
+    out.push(("nobacking.qcow2".into(), "backing file missing"));
+    // A v2 image whose backing name starts 4 bytes after the fixed header: an extension
+    // header cannot fit before it.
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "base.qcow2",
+        "64M",
+    ]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "v2.qcow2",
+    ]);
+    let mut b = s.read_file("v2.qcow2");
+    let name_at = be64(&b, 8) as usize;
+    let len = be32_at(&b, 16) as usize;
+    let name = b[name_at..name_at + len].to_vec();
+    b[72..name_at + len].fill(0);
+    b[76..76 + len].copy_from_slice(&name);
+    b[8..16].copy_from_slice(&76u64.to_be_bytes());
+    s.write_file("v2_ext_cut.qcow2", &b);
+    out.push((
+        "v2_ext_cut.qcow2".into(),
+        "extension header cut by the backing name",
+    ));
+    out
+}
+
+fn be32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// What qemu-img refuses, cowimg refuses with the same status and message (`check`, `check
+/// -r all`, `map`); nothing qemu cannot open is called clean.
+#[test]
+fn images_qemu_cannot_open_are_refused_as_qemu_refuses_them() {
+    let s = Scratch::new();
+    for (img, what) in refused_by_qemu(&s) {
+        for args in [vec!["check"], vec!["check", "-r", "all"], vec!["map"]] {
+            let (q, c) = (format!("q-{img}"), format!("c-{img}"));
+            copy(&s, &img, &q);
+            copy(&s, &img, &c);
+            let mut qa = args.clone();
+            qa.push(&q);
+            let mut ca = args.clone();
+            ca.push(&c);
+            let qr = s.run("qemu-img", &qa);
+            let cr = s.cowimg(&ca);
+            let _ = (fs::remove_file(s.path(&q)), fs::remove_file(s.path(&c)));
+            assert_ne!(qr.status, 0, "qemu-img {qa:?} accepts {img} ({what})");
+            let want = qr.stderr.replace("qemu-img", "cowimg").replace(&q, &c);
+            assert_eq!(
+                (cr.status, cr.stderr.as_str()),
+                (qr.status, want.as_str()),
+                "{img} ({what}), {args:?}: qemu-img said {}{}",
+                qr.stdout,
+                qr.stderr
+            );
+        }
+    }
 }

@@ -54,6 +54,9 @@ pub struct CheckReport {
     /// Set when the repair could not go on (e.g. `-r leaks` when refcounts need a rebuild);
     /// the text is what the command prints after "Check failed: ". No counts are meaningful then.
     pub failed: Option<String>,
+    /// With `failed`: the error qemu-img reports first, as a message of its own (after the
+    /// program's name), e.g. "ERROR snapshot table offset invalid".
+    pub failed_because: Option<String>,
     /// Mappings a repair dropped, with the guest ranges whose old contents are gone.
     pub lost: Vec<LostData>,
 }

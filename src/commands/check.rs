@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use cowimg_formats::{CheckMode, CheckReport, Format, LostData};
 
-use crate::chain::open_image_for;
+use crate::chain::{open_image_for, Chain};
 use crate::error::{Error, Result};
 use crate::lock::Access;
 
@@ -24,7 +24,8 @@ pub struct Args {
 }
 
 pub fn run(a: &Args) -> Result<i32> {
-    // Only the image itself is checked: its backing chain plays no part in its metadata.
+    // Only the image itself is checked, but its backing chain is opened as qemu-img check
+    // opens it: an image whose backing file cannot be opened is refused, never called clean.
     let access = if a.repair.repairs() {
         Access::Write
     } else if a.force_share {
@@ -32,7 +33,14 @@ pub fn run(a: &Args) -> Result<i32> {
     } else {
         Access::Read
     };
-    let layer = open_image_for(&a.file, a.format, access, a.repair.repairs())?;
+    let layer = open_image_for(&a.file, a.format, access, true)?;
+    let mut chain = Chain::from_layers(vec![layer]);
+    chain.open_backing(if a.force_share {
+        Access::ReadShared
+    } else {
+        Access::Read
+    })?;
+    let layer = chain.top();
     if layer.format == Format::Raw {
         eprintln!("cowimg: This image format does not support checks");
         return Ok(63);
@@ -45,6 +53,9 @@ pub fn run(a: &Args) -> Result<i32> {
         .check_logged(a.repair, &mut log)
         .map_err(check_failed)?;
     if let Some(why) = &first.failed {
+        if let Some(cause) = &first.failed_because {
+            eprintln!("cowimg: {cause}");
+        }
         return Err(Error::Msg(format!("Check failed: {why}")));
     }
     let report = if first.repaired() {

@@ -1527,6 +1527,16 @@ pub(super) fn run(
             ..CheckReport::default()
         });
     }
+    // qemu's check reads the snapshot table first and stops at a misplaced one, repair or
+    // not (nothing else can be trusted to be where the header says).
+    if m.header.check_snapshot_table().is_err() {
+        return Ok(CheckReport {
+            check_errors: 1,
+            failed: Some("Invalid argument".into()),
+            failed_because: Some("ERROR snapshot table offset invalid".into()),
+            ..CheckReport::default()
+        });
+    }
     let result = pass(img, m, mode, file_len, log);
     if mode.repairs() {
         // What the repair changed on disk is the truth now: reload the in-memory state.

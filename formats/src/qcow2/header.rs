@@ -44,6 +44,14 @@ pub const MAX_CLUSTER_BITS: u32 = 21;
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_SNAPSHOTS: u32 = 65536;
+/// Bytes of a snapshot table entry's fixed part (qemu's `QCowSnapshotHeader`).
+const SNAPSHOT_HEADER_LEN: u64 = 40;
+/// Length of the bitmaps extension (qemu's `Qcow2BitmapHeaderExt`).
+const BITMAPS_EXT_LEN: usize = 24;
+/// qemu's QCOW2_MAX_BITMAPS.
+const MAX_BITMAPS: u32 = 65535;
+/// qemu's QCOW2_MAX_BITMAP_DIRECTORY_SIZE.
+const MAX_BITMAP_DIRECTORY_SIZE: u64 = 1024 * MAX_BITMAPS as u64;
 
 /// A header extension, kept in its stored order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -244,6 +252,13 @@ impl Header {
                 "qcow2 image with an external data file that the header does not name".into(),
             ));
         }
+        if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
+            && h.incompatible_features & INCOMPAT_DATA_FILE == 0
+        {
+            // qemu's wording: the raw-data bit says every guest cluster lies at its own
+            // offset in a data file that the image does not have.
+            return Err(Error::invalid("data-file-raw requires a data file"));
+        }
 
         // Backing file name: inside cluster 0, at most 1023 bytes.
         if h.backing_file_offset != 0 {
@@ -294,12 +309,24 @@ impl Header {
         if h.nb_snapshots > MAX_SNAPSHOTS {
             return Err(Error::invalid("Too many snapshots"));
         }
-        if h.nb_snapshots > 0
-            && (h.snapshots_offset % cluster_size != 0 || h.snapshots_offset >= file_len)
-        {
+        // A table that starts past the end of the file cannot be read (check included).
+        if h.nb_snapshots > 0 && h.snapshots_offset >= file_len {
             return Err(Error::invalid("Snapshot table offset invalid"));
         }
         Ok(h)
+    }
+
+    /// qemu's validation of the snapshot table's place (`qcow2_validate_table`), which holds
+    /// even for an image without snapshots: cluster-aligned and within `i64`. Opening checks
+    /// it; `check` reports it instead, as qemu's check mode skips the table at open.
+    pub fn check_snapshot_table(&self) -> Result<()> {
+        let bytes = u64::from(self.nb_snapshots) * SNAPSHOT_HEADER_LEN;
+        if self.snapshots_offset % self.cluster_size() != 0
+            || self.snapshots_offset > i64::MAX as u64 - bytes
+        {
+            return Err(Error::invalid("Snapshot table offset invalid"));
+        }
+        Ok(())
     }
 
     /// Bytes per L2 entry: 8, or 16 with extended L2 (entry + subcluster bitmap).
@@ -320,11 +347,16 @@ impl Header {
             cluster0.len() as u64
         };
         loop {
-            if off + 8 > end {
+            if off >= end {
                 // No end marker before the limit: qemu accepts this (v2 images without
                 // extensions end right at the backing name).
                 self.extensions_end = off;
                 return Ok(());
+            }
+            // qemu reads an extension header wherever one starts before the limit, so one
+            // that does not fit before it is refused, not ignored.
+            if off + 8 > end {
+                return Err(Error::invalid("Header extension too large"));
             }
             let kind = be32(cluster0, off as usize);
             let len = u64::from(be32(cluster0, off as usize + 4));
@@ -334,9 +366,7 @@ impl Header {
                 return Ok(());
             }
             if len > end - off {
-                return Err(Error::invalid(format!(
-                    "header extension {kind:#010x} of {len} bytes runs past the end of the header area"
-                )));
+                return Err(Error::invalid("Header extension too large"));
             }
             let data = cluster0[off as usize..(off + len) as usize].to_vec();
             if kind == EXT_BACKING_FORMAT && data.len() >= 16 {
@@ -344,6 +374,9 @@ impl Header {
                     "ext_backing_format: len={} too large (>=16)",
                     data.len()
                 )));
+            }
+            if kind == EXT_BITMAPS {
+                self.check_bitmaps_extension(&data)?;
             }
             if self.extensions.iter().any(|e| e.kind == kind) {
                 return Err(Error::invalid(format!(
@@ -353,6 +386,42 @@ impl Header {
             self.extensions.push(Extension { kind, data });
             off += align_up(len, 8);
         }
+    }
+
+    /// qemu's checks of the bitmaps extension when it reads the header (in its order and
+    /// words): the length always; the fields only when the autoclear bit says the bitmaps
+    /// are current (otherwise qemu ignores the extension, and so does cowimg).
+    fn check_bitmaps_extension(&self, data: &[u8]) -> Result<()> {
+        if data.len() != BITMAPS_EXT_LEN {
+            return Err(Error::invalid("bitmaps_ext: Invalid extension length"));
+        }
+        if self.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            return Ok(());
+        }
+        let (count, reserved) = (be32(data, 0), be32(data, 4));
+        let (dir_size, dir_offset) = (be64(data, 8), be64(data, 16));
+        if reserved != 0 {
+            return Err(Error::invalid("bitmaps_ext: Reserved field is not zero"));
+        }
+        if count > MAX_BITMAPS {
+            return Err(Error::invalid(format!(
+                "bitmaps_ext: Image has {count} bitmaps, exceeding the QEMU supported maximum of {MAX_BITMAPS}"
+            )));
+        }
+        if count == 0 {
+            return Err(Error::invalid("found bitmaps extension with zero bitmaps"));
+        }
+        if dir_offset % self.cluster_size() != 0 {
+            return Err(Error::invalid(
+                "bitmaps_ext: invalid bitmap directory offset",
+            ));
+        }
+        if dir_size > MAX_BITMAP_DIRECTORY_SIZE {
+            return Err(Error::invalid(format!(
+                "bitmaps_ext: bitmap directory size ({dir_size}) exceeds the maximum supported size ({MAX_BITMAP_DIRECTORY_SIZE})"
+            )));
+        }
+        Ok(())
     }
 
     /// Names feature bits of `kind` (0 incompatible, 1 compatible, 2 autoclear) from the

@@ -43,8 +43,9 @@ pub struct OpenOptions<'a> {
     /// Opens the external data file by the name the header records; without it, images with
     /// an external data file are refused.
     pub data_file: Option<Opener<'a>>,
-    /// Opened to be checked and repaired: an image with the corrupt bit may then be opened
-    /// read-write (qemu's BDRV_O_CHECK). Guest writes stay refused until a repair clears it.
+    /// Opened to be checked and repaired (qemu's BDRV_O_CHECK): an image with the corrupt
+    /// bit may then be opened read-write (guest writes stay refused until a repair clears
+    /// it), and a misplaced snapshot table is left for the check to report.
     pub repair: bool,
 }
 
@@ -149,12 +150,21 @@ impl Qcow2 {
         )?;
         let l1 = table::decode(&l1_buf);
 
-        let (snapshots, _) = snapshot::read_snapshots(
-            &*storage,
-            header.snapshots_offset,
-            header.nb_snapshots,
-            file_len,
-        )?;
+        // As qemu's check mode: a misplaced snapshot table is for `check` to report, and
+        // nothing else is read from it then.
+        let snapshots = match header.check_snapshot_table() {
+            Ok(()) => {
+                snapshot::read_snapshots(
+                    &*storage,
+                    header.snapshots_offset,
+                    header.nb_snapshots,
+                    file_len,
+                )?
+                .0
+            }
+            Err(_) if opts.repair => Vec::new(),
+            Err(e) => return Err(e),
+        };
         let bitmaps = match header.extension(header::EXT_BITMAPS) {
             // Without the autoclear bit the extension is stale: qemu ignores it, so do we.
             Some(ext) if header.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 => {
