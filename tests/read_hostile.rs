@@ -554,3 +554,76 @@ fn protocols_are_refused() {
         &["'nbd://localhost:1/x'", "protocols", "not supported"],
     );
 }
+
+/// Virtual sizes that are not a multiple of 512: qemu counts disks in whole sectors, a qcow2
+/// size field rounded down (only a damaged header has such a field), a raw file rounded up
+/// (the tail reads as zeros). info, map, convert and compare give exactly qemu-img's answers.
+#[test]
+fn sizes_not_a_multiple_of_512_read_as_qemu_reads_them() {
+    let s = Scratch::new();
+    let b = qcow2_image(&s, "full.qcow2");
+    let mut images = Vec::new();
+    // 1M + 700 cuts the compressed cluster at 1 MiB; 8M + 1000 lies past the written data.
+    for size in [300u64, 1000, (1 << 20) + 700, (8 << 20) + 1000] {
+        let name = format!("q{size}.qcow2");
+        damaged(&s, &name, b.clone(), |b| put_be64(b, 24, size));
+        images.push(name);
+    }
+    for len in [1usize, 1000, (1 << 20) + 7] {
+        let name = format!("r{len}.raw");
+        s.write_file(&name, &vec![0x5a; len]);
+        images.push(name);
+    }
+    s.write_file("other.raw", &vec![0x5a; 4096]);
+    for img in &images {
+        let img = img.as_str();
+        let json = |r: Run| -> serde_json::Value {
+            assert_eq!(r.status, 0, "{img}: {}", r.stderr);
+            serde_json::from_str(&r.stdout).expect("info JSON")
+        };
+        let (q, c) = (
+            json(s.run("qemu-img", &["info", "--output=json", img])),
+            json(cowimg(&s, &["info", "--output", "json", img])),
+        );
+        assert_eq!(c["virtual-size"], q["virtual-size"], "{img}: info");
+        for (qa, ca) in [
+            (
+                vec!["map", "--output=json", img],
+                vec!["map", "--output", "json", img],
+            ),
+            (vec!["map", img], vec!["map", img]),
+            (
+                vec!["compare", img, "full.qcow2"],
+                vec!["compare", img, "full.qcow2"],
+            ),
+            (
+                vec!["compare", "-s", img, "other.raw"],
+                vec!["compare", "-s", img, "other.raw"],
+            ),
+        ] {
+            let (qr, cr) = (s.run("qemu-img", &qa), cowimg(&s, &ca));
+            assert_eq!(
+                (cr.status, cr.stdout.as_str()),
+                (qr.status, qr.stdout.as_str()),
+                "{img}: cowimg {ca:?} (stderr {})",
+                cr.stderr
+            );
+        }
+        s.qemu_img(&["convert", "-O", "raw", img, "q.raw"]);
+        let r = cowimg(&s, &["convert", "-O", "raw", img, "c.raw"]);
+        assert_eq!(r.status, 0, "{img}: {}", r.stderr);
+        assert!(
+            s.read_file("q.raw") == s.read_file("c.raw"),
+            "{img}: convert gives {} bytes, qemu-img {}",
+            s.read_file("c.raw").len(),
+            s.read_file("q.raw").len()
+        );
+        let r = cowimg(&s, &["compare", img, "q.raw"]);
+        assert_eq!(
+            (r.status, r.stdout.as_str()),
+            (0, "Images are identical.\n"),
+            "{img}: {}",
+            r.stderr
+        );
+    }
+}

@@ -175,7 +175,10 @@ impl Qcow2 {
         Ok(Qcow2 {
             data_file,
             geo,
-            size: header.size,
+            // qemu counts a qcow2 disk in whole 512-byte sectors (total_sectors = size / 512):
+            // a size field that is not a multiple of 512, which only a damaged or hostile
+            // header has, is rounded down, and every command sees the same disk.
+            size: header.size / 512 * 512,
             compression: CompressionType::from_header(header.compression_type),
             writable: opts.writable,
             snapshots,
