@@ -20,14 +20,24 @@ use cowimg_formats::{CheckMode, Format};
     version,
     about = "QEMU disk images (qcow2, QED, raw): create, inspect, check, rebase and stream backing chains"
 )]
-struct Cli {
+#[command(after_help = "Examples:
+  cowimg create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
+  cowimg info --backing-chain overlay.qcow2
+  cowimg stream overlay.qcow2
+
+Run 'cowimg COMMAND --help' for a command's options.")]
+// Visible to the crate root so that the docs generator (examples/generate-docs.rs) and the
+// help tests, which include this file as a module, can walk the definitions.
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
+    /// Text for people, laid out as qemu-img lays it out.
     Human,
+    /// One JSON document on stdout, with qemu-img's keys.
     Json,
 }
 
@@ -41,6 +51,10 @@ enum OnOff {
 #[derive(Subcommand)]
 enum Command {
     /// Create a new image, optionally over a backing file.
+    #[command(after_help = "Examples:
+  cowimg create -f qcow2 disk.qcow2 20G
+  cowimg create -f qcow2 -b base.qcow2 -F qcow2 --copy-on-read overlay.qcow2
+  cowimg create -f qcow2 -o cluster_size=2M,lazy_refcounts=on big.qcow2 1T")]
     Create {
         /// Image format: qcow2, qed or raw.
         #[arg(short = 'f', long = "format", default_value = "raw")]
@@ -66,66 +80,102 @@ enum Command {
         /// Replace FILE if it exists (refused by default).
         #[arg(long)]
         force: bool,
+        /// Print nothing on success (no "Formatting ..." line).
         #[arg(short = 'q', long)]
         quiet: bool,
+        /// The image to create.
         file: String,
         /// Virtual size (K, M, G, T suffixes); defaults to the backing file's size.
         size: Option<String>,
     },
     /// Show an image's format, size, backing file and format-specific facts.
+    #[command(after_help = "Examples:
+  cowimg info disk.qcow2
+  cowimg info --backing-chain overlay.qcow2
+  cowimg info --output json -U running-vm.qcow2")]
     Info {
+        /// Format of FILE (qcow2, qed or raw); probed from its contents when absent.
         #[arg(short = 'f', long = "format")]
         format: Option<String>,
         /// Show every image of the backing chain.
         #[arg(long)]
         backing_chain: bool,
+        /// Output format: human or json.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
         /// Read even if another process is writing the image (force share).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// The image to describe.
         file: String,
     },
     /// Check an image's metadata for errors and leaks, optionally repairing them.
+    #[command(after_help = "Examples:
+  cowimg check disk.qcow2
+  cowimg check -r leaks --output json disk.qcow2
+  cowimg check -r all damaged.qcow2")]
     Check {
+        /// Format of FILE (qcow2, qed or raw); probed from its contents when absent.
         #[arg(short = 'f', long = "format")]
         format: Option<String>,
         /// Repair: `leaks` frees leaked clusters, `all` fixes errors too.
         #[arg(short = 'r', long = "repair")]
         repair: Option<String>,
+        /// Output format: human or json.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
+        /// Print nothing; the exit status tells the result (0 clean, 2 corrupt, 3 leaks).
         #[arg(short = 'q', long)]
         quiet: bool,
+        /// Check even if another process is writing the image (results may be stale).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// The image to check.
         file: String,
     },
     /// Show where each guest range of an image comes from.
+    #[command(after_help = "Examples:
+  cowimg map overlay.qcow2
+  cowimg map --output json overlay.qcow2
+  cowimg map --start-offset 1G --max-length 64M disk.qcow2")]
     Map {
+        /// Format of FILE (qcow2, qed or raw); probed from its contents when absent.
         #[arg(short = 'f', long = "format")]
         format: Option<String>,
+        /// Output format: human or json.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
+        /// Read even if another process is writing the image (force share).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Guest offset to start mapping at (K, M, G, T suffixes).
         #[arg(long, default_value = "0")]
         start_offset: String,
+        /// Map at most this many bytes from --start-offset (default: to the end).
         #[arg(long)]
         max_length: Option<String>,
+        /// The image to map (read through its backing chain).
         file: String,
     },
     /// Compare the guest contents of two images.
+    #[command(after_help = "Examples:
+  cowimg compare original.qcow2 copy.raw
+  cowimg compare -s -f qcow2 -F qcow2 a.qcow2 b.qcow2
+  cowimg compare -q a.qcow2 b.qcow2 && echo identical")]
     Compare {
+        /// Format of A (qcow2, qed or raw); probed when absent.
         #[arg(short = 'f')]
         format_a: Option<String>,
+        /// Format of B (qcow2, qed or raw); probed when absent.
         #[arg(short = 'F')]
         format_b: Option<String>,
         /// Strict: sizes and allocation must match too.
         #[arg(short = 's')]
         strict: bool,
+        /// Print nothing; the exit status tells (0 identical, 1 different, 2 error).
         #[arg(short = 'q')]
         quiet: bool,
+        /// Read even if another process is writing the images (force share).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         /// Copy what each image's backing chain provides into it as it is read (opens it
@@ -136,12 +186,19 @@ enum Command {
         /// --copy-on-read.
         #[arg(long)]
         no_copy_on_read: bool,
+        /// The first image.
         a: String,
+        /// The second image.
         b: String,
     },
     /// Copy into FILE what its backing chain provides above BASE, then make BASE its backing
     /// file (none without --base). Safe to interrupt; running it again resumes.
+    #[command(after_help = "Examples:
+  cowimg stream C.qcow2                 # A <- B <- C  =>  C standalone
+  cowimg stream --base A.qcow2 C.qcow2  # A <- B <- C  =>  A <- C
+  cowimg stream --speed 200M -p B.qcow2 # A <- B <- C  =>  B <- C, capped, with a progress bar")]
     Stream {
+        /// Format of FILE (qcow2 or qed); probed from its contents when absent.
         #[arg(short = 'f', long = "format")]
         format: Option<String>,
         /// The backing file to keep (matched by resolved path); default: none.
@@ -159,6 +216,7 @@ enum Command {
         /// Progress as JSON lines on stderr: --progress json.
         #[arg(long = "progress", value_name = "json")]
         progress_format: Option<String>,
+        /// Output format of the result: human or json.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
         /// Stream only the range starting here (never changes the backing file).
@@ -170,12 +228,18 @@ enum Command {
         /// Write the copied clusters compressed (qcow2), for an archive-ready image.
         #[arg(short = 'c', long)]
         compress: bool,
+        /// The image to fill (any image of the chain; images above it read the same).
         file: String,
     },
     /// Point an image at a new backing file. Safe by default: data that would read
     /// differently is copied into the image first (parallel, resumable); -u only changes
     /// the pointer.
+    #[command(after_help = "Examples:
+  cowimg rebase -b new-base.qcow2 -F qcow2 C.qcow2
+  cowimg rebase -u -b moved/base.qcow2 -F qcow2 C.qcow2
+  cowimg rebase -b \"\" --speed 100M -p C.qcow2   # make C standalone")]
     Rebase {
+        /// Format of FILE (qcow2 or qed); probed from its contents when absent.
         #[arg(short = 'f', long = "format")]
         format: Option<String>,
         /// The new backing file, stored as given (relative to FILE's directory); "" for none.
@@ -187,14 +251,19 @@ enum Command {
         /// Unsafe: change only the pointer (the new backing file need not exist).
         #[arg(short = 'u')]
         unsafe_mode: bool,
+        /// Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited).
         #[arg(long, default_value = "0")]
         speed: String,
+        /// Copy workers (default: number of cores).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Show a progress bar even when stderr is not a terminal.
         #[arg(short = 'p')]
         progress: bool,
+        /// Progress as JSON lines on stderr: --progress json.
         #[arg(long = "progress", value_name = "json")]
         progress_format: Option<String>,
+        /// Output format of the result: human or json.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
         /// Open the new backing file shared (it may be in use elsewhere).
@@ -203,15 +272,22 @@ enum Command {
         /// Write the copied clusters compressed (qcow2).
         #[arg(short = 'c', long)]
         compress: bool,
+        /// The image to repoint.
         file: String,
     },
     /// How big a new image made from FILE (or of --size) would be.
+    #[command(after_help = "Examples:
+  cowimg measure -O qcow2 disk.raw
+  cowimg measure -O qcow2 -c --output json disk.raw
+  cowimg measure -O qcow2 -o cluster_size=2M --size 1T")]
     Measure {
+        /// Format of FILE (qcow2, qed or raw); probed from its contents when absent.
         #[arg(short = 'f', long = "format")]
         format: Option<String>,
         /// Output format: qcow2, qed or raw.
         #[arg(short = 'O', default_value = "raw")]
         out_format: String,
+        /// Options of the output format, as for create: cluster_size=2M,extended_l2=on,...
         #[arg(short = 'o')]
         options: Vec<String>,
         /// Measure an empty image of this size instead of FILE.
@@ -220,10 +296,13 @@ enum Command {
         /// Estimate the compressed size (qcow2) from a sample of FILE.
         #[arg(short = 'c')]
         compress: bool,
+        /// Output format of the result: human or json.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
+        /// Read even if another process is writing the image (force share).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// The image to measure (read through its backing chain); or give --size.
         file: Option<String>,
     },
     /// Change options of an existing image in place (crash-safe).
@@ -236,12 +315,18 @@ enum Command {
         file: String,
     },
     /// Write an image's guest contents (through its chain) to a new standalone image.
+    #[command(after_help = "Examples:
+  cowimg convert -O raw overlay.qcow2 flat.raw
+  cowimg convert -O qcow2 -c -p overlay.qcow2 archive.qcow2
+  cowimg convert -O qcow2 -c -o compression_type=zstd disk.raw disk.qcow2")]
     Convert {
+        /// Format of SRC (qcow2, qed or raw); probed from its contents when absent.
         #[arg(short = 'f')]
         format: Option<String>,
         /// Output format: raw, qcow2 or qed.
         #[arg(short = 'O', default_value = "raw")]
         out_format: String,
+        /// Options of the output format, as for create: cluster_size=2M,compression_type=zstd,...
         #[arg(short = 'o')]
         options: Vec<String>,
         /// Show a progress bar.
@@ -253,6 +338,7 @@ enum Command {
         /// Copy workers (default: number of cores).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Read even if another process is writing SRC (force share).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         /// Copy what the source's backing chain provides into the source as it is read
@@ -266,7 +352,9 @@ enum Command {
         /// Compress clusters where they shrink (qcow2 output; -o compression_type=zlib|zstd).
         #[arg(short = 'c')]
         compress: bool,
+        /// The image to read (through its backing chain).
         src: String,
+        /// The new image; an existing file is replaced once the copy is complete.
         dst: String,
     },
 }

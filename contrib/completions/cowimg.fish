@@ -1,0 +1,129 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_cowimg_global_optspecs
+    string join \n h/help V/version
+end
+
+function __fish_cowimg_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_cowimg_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_cowimg_using_subcommand
+    set -l cmd (__fish_cowimg_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c cowimg -n "__fish_cowimg_needs_command" -s h -l help -d 'Print help'
+complete -c cowimg -n "__fish_cowimg_needs_command" -s V -l version -d 'Print version'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "create" -d 'Create a new image, optionally over a backing file'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "info" -d 'Show an image\'s format, size, backing file and format-specific facts'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "check" -d 'Check an image\'s metadata for errors and leaks, optionally repairing them'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "map" -d 'Show where each guest range of an image comes from'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "compare" -d 'Compare the guest contents of two images'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "stream" -d 'Copy into FILE what its backing chain provides above BASE, then make BASE its backing file (none without --base). Safe to interrupt; running it again resumes'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "rebase" -d 'Point an image at a new backing file. Safe by default: data that would read differently is copied into the image first (parallel, resumable); -u only changes the pointer'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s f -l format -d 'Image format: qcow2, qed or raw' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s b -l backing -d 'Backing file (stored as given; a relative name is relative to FILE\'s directory)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s F -l backing-format -d 'Format of the backing file (required with -b, as in qemu-img)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s o -l options -d 'Format options, qemu-img style: cluster_size=64K,compat=v3,lazy_refcounts=on,...' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand create" -l cluster-size -d 'Cluster size (same as -o cluster_size=)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand create" -l copy-on-read -d 'Store cowimg\'s copy-on-read flag: reads through cowimg copy backing data in'
+complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s u -d 'Do not open the backing file (then SIZE is required)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand create" -l force -d 'Replace FILE if it exists (refused by default)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s q -l quiet -d 'Print nothing on success (no "Formatting ..." line)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s h -l help -d 'Print help'
+complete -c cowimg -n "__fish_cowimg_using_subcommand info" -s f -l format -d 'Format of FILE (qcow2, qed or raw); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand info" -l output -d 'Output format: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
+json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand info" -l backing-chain -d 'Show every image of the backing chain'
+complete -c cowimg -n "__fish_cowimg_using_subcommand info" -s U -l force-share -d 'Read even if another process is writing the image (force share)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand info" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c cowimg -n "__fish_cowimg_using_subcommand check" -s f -l format -d 'Format of FILE (qcow2, qed or raw); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand check" -s r -l repair -d 'Repair: `leaks` frees leaked clusters, `all` fixes errors too' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand check" -l output -d 'Output format: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
+json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand check" -s q -l quiet -d 'Print nothing; the exit status tells the result (0 clean, 2 corrupt, 3 leaks)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand check" -s U -l force-share -d 'Check even if another process is writing the image (results may be stale)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand check" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c cowimg -n "__fish_cowimg_using_subcommand map" -s f -l format -d 'Format of FILE (qcow2, qed or raw); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand map" -l output -d 'Output format: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
+json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand map" -l start-offset -d 'Guest offset to start mapping at (K, M, G, T suffixes)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand map" -l max-length -d 'Map at most this many bytes from --start-offset (default: to the end)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand map" -s U -l force-share -d 'Read even if another process is writing the image (force share)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand map" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s f -d 'Format of A (qcow2, qed or raw); probed when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s F -d 'Format of B (qcow2, qed or raw); probed when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s s -d 'Strict: sizes and allocation must match too'
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s q -d 'Print nothing; the exit status tells (0 identical, 1 different, 2 error)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s U -l force-share -d 'Read even if another process is writing the images (force share)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -l no-copy-on-read -d 'Do not copy backing data into images flagged copy-on-read (no write lock)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s h -l help -d 'Print help'
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s b -l base -d 'The backing file to keep (matched by resolved path); default: none' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l speed -d 'Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l jobs -d 'Copy workers (default: number of cores)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l progress -d 'Progress as JSON lines on stderr: --progress json' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l output -d 'Output format of the result: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
+json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l offset -d 'Stream only the range starting here (never changes the backing file)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l length -d 'Length of the range to stream' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s p -d 'Show a progress bar even when stderr is not a terminal'
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s c -l compress -d 'Write the copied clusters compressed (qcow2), for an archive-ready image'
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s b -l backing -d 'The new backing file, stored as given (relative to FILE\'s directory); "" for none' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s F -l backing-format -d 'Format of the new backing file (required with a non-empty -b)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l speed -d 'Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l jobs -d 'Copy workers (default: number of cores)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l progress -d 'Progress as JSON lines on stderr: --progress json' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l output -d 'Output format of the result: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
+json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s u -d 'Unsafe: change only the pointer (the new backing file need not exist)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s p -d 'Show a progress bar even when stderr is not a terminal'
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s U -l force-share -d 'Open the new backing file shared (it may be in use elsewhere)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s c -l compress -d 'Write the copied clusters compressed (qcow2)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s f -l format -d 'Format of FILE (qcow2, qed or raw); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s O -d 'Output format: qcow2, qed or raw' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s o -d 'Options of the output format, as for create: cluster_size=2M,extended_l2=on,...' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -l size -d 'Measure an empty image of this size instead of FILE' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -l output -d 'Output format of the result: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
+json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s c -d 'Estimate the compressed size (qcow2) from a sample of FILE'
+complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s U -l force-share -d 'Read even if another process is writing the image (force share)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s f -d 'Format of SRC (qcow2, qed or raw); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s O -d 'Output format: raw, qcow2 or qed' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s o -d 'Options of the output format, as for create: cluster_size=2M,compression_type=zstd,...' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l progress -d 'Progress as JSON lines on stderr: --progress json' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l jobs -d 'Copy workers (default: number of cores)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s p -d 'Show a progress bar'
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s U -l force-share -d 'Read even if another process is writing SRC (force share)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l no-copy-on-read -d 'Do not copy backing data into a source flagged copy-on-read (no write lock)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s c -d 'Compress clusters where they shrink (qcow2 output; -o compression_type=zlib|zstd)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s h -l help -d 'Print help'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "create" -d 'Create a new image, optionally over a backing file'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "info" -d 'Show an image\'s format, size, backing file and format-specific facts'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "check" -d 'Check an image\'s metadata for errors and leaks, optionally repairing them'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "map" -d 'Show where each guest range of an image comes from'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "compare" -d 'Compare the guest contents of two images'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "stream" -d 'Copy into FILE what its backing chain provides above BASE, then make BASE its backing file (none without --base). Safe to interrupt; running it again resumes'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "rebase" -d 'Point an image at a new backing file. Safe by default: data that would read differently is copied into the image first (parallel, resumable); -u only changes the pointer'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
