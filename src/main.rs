@@ -674,9 +674,23 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
     }
 }
 
+/// What an interrupted command leaves behind, said after "interrupted".
+fn after_interrupt(cmd: &Command) -> String {
+    match cmd {
+        // convert's output is a temporary file until complete, removed when stopped (see
+        // output.rs): nothing is kept, so a rerun copies everything again.
+        Command::Convert { dst, .. } => format!(
+            "the partial output was removed and nothing changed at '{dst}': run the same command again to start over"
+        ),
+        // stream and rebase commit what they copied before stopping.
+        _ => "what was copied is kept: run the same command again to finish".to_string(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cowimg::chain::raise_descriptor_limit();
+    let after_interrupt = after_interrupt(&cli.command);
     // SIGINT and SIGTERM ask the running job to stop at the next chunk and commit what it
     // copied; a second signal falls back to the default action.
     let cancel = Arc::new(AtomicBool::new(false));
@@ -698,7 +712,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code as u8),
         Err(Error::Interrupted(_)) => {
             let sig = signal.load(Ordering::SeqCst);
-            eprintln!("cowimg: interrupted; what was copied is kept: run the same command again to finish");
+            eprintln!("cowimg: interrupted; {after_interrupt}");
             ExitCode::from(if sig == signal_hook::consts::SIGTERM {
                 143
             } else {

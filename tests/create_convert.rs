@@ -303,3 +303,73 @@ fn external_data_files_are_read_but_not_written() {
     assert_eq!(r.status, 1);
     assert!(r.stderr.contains("external data file"), "{}", r.stderr);
 }
+
+/// Ctrl-C during `convert` removes the temporary output and leaves DST as it was; the
+/// message says so (a rerun starts over) instead of promising to resume.
+#[test]
+fn interrupted_convert_says_it_starts_over_and_leaves_dst_untouched() {
+    let s = Scratch::new();
+    // Compressing 256 MiB of half-text, half-random clusters on one worker takes seconds:
+    // time to interrupt it.
+    let mut data = Vec::with_capacity(256 << 20);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while data.len() < 256 << 20 {
+        data.extend(
+            b"cowimg convert, interrupted. "
+                .iter()
+                .cycle()
+                .take(32 << 10),
+        );
+        for _ in 0..(32 << 10) / 8 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    s.write_file("src.raw", &data);
+    s.write_file("dst.qcow2", b"the previous destination");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cowimg"))
+        .args([
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "--jobs",
+            "1",
+            "src.raw",
+            "dst.qcow2",
+        ])
+        .current_dir(s.dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the copy is under way: the partial file exists and holds data.
+    let partial = s.path(".dst.qcow2.cowimg-partial");
+    let started = std::time::Instant::now();
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < (4 << 20) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "convert finished before it could be interrupted"
+        );
+        assert!(started.elapsed().as_secs() < 60, "convert made no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc_kill(child.id() as i32, 2) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("cowimg: interrupted; the partial output was removed and nothing changed at 'dst.qcow2': run the same command again to start over"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("kept"), "{stderr}");
+    assert_eq!(s.read_file("dst.qcow2"), b"the previous destination");
+    assert!(!partial.exists(), "the partial output was left behind");
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
