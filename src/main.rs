@@ -507,11 +507,14 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             b,
         } => {
             let r = (|| {
+                // An unknown -f/-F is an open failure for qemu-img compare (status 2).
+                let format_a = fmt_opt(&format_a).map_err(|e| Error::open(&a, e))?;
+                let format_b = fmt_opt(&format_b).map_err(|e| Error::open(&b, e))?;
                 compare::run(&compare::Args {
                     a,
                     b,
-                    format_a: fmt_opt(&format_a)?,
-                    format_b: fmt_opt(&format_b)?,
+                    format_a,
+                    format_b,
                     strict,
                     quiet,
                     force_share,
@@ -688,7 +691,15 @@ fn after_interrupt(cmd: &Command) -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // qemu-img exits 1 on a usage error; clap's own status for one is 2, which for `check`
+    // and `compare` means "corrupt" and "different", so scripts would misread it.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.exit_code() == 0 { 0 } else { 1 });
+        }
+    };
     cowimg::chain::raise_descriptor_limit();
     let after_interrupt = after_interrupt(&cli.command);
     // SIGINT and SIGTERM ask the running job to stop at the next chunk and commit what it
@@ -721,7 +732,13 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("cowimg: {e}");
-            ExitCode::from(error_status as u8)
+            // A usage error is 1 for every command, compare included (as qemu-img).
+            let status = if matches!(e, Error::Usage(_)) {
+                1
+            } else {
+                error_status
+            };
+            ExitCode::from(status as u8)
         }
     }
 }
