@@ -60,10 +60,13 @@ impl Reporter {
             Mode::Off => None,
             Mode::Json => {
                 let (stop, counters) = (stop.clone(), counters.clone());
-                Some(std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        eprintln!("{}", json_line(&counters, end, speed));
-                        sleep_unless(&stop, Duration::from_millis(500));
+                // At least one line, however short the job, so that readers see the same
+                // sequence every time.
+                Some(std::thread::spawn(move || loop {
+                    eprintln!("{}", json_line(&counters, end, speed));
+                    sleep_unless(&stop, Duration::from_millis(500));
+                    if stop.load(Ordering::Relaxed) {
+                        break;
                     }
                 }))
             }

@@ -258,3 +258,24 @@ fn interrupted_rebase_keeps_data_and_resumes() {
         }
     }
 }
+
+/// Rebasing onto the current backing file is "nothing to do", said in the JSON result, and
+/// `--progress json` ends with a completion event also for `-u` (which copies nothing).
+#[test]
+fn nothing_to_do_and_unsafe_mode_are_results() {
+    let s = Scratch::new();
+    let _t = common::timeless();
+    chain(&s, "qcow2", "", ["8M", "8M", "8M"]);
+    let json = ["--output", "json", "--progress", "json"];
+    for (name, args) in [
+        ("current_backing", &["-b", "B.qcow2", "-F", "qcow2"][..]),
+        ("unsafe_same", &["-u", "-b", "B.qcow2", "-F", "qcow2"][..]),
+        ("unsafe_other", &["-u", "-b", "N.qcow2", "-F", "qcow2"][..]),
+    ] {
+        let r = s.cowimg(&[&["rebase"][..], &json, args, &["C.qcow2"]].concat());
+        insta::assert_snapshot!(format!("rebase_{name}"), r.show());
+        let last = common::last_event(&r.stderr);
+        assert_eq!(last["event"], "completed", "{name}");
+        assert_eq!(last["offset"], last["len"], "{name}");
+    }
+}

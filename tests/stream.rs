@@ -481,3 +481,63 @@ fn extended_l2_top_with_partly_allocated_clusters() {
     assert!(s.same("c.raw", "C.qcow2"));
     s.assert_clean("C.qcow2");
 }
+
+/// With nothing to stream, `--output json` still prints its object (saying so) and
+/// `--progress json` still ends with a completion event at 100%.
+#[test]
+fn nothing_to_stream_is_a_result() {
+    let s = Scratch::new();
+    let _t = common::timeless();
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "A.qcow2", "1M"]);
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2", "B.qcow2",
+    ]);
+    for (name, args) in [
+        ("standalone", &["A.qcow2"][..]),
+        ("base_is_backing", &["--base", "A.qcow2", "B.qcow2"][..]),
+    ] {
+        let full = [
+            &["stream", "--output", "json", "--progress", "json"][..],
+            args,
+        ]
+        .concat();
+        let r = s.cowimg(&full);
+        insta::assert_snapshot!(format!("nothing_to_stream_{name}"), r.show());
+        let result: serde_json::Value = serde_json::from_str(&r.stdout).expect("one JSON object");
+        assert_eq!(result["nothing-to-do"], true);
+        let last = common::last_event(&r.stderr);
+        assert_eq!(last["event"], "completed");
+        assert_eq!(last["offset"], last["len"]);
+    }
+    // Something to do: the field is false.
+    let r = s.cowimg(&["stream", "--output", "json", "B.qcow2"]);
+    let result: serde_json::Value = serde_json::from_str(&r.stdout).expect("one JSON object");
+    assert_eq!(result["nothing-to-do"], false, "{}", r.stdout);
+}
+
+/// A window reaching past the end of the image is refused, naming the image's size.
+#[test]
+fn window_past_the_end_is_an_error() {
+    let s = Scratch::new();
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "A.qcow2", "2G"]);
+    s.qemu_io("A.qcow2", &["write -q -P 1 0 1M"]);
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2", "B.qcow2",
+    ]);
+    for (name, window) in [
+        ("offset_past_end", ["--offset", "3G", "--length", "1M"]),
+        ("offset_at_end", ["--offset", "2G", "--length", "0"]),
+        ("length_past_end", ["--offset", "1G", "--length", "2G"]),
+    ] {
+        let r = s.cowimg(&[&["stream"][..], &window, &["B.qcow2"]].concat());
+        insta::assert_snapshot!(format!("window_{name}"), r.show());
+    }
+    // Nothing was streamed: B still holds nothing of its own.
+    let map = s.qemu_img(&["map", "--output=json", "B.qcow2"]);
+    assert!(
+        !map.contains(r#""depth": 0, "present": true, "zero": false, "data": true"#),
+        "{map}"
+    );
+    // The last byte is inside.
+    s.cowimg_ok(&["stream", "--offset", "1G", "--length", "1G", "B.qcow2"]);
+}

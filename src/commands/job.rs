@@ -61,13 +61,15 @@ pub fn run<T>(
     })
 }
 
-/// The `--output json` result object.
+/// The `--output json` result object. `nothing_to_do`: nothing needed copying and the backing
+/// file stays as it was (then `copied` is 0 and the image unchanged).
 pub fn result_json(
     file: &str,
     len: u64,
     copied: u64,
     elapsed: f64,
     backing: Option<&BackingRef>,
+    nothing_to_do: bool,
 ) -> String {
     crate::commands::pretty_json(&json!({
         "filename": file,
@@ -76,6 +78,7 @@ pub fn result_json(
         "elapsed": elapsed,
         "backing-filename": backing.map(|b| b.name.clone()),
         "backing-filename-format": backing.and_then(|b| b.format.clone()),
+        "nothing-to-do": nothing_to_do,
     }))
 }
 

@@ -65,10 +65,24 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
                 "Could not change the backing file to '{new_name}': Operation not supported"
             )));
         }
-        top.image
-            .set_backing(new.as_ref())
-            .map_err(|e| Error::image(&a.file, e))?;
-        report(a, new.as_ref(), 0, 0, 0.0);
+        let before = top.image.backing();
+        // No data to copy, but a job with progress still reports its (empty) completion.
+        let plan = stream::Plan {
+            extents: Vec::new(),
+            range_len: 0,
+        };
+        let opts = JobOptions {
+            speed: a.speed,
+            jobs: a.jobs,
+            progress: a.progress,
+            compress: a.compress,
+        };
+        let done = job::run(&plan, &opts, cancel, |_| {
+            top.image
+                .set_backing(new.as_ref())
+                .map_err(|e| Error::image(&a.file, e))
+        })?;
+        report(a, new.as_ref(), 0, 0, done.elapsed, before == new);
         return Ok(0);
     }
 
@@ -114,19 +128,35 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         progress: a.progress,
         compress: a.compress,
     };
+    let before = chain.top().image.backing();
     let done = job::run(&plan, &opts, cancel, |settings| {
         stream::copy(&chain, &plan, new.is_some(), new_chain.as_ref(), settings)?;
         stream::switch(&chain, new.as_ref())
     })?;
-    report(a, new.as_ref(), plan.range_len, done.copied, done.elapsed);
+    let nothing_to_do = plan.work() == 0 && before == new;
+    report(
+        a,
+        new.as_ref(),
+        plan.range_len,
+        done.copied,
+        done.elapsed,
+        nothing_to_do,
+    );
     Ok(0)
 }
 
-fn report(a: &Args, backing: Option<&BackingRef>, len: u64, copied: u64, elapsed: f64) {
+fn report(
+    a: &Args,
+    backing: Option<&BackingRef>,
+    len: u64,
+    copied: u64,
+    elapsed: f64,
+    nothing_to_do: bool,
+) {
     if a.json {
         println!(
             "{}",
-            job::result_json(&a.file, len, copied, elapsed, backing)
+            job::result_json(&a.file, len, copied, elapsed, backing, nothing_to_do)
         );
     } else if !a.unsafe_mode && a.progress != Mode::Off {
         eprintln!("{}", job::summary(&a.file, copied, elapsed, backing));

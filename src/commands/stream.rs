@@ -10,7 +10,7 @@ use crate::commands::job::{self, JobOptions};
 use crate::error::{Error, Result};
 use crate::progress::Mode;
 use crate::size::size_to_str;
-use crate::stream;
+use crate::stream::{self, Plan};
 
 pub struct Args {
     pub file: String,
@@ -51,35 +51,37 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
             }
         },
     };
-    if chain.layers.len() == 1 {
-        say(
-            a,
-            &format!("Nothing to stream: '{}' has no backing file.", a.file),
-        );
-        return Ok(0);
-    }
-    if base == 1 {
-        let below = chain.layers.get(2).map(|l| l.filename.clone());
-        let hint = match below {
+    // "Nothing to do" is a result like any other: the JSON object (and the progress
+    // completion event) says so, so that scripts always get one.
+    let nothing = if chain.layers.len() == 1 {
+        Some(format!(
+            "Nothing to stream: '{}' has no backing file.",
+            a.file
+        ))
+    } else if base == 1 {
+        let hint = match chain.layers.get(2) {
             Some(_) => format!(
                 "; to drop the layers below it, stream that image itself: cowimg stream {}",
                 chain.layers[1].filename
             ),
             None => String::new(),
         };
-        say(
-            a,
-            &format!(
-                "Nothing to stream: '{}' is already the backing file of '{}'{hint}.",
-                chain.layers[1].filename, a.file
-            ),
-        );
-        return Ok(0);
-    }
+        Some(format!(
+            "Nothing to stream: '{}' is already the backing file of '{}'{hint}.",
+            chain.layers[1].filename, a.file
+        ))
+    } else {
+        None
+    };
     let partial = a.offset.is_some() || a.length.is_some();
-    let start = a.offset.unwrap_or(0).min(size);
-    let end = a.length.map_or(size, |l| start.saturating_add(l).min(size));
-    let plan = stream::plan(&chain, base, start, end)?;
+    let (start, end) = window(&a.file, size, a.offset, a.length)?;
+    let plan = match nothing {
+        Some(_) => Plan {
+            extents: Vec::new(),
+            range_len: end - start,
+        },
+        None => stream::plan(&chain, base, start, end)?,
+    };
     let keep_base = base < chain.layers.len();
     let opts = JobOptions {
         speed: a.speed,
@@ -87,7 +89,11 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         progress: a.progress,
         compress: a.compress,
     };
+    let before = top.image.backing();
     let done = job::run(&plan, &opts, cancel, |settings| {
+        if nothing.is_some() {
+            return Ok(before.clone());
+        }
         stream::copy(&chain, &plan, keep_base, None, settings)?;
         if !partial {
             let backing = keep_base.then(|| BackingRef {
@@ -100,33 +106,57 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     })?;
     let backing = done.value.as_ref();
     if a.json {
+        if let Some(msg) = &nothing {
+            eprintln!("{msg}");
+        }
+        let nothing_to_do = plan.work() == 0 && done.value == before;
         println!(
             "{}",
-            job::result_json(&a.file, plan.range_len, done.copied, done.elapsed, backing)
+            job::result_json(
+                &a.file,
+                plan.range_len,
+                done.copied,
+                done.elapsed,
+                backing,
+                nothing_to_do
+            )
         );
+    } else if let Some(msg) = &nothing {
+        println!("{msg}");
     } else if partial {
-        say(
-            a,
-            &format!(
-                "Copied {} into '{}' in {:.2} s; the range {start}..{end} is streamed; the backing file is unchanged.",
-                size_to_str(done.copied),
-                a.file,
-                done.elapsed
-            ),
+        println!(
+            "Copied {} into '{}' in {:.2} s; the range {start}..{end} is streamed; the backing file is unchanged.",
+            size_to_str(done.copied),
+            a.file,
+            done.elapsed
         );
     } else {
-        say(
-            a,
-            &job::summary(&a.file, done.copied, done.elapsed, backing),
+        println!(
+            "{}",
+            job::summary(&a.file, done.copied, done.elapsed, backing)
         );
     }
     Ok(0)
 }
 
-fn say(a: &Args, msg: &str) {
-    if a.json {
-        eprintln!("{msg}");
-    } else {
-        println!("{msg}");
+/// The guest range `--offset`/`--length` ask for (the whole image without them); a window
+/// reaching past the end is refused, as it would stream nothing there and say it did.
+fn window(file: &str, size: u64, offset: Option<u64>, length: Option<u64>) -> Result<(u64, u64)> {
+    let start = offset.unwrap_or(0);
+    let virtual_size = format!("its virtual size is {} ({size} bytes)", size_to_str(size));
+    if offset.is_some() && start >= size {
+        return Err(Error::Usage(format!(
+            "--offset {start} is at or past the end of '{file}': {virtual_size}"
+        )));
     }
+    let end = match length {
+        None => size,
+        Some(l) => start.checked_add(l).filter(|&e| e <= size).ok_or_else(|| {
+            Error::Usage(format!(
+                "--offset {start} --length {l} ends past the end of '{file}': {virtual_size}, so at most {} bytes remain from {start}",
+                size - start
+            ))
+        })?,
+    };
+    Ok((start, end))
 }

@@ -19,6 +19,14 @@ pub struct Run {
 }
 
 impl Run {
+    /// Status, stdout and stderr as one text, for snapshots.
+    pub fn show(&self) -> String {
+        format!(
+            "exit: {}\n--- stdout\n{}--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+
     fn from(o: Output) -> Run {
         Run {
             status: o.status.code().unwrap_or(-1),
@@ -206,4 +214,20 @@ pub fn agree(path: &str, want: &serde_json::Value, got: &serde_json::Value, bad:
         _ if want == got => {}
         _ => bad.push(format!("{path}: cowimg {got}, qemu-img {want}")),
     }
+}
+
+/// Snapshot settings for job results (`--output json`, `--progress json`): elapsed times vary.
+pub fn timeless() -> insta::internals::SettingsBindDropGuard {
+    let mut settings = insta::Settings::clone_current();
+    settings.add_filter(r#""elapsed": ?[0-9.e-]+"#, r#""elapsed":[T]"#);
+    settings.bind_to_scope()
+}
+
+/// The last JSON line of a `--progress json` stderr (human messages may follow the events).
+pub fn last_event(stderr: &str) -> serde_json::Value {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .last()
+        .unwrap_or_else(|| panic!("no JSON event in: {stderr}"))
 }
