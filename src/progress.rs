@@ -56,6 +56,7 @@ impl Reporter {
     /// Starts reporting on `counters` for a job of `end` guest bytes under cap `speed`.
     pub fn start(mode: Mode, end: u64, speed: u64, counters: Arc<Counters>) -> Reporter {
         let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
         let thread = match mode {
             Mode::Off => None,
             Mode::Json => {
@@ -82,8 +83,8 @@ impl Reporter {
                             done as f64 * 100.0 / end as f64
                         };
                         eprintln!(
-                            "    ({pct:.2}/100%) copied {}",
-                            indicatif::BinaryBytes(c.copied.load(Ordering::Relaxed))
+                            "    ({pct:.2}/100%) {}",
+                            figures(c, end, started.elapsed(), speed)
                         );
                     };
                     while !stop.load(Ordering::Relaxed) {
@@ -97,26 +98,24 @@ impl Reporter {
                 let (stop, counters) = (stop.clone(), counters.clone());
                 Some(std::thread::spawn(move || {
                     let bar = indicatif::ProgressBar::new(end);
+                    // Not indicatif's rate and ETA: they follow the position, which jumps over
+                    // what needs no copying and would show TiB/s and "ETA 0s".
                     bar.set_style(
                         indicatif::ProgressStyle::with_template(
-                            "{bar:40} {bytes}/{total_bytes} {percent}% {binary_bytes_per_sec} ETA {eta} {msg}",
+                            "{bar:40} {bytes}/{total_bytes} {percent}% {msg}",
                         )
                         .expect("valid template"),
                     );
                     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
-                    while !stop.load(Ordering::Relaxed) {
+                    let update = |bar: &indicatif::ProgressBar| {
                         bar.set_position(counters.done.load(Ordering::Relaxed));
-                        bar.set_message(format!(
-                            "copied {}",
-                            indicatif::BinaryBytes(counters.copied.load(Ordering::Relaxed))
-                        ));
+                        bar.set_message(figures(&counters, end, started.elapsed(), speed));
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        update(&bar);
                         sleep_unless(&stop, Duration::from_millis(200));
                     }
-                    bar.set_position(counters.done.load(Ordering::Relaxed));
-                    bar.set_message(format!(
-                        "copied {}",
-                        indicatif::BinaryBytes(counters.copied.load(Ordering::Relaxed))
-                    ));
+                    update(&bar);
                     bar.abandon();
                 }))
             }
@@ -128,7 +127,7 @@ impl Reporter {
             counters,
             stop,
             thread,
-            started: Instant::now(),
+            started,
         }
     }
 
@@ -159,9 +158,89 @@ impl Reporter {
     }
 }
 
+/// "copied 40.0 MiB at 20.0 MiB/s, ETA 8s": the rate is the bytes actually copied over the
+/// time taken, and the ETA what is left of the job at that rate (at most the cap `speed`; at
+/// the cap while nothing is copied yet; unknown, "?", without either).
+fn figures(c: &Counters, end: u64, elapsed: Duration, speed: u64) -> String {
+    let copied = c.copied.load(Ordering::Relaxed);
+    let left = end.saturating_sub(c.done.load(Ordering::Relaxed));
+    let (rate, eta) = rate_and_eta(copied, left, elapsed, speed);
+    let eta = match eta {
+        Some(eta) => format_eta(eta),
+        None => "?".to_string(),
+    };
+    format!(
+        "copied {} at {}/s, ETA {eta}",
+        indicatif::BinaryBytes(copied),
+        indicatif::BinaryBytes(rate as u64)
+    )
+}
+
+/// Bytes per second copied so far, and the time `left` bytes take at that rate (or the cap).
+fn rate_and_eta(copied: u64, left: u64, elapsed: Duration, speed: u64) -> (f64, Option<Duration>) {
+    let secs = elapsed.as_secs_f64();
+    let mut rate = if secs > 0.0 {
+        copied as f64 / secs
+    } else {
+        0.0
+    };
+    if speed > 0 {
+        // The cap is a long-run average: the bucket's first slice is free, so the first
+        // moments can measure far above it, which is noise, not the pace of the job.
+        rate = rate.min(speed as f64);
+    }
+    if left == 0 {
+        return (rate, Some(Duration::ZERO));
+    }
+    let pace = match (rate > 0.0, speed > 0) {
+        (true, _) => rate,
+        (false, true) => speed as f64,
+        (false, false) => return (rate, None),
+    };
+    (rate, Some(Duration::from_secs_f64(left as f64 / pace)))
+}
+
+/// "8s", "2m05s", "1h02m"; rounded up, so that only a finished job shows "0s".
+fn format_eta(d: Duration) -> String {
+    let s = d.as_secs_f64().ceil() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
 fn sleep_unless(stop: &AtomicBool, d: Duration) {
     let until = Instant::now() + d;
     while !stop.load(Ordering::Relaxed) && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_is_bytes_copied_over_time_and_eta_honours_the_cap() {
+        let secs = Duration::from_secs;
+        // 80 MiB in 4 s, 240 MiB left: 20 MiB/s, 12 s.
+        let (rate, eta) = rate_and_eta(80 << 20, 240 << 20, secs(4), 0);
+        assert_eq!(rate, (20 << 20) as f64);
+        assert_eq!(eta, Some(secs(12)));
+        // A burst above the cap (the first slice is free) shows as the cap.
+        let (rate, eta) = rate_and_eta(80 << 20, 240 << 20, secs(2), 20 << 20);
+        assert_eq!(rate, (20 << 20) as f64);
+        assert_eq!(eta, Some(secs(12)));
+        // Nothing copied yet: the cap tells, or nothing does.
+        assert_eq!(
+            rate_and_eta(0, 40 << 20, secs(1), 20 << 20).1,
+            Some(secs(2))
+        );
+        assert_eq!(rate_and_eta(0, 40 << 20, secs(1), 0).1, None);
+        assert_eq!(rate_and_eta(5, 0, secs(1), 0).1, Some(Duration::ZERO));
+        assert_eq!(format_eta(secs(125)), "2m05s");
+        assert_eq!(format_eta(Duration::from_millis(800)), "1s");
+        assert_eq!(format_eta(secs(3720)), "1h02m");
     }
 }

@@ -1,7 +1,7 @@
 //! `cowimg convert`: reads an image through its chain and writes a new standalone image,
 //! in parallel, skipping zeros; the output appears under its name only once complete.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cowimg_formats::{Format, ZerosBelow};
@@ -62,7 +62,21 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
             action: Action::Copy,
         })
         .collect();
+    // Whole units of the output (whole clusters when compressing), so that no cluster is
+    // written in pieces: the widened parts read as zeros, as they are.
+    let unit = if a.compress {
+        target.image.cluster_size().unwrap_or(512)
+    } else {
+        target.image.allocation_unit()
+    };
+    let extents = widen(extents, unit, size);
     let counters = Arc::new(Counters::default());
+    // Ranges that read as zero need nothing and count as done from the start (as stream's
+    // progress counts them), so that a finished convert reports offset == len.
+    let to_copy: u64 = extents.iter().map(|e| e.len).sum();
+    counters
+        .done
+        .store(size.saturating_sub(to_copy), Ordering::Relaxed);
     let limiter = RateLimiter::new(0);
     let reporter = Reporter::start(a.progress, size, 0, counters.clone());
     let copier = Copier {
@@ -79,16 +93,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         compare: None,
         compress: a.compress,
     };
-    // Whole units of the output (whole clusters when compressing), so that no cluster is
-    // written in pieces: the widened parts read as zeros, as they are.
-    let unit = if a.compress {
-        target.image.cluster_size().unwrap_or(512)
-    } else {
-        target.image.allocation_unit()
-    };
-    let result = copier
-        .run(&widen(extents, unit, size))
-        .and_then(|()| chain.finish());
+    let result = copier.run(&extents).and_then(|()| chain.finish());
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
     result?;
     drop(target);

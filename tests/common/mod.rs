@@ -73,6 +73,13 @@ impl Scratch {
         self.qemu("qemu-img", args)
     }
 
+    /// `qemu-img create -f qcow2 -b BASE -F qcow2 TOP`: a qcow2 overlay over a qcow2 image.
+    pub fn qcow2_overlay(&self, base: &str, top: &str) {
+        self.qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top,
+        ]);
+    }
+
     /// qemu-io with a list of -c commands.
     pub fn qemu_io(&self, image: &str, cmds: &[&str]) {
         let mut args = vec![
