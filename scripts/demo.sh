@@ -3,7 +3,10 @@
 # directory, and shows cowimg at work on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -q
+# The first build takes about a minute: say so, and let cargo show its progress on stderr
+# rather than sitting silent.
+echo "building cowimg (first build takes a minute)" >&2
+cargo build --release
 COWIMG="$PWD/target/release/cowimg"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
