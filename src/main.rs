@@ -306,12 +306,17 @@ enum Command {
         file: Option<String>,
     },
     /// Change options of an existing image in place (crash-safe).
+    #[command(after_help = "Examples:
+  cowimg amend --copy-on-read=on app.qcow2
+  cowimg amend --copy-on-read=off app.qcow2")]
     Amend {
+        /// Format of FILE (qcow2 or qed); probed from its contents when absent.
         #[arg(short = 'f', long = "format")]
         format: Option<String>,
         /// Set or clear cowimg's copy-on-read flag (qcow2, qed).
         #[arg(long, value_enum, value_name = "on|off")]
         copy_on_read: Option<OnOff>,
+        /// The image to change in place.
         file: String,
     },
     /// Write an image's guest contents (through its chain) to a new standalone image.

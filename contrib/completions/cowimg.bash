@@ -16,6 +16,9 @@ _cowimg() {
             ",$1")
                 cmd="cowimg"
                 ;;
+            cowimg,amend)
+                cmd="cowimg__subcmd__amend"
+                ;;
             cowimg,check)
                 cmd="cowimg__subcmd__check"
                 ;;
@@ -45,6 +48,9 @@ _cowimg() {
                 ;;
             cowimg,stream)
                 cmd="cowimg__subcmd__stream"
+                ;;
+            cowimg__subcmd__help,amend)
+                cmd="cowimg__subcmd__help__subcmd__amend"
                 ;;
             cowimg__subcmd__help,check)
                 cmd="cowimg__subcmd__help__subcmd__check"
@@ -83,12 +89,38 @@ _cowimg() {
 
     case "${cmd}" in
         cowimg)
-            opts="-h -V --help --version create info check map compare stream rebase measure convert help"
+            opts="-h -V --help --version create info check map compare stream rebase measure amend convert help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__amend)
+            opts="-f -h --format --copy-on-read --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --format)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -f)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --copy-on-read)
+                    COMPREPLY=($(compgen -W "on off" -- "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -131,7 +163,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__compare)
-            opts="-f -F -s -q -U -h --force-share --no-copy-on-read --help"
+            opts="-f -F -s -q -U -h --force-share --copy-on-read --no-copy-on-read --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -153,7 +185,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__convert)
-            opts="-f -O -o -p -U -c -h --progress --jobs --force-share --no-copy-on-read --help"
+            opts="-f -O -o -p -U -c -h --progress --jobs --force-share --copy-on-read --no-copy-on-read --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -237,8 +269,22 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__help)
-            opts="create info check map compare stream rebase measure convert help"
+            opts="create info check map compare stream rebase measure amend convert help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__help__subcmd__amend)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

@@ -34,6 +34,7 @@ complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "compare" -d 'Compare 
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "stream" -d 'Copy into FILE what its backing chain provides above BASE, then make BASE its backing file (none without --base). Safe to interrupt; running it again resumes'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "rebase" -d 'Point an image at a new backing file. Safe by default: data that would read differently is copied into the image first (parallel, resumable); -u only changes the pointer'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "amend" -d 'Change options of an existing image in place (crash-safe)'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s f -l format -d 'Image format: qcow2, qed or raw' -r
@@ -71,7 +72,8 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s F -d 'Format o
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s s -d 'Strict: sizes and allocation must match too'
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s q -d 'Print nothing; the exit status tells (0 identical, 1 different, 2 error)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s U -l force-share -d 'Read even if another process is writing the images (force share)'
-complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -l no-copy-on-read -d 'Do not copy backing data into images flagged copy-on-read (no write lock)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -l copy-on-read -d 'Copy what each image\'s backing chain provides into it as it is read (opens it read-write). Without it both images are only read, flagged copy-on-read or not'
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -l no-copy-on-read -d 'Accepted for compatibility and does nothing: reading never copies without --copy-on-read'
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s b -l base -d 'The backing file to keep (matched by resolved path); default: none' -r
@@ -107,6 +109,10 @@ json\t'One JSON document on stdout, with qemu-img\'s keys'"
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s c -d 'Estimate the compressed size (qcow2) from a sample of FILE'
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s U -l force-share -d 'Read even if another process is writing the image (force share)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -l copy-on-read -d 'Set or clear cowimg\'s copy-on-read flag (qcow2, qed)' -r -f -a "on\t''
+off\t''"
+complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s f -d 'Format of SRC (qcow2, qed or raw); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s O -d 'Output format: raw, qcow2 or qed' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s o -d 'Options of the output format, as for create: cluster_size=2M,compression_type=zstd,...' -r
@@ -114,16 +120,18 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l progress -d 'P
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l jobs -d 'Copy workers (default: number of cores)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s p -d 'Show a progress bar'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s U -l force-share -d 'Read even if another process is writing SRC (force share)'
-complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l no-copy-on-read -d 'Do not copy backing data into a source flagged copy-on-read (no write lock)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l copy-on-read -d 'Copy what the source\'s backing chain provides into the source as it is read (opens it read-write). Without it the source is only read, flagged or not'
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l no-copy-on-read -d 'Accepted for compatibility and does nothing: reading never copies without --copy-on-read'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s c -d 'Compress clusters where they shrink (qcow2 output; -o compression_type=zlib|zstd)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s h -l help -d 'Print help'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "create" -d 'Create a new image, optionally over a backing file'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "info" -d 'Show an image\'s format, size, backing file and format-specific facts'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "check" -d 'Check an image\'s metadata for errors and leaks, optionally repairing them'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "map" -d 'Show where each guest range of an image comes from'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "compare" -d 'Compare the guest contents of two images'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "stream" -d 'Copy into FILE what its backing chain provides above BASE, then make BASE its backing file (none without --base). Safe to interrupt; running it again resumes'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "rebase" -d 'Point an image at a new backing file. Safe by default: data that would read differently is copied into the image first (parallel, resumable); -u only changes the pointer'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure convert help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "create" -d 'Create a new image, optionally over a backing file'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "info" -d 'Show an image\'s format, size, backing file and format-specific facts'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "check" -d 'Check an image\'s metadata for errors and leaks, optionally repairing them'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "map" -d 'Show where each guest range of an image comes from'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "compare" -d 'Compare the guest contents of two images'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "stream" -d 'Copy into FILE what its backing chain provides above BASE, then make BASE its backing file (none without --base). Safe to interrupt; running it again resumes'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "rebase" -d 'Point an image at a new backing file. Safe by default: data that would read differently is copied into the image first (parallel, resumable); -u only changes the pointer'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "amend" -d 'Change options of an existing image in place (crash-safe)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
