@@ -150,3 +150,42 @@ fn committed_completions_and_man_pages_are_current() {
         stale.join("\n")
     );
 }
+
+/// The README and docs link only files of the repository (a clone has nothing beside it).
+#[test]
+fn docs_link_only_files_in_the_repository() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .canonicalize()
+        .expect("repository root");
+    let mut pages = vec![root.join("README.md")];
+    for e in std::fs::read_dir(root.join("docs"))
+        .expect("docs/")
+        .flatten()
+    {
+        if e.path().extension().is_some_and(|x| x == "md") {
+            pages.push(e.path());
+        }
+    }
+    let mut bad = Vec::new();
+    for page in &pages {
+        let text = std::fs::read_to_string(page).expect("readable page");
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let target = &rest[..end];
+            let file = target.split('#').next().unwrap_or("");
+            if file.is_empty() || file.contains("://") || file.starts_with("mailto:") {
+                continue;
+            }
+            let resolved = page.parent().unwrap_or(&root).join(file);
+            let inside = resolved.canonicalize().is_ok_and(|p| p.starts_with(&root));
+            if !inside {
+                bad.push(format!(
+                    "{}: link '{target}' is not a file of the repository",
+                    page.strip_prefix(&root).unwrap_or(page).display()
+                ));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
