@@ -242,7 +242,11 @@ fn amend_refuses_what_it_cannot_do() {
     assert_eq!(r.status, 1);
     assert!(r.stderr.contains("raw images cannot carry"), "{}", r.stderr);
     let r = s.cowimg(&["amend", "--copy-on-read=maybe", "q.qcow2"]);
-    assert_eq!(r.status, 1, "a usage error exits 1, as in qemu-img: {}", r.stderr);
+    assert_eq!(
+        r.status, 1,
+        "a usage error exits 1, as in qemu-img: {}",
+        r.stderr
+    );
 }
 
 #[test]
