@@ -279,3 +279,27 @@ fn nothing_to_do_and_unsafe_mode_are_results() {
         assert_eq!(last["offset"], last["len"], "{name}");
     }
 }
+
+/// Safe mode probes the new backing file and refuses a `-F` its magic contradicts, saying
+/// what the file is and how to proceed; `-u` records `-F` as given.
+#[test]
+fn safe_mode_refuses_a_backing_format_the_file_contradicts() {
+    let s = Scratch::new();
+    chain(&s, "qcow2", "", ["8M", "8M", "8M"]);
+    s.qemu_img(&["create", "-q", "-f", "qed", "Q.qed", "8M"]);
+    s.qemu_img(&["convert", "-O", "raw", "A.qcow2", "A.raw"]);
+    for (name, backing, fmt) in [
+        ("raw_on_qcow2", "A.qcow2", "raw"),
+        ("raw_on_qed", "Q.qed", "raw"),
+        ("qcow2_on_raw", "A.raw", "qcow2"),
+    ] {
+        let r = s.cowimg(&["rebase", "-b", backing, "-F", fmt, "C.qcow2"]);
+        insta::assert_snapshot!(format!("rebase_contradicting_{name}"), r.show());
+        assert_eq!(info_backing(&s, "C.qcow2").0.as_deref(), Some("B.qcow2"));
+    }
+    s.cowimg_ok(&["rebase", "-u", "-b", "A.qcow2", "-F", "raw", "C.qcow2"]);
+    assert_eq!(
+        info_backing(&s, "C.qcow2"),
+        (Some("A.qcow2".into()), Some("raw".into()))
+    );
+}

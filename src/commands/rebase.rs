@@ -4,7 +4,8 @@
 
 use std::sync::atomic::AtomicBool;
 
-use cowimg_formats::{BackingRef, Format};
+use cowimg_formats::probe::{probe, Probed};
+use cowimg_formats::{BackingRef, FileStorage, Format};
 
 use crate::chain::{combine, open_image, Chain, OpenOptions};
 use crate::commands::job::{self, JobOptions};
@@ -102,6 +103,9 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     if in_chain == Some(0) {
         return Err(Error::Usage(format!("'{new_name}' is the image itself")));
     }
+    if let (Some(path), Some(given)) = (&resolved, new.as_ref().and_then(|b| b.format.as_deref())) {
+        refuse_contradicting_format(path, &new_name, crate::chain::parse_format(given)?)?;
+    }
     let new_chain = match (&resolved, in_chain) {
         (Some(path), None) => {
             let fmt = new
@@ -143,6 +147,29 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         nothing_to_do,
     );
     Ok(0)
+}
+
+/// Safe mode reads the new backing file anyway, so it can tell a `-F` its magic contradicts
+/// (qemu-img records it, and the image then reads differently). `-u` records `-F` as given,
+/// for a backing file not in place yet. A file that cannot be read is left to the open that
+/// follows, which says why.
+fn refuse_contradicting_format(path: &str, new_name: &str, given: Format) -> Result<()> {
+    let Ok(file) = std::fs::File::open(path) else {
+        return Ok(());
+    };
+    let Ok(probed) = probe(&FileStorage::new(file, path)) else {
+        return Ok(());
+    };
+    let how = match probed {
+        Probed::Known(f) if f == given => return Ok(()),
+        Probed::Known(f) => format!("it is a {f} image, not {given}: pass -F {f}"),
+        Probed::Other(name) => {
+            format!("it is a {name} image, not {given} (cowimg does not read {name})")
+        }
+    };
+    Err(Error::Msg(format!(
+        "Could not change the backing file to '{new_name}': {how}, or -u to record -F {given} as given"
+    )))
 }
 
 fn report(
