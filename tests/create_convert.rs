@@ -372,4 +372,32 @@ fn interrupted_convert_says_it_starts_over_and_leaves_dst_untouched() {
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+
+/// A truncated image: data clusters past the end of the file read as zeros, as qemu reads
+/// them; an L2 table past the end is refused (qemu reads it as zeros, which silently drops
+/// every mapping it held; see docs/formats.md).
+#[test]
+fn truncated_image_converts_like_qemu_img() {
+    let s = Scratch::new();
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "t.qcow2", "4M"]);
+    s.qemu_io("t.qcow2", &["write -q -P 0x55 0 4M"]);
+    // Header, refcount table and block, L1, L2 at 0x40000, data from 0x50000: cut the last
+    // data clusters off (and one mid-cluster).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(s.path("t.qcow2"))
+        .unwrap();
+    f.set_len(0x50000 + 3 * (1 << 20) + 100).unwrap();
+    s.qemu_img(&["convert", "-O", "raw", "t.qcow2", "q.raw"]);
+    s.cowimg_ok(&["convert", "-O", "raw", "t.qcow2", "c.raw"]);
+    assert_eq!(s.read_file("q.raw"), s.read_file("c.raw"));
+    f.set_len(0x45000).unwrap();
+    let r = s.cowimg(&["convert", "-O", "raw", "t.qcow2", "c2.raw"]);
+    assert_eq!(r.status, 1);
+    assert!(
+        r.stderr
+            .contains("L2 table at 0x40000 lies past the end of the file"),
+        "{}",
+        r.stderr
+    );
 }
