@@ -372,6 +372,7 @@ fn interrupted_convert_says_it_starts_over_and_leaves_dst_untouched() {
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+}
 
 /// A truncated image: data clusters past the end of the file read as zeros, as qemu reads
 /// them; an L2 table past the end is refused (qemu reads it as zeros, which silently drops
