@@ -265,15 +265,6 @@ pub fn open_layer(
     })
 }
 
-/// What to do about an image whose backing file is missing or loops: its pointer is rewritten
-/// alone (`-u`), since the old backing data cannot be read to keep.
-fn repoint_hint(image: &str) -> String {
-    format!(
-        "To drop the backing file: cowimg rebase -u -b \"\" {image}\n\
-         To point it elsewhere: cowimg rebase -u -b NEW -F FMT {image}"
-    )
-}
-
 /// The text of an OS error without Rust's "(os error N)" suffix, as qemu words it.
 pub fn os_text(e: &std::io::Error) -> String {
     let s = e.to_string();
@@ -379,8 +370,7 @@ impl Chain {
             if let Some(c) = canonical(&full) {
                 if !seen.insert(c) {
                     return Err(wrap(Error::Msg(format!(
-                        "'{full}' is already in the chain above: the backing files form a loop\n{}",
-                        repoint_hint(&cur.filename)
+                        "'{full}' is already in the chain above: the backing files form a loop"
                     ))));
                 }
             }
@@ -393,14 +383,7 @@ impl Chain {
                 })?),
                 None => None,
             };
-            let layer = open_image(&full, format, access).map_err(|e| {
-                // A backing file that is not there is fixed by repointing, not by retrying.
-                if fs::symlink_metadata(&full).is_err() {
-                    wrap(Error::Msg(format!("{e}\n{}", repoint_hint(&cur.filename))))
-                } else {
-                    wrap(e)
-                }
-            })?;
+            let layer = open_image(&full, format, access).map_err(wrap)?;
             self.layers.push(layer);
         }
     }
