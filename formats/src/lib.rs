@@ -223,26 +223,27 @@ pub(crate) fn commit_on_drop(image: &dyn Image) {
 /// Allocated tables one [`Image::status_ahead`] call reads at most.
 const AHEAD_TABLES: usize = 16;
 
-/// [`Image::status_ahead`] for formats whose answers end at an L2 table: `region(a, b)`
-/// gives the statuses of `[a, b)` inside one table's span, and `allocated(a)` tells whether
-/// the table covering `a` exists. Unallocated table ranges cost nothing; the walk stops after
-/// [`AHEAD_TABLES`] allocated ones.
+/// [`Image::status_ahead`] for formats whose answers end at an L2 table covering `span` guest
+/// bytes: the image's own [`Image::status`], table by table, merged. `allocated(i)` tells
+/// whether table `i` (the L1 index) exists: unallocated table ranges cost nothing, and the walk
+/// stops after [`AHEAD_TABLES`] allocated ones.
 pub(crate) fn status_ahead_by_table(
+    image: &dyn Image,
     start: u64,
-    end: u64,
+    len: u64,
     span: u64,
-    allocated: impl Fn(u64) -> bool,
-    mut region: impl FnMut(u64, u64) -> Result<Vec<Status>>,
+    allocated: impl Fn(usize) -> bool,
 ) -> Result<Vec<Status>> {
+    let end = start.saturating_add(len).min(image.virtual_size());
     let mut out = Vec::new();
     let mut tables = 0;
     let mut off = start;
     while off < end && tables < AHEAD_TABLES {
         let region_end = end.min((off / span).saturating_add(1).saturating_mul(span));
-        if allocated(off) {
+        if allocated((off / span) as usize) {
             tables += 1;
         }
-        for st in region(off, region_end)? {
+        for st in image.status(off, region_end - off)? {
             push_status(&mut out, st);
         }
         off = region_end;

@@ -31,8 +31,6 @@ use header::Header;
 pub use snapshot::{Bitmap, Snapshot};
 use table::{Geometry, Kind, OFFSET_MASK};
 
-/// Offset bits of a refcount table entry (bits 9..=63).
-
 /// Opens a file named by the image (its external data file).
 pub type Opener<'a> = &'a dyn Fn(&str) -> Result<Arc<dyn Storage>>;
 
@@ -469,19 +467,9 @@ impl Image for Qcow2 {
     }
 
     fn status_ahead(&self, start: u64, len: u64) -> Result<Vec<Status>> {
-        let end = start.saturating_add(len).min(self.size);
-        let span = self.l2_span();
-        crate::status_ahead_by_table(
-            start,
-            end,
-            span,
-            |off| {
-                let l1 = &self.meta().l1;
-                l1.get((off / span) as usize)
-                    .is_some_and(|e| e & OFFSET_MASK != 0)
-            },
-            |a, b| self.region_status(a, b),
-        )
+        crate::status_ahead_by_table(self, start, len, self.l2_span(), |i| {
+            self.meta().l1.get(i).is_some_and(|e| e & OFFSET_MASK != 0)
+        })
     }
 
     fn data_storage(&self) -> &Arc<dyn Storage> {

@@ -261,17 +261,9 @@ impl Image for Qed {
     fn status_ahead(&self, start: u64, len: u64) -> Result<Vec<Status>> {
         let h = self.header();
         let span = h.table_entries() * h.cluster_size;
-        let end = start.saturating_add(len).min(h.image_size);
-        crate::status_ahead_by_table(
-            start,
-            end,
-            span,
-            |off| {
-                let l1 = &self.meta().l1;
-                l1.get((off / span) as usize).is_some_and(|&t| t != 0)
-            },
-            |a, b| Ok(self.map(a, b - a)?.into_iter().map(Status::plain).collect()),
-        )
+        crate::status_ahead_by_table(self, start, len, span, |i| {
+            self.meta().l1.get(i).is_some_and(|&t| t != 0)
+        })
     }
 
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
