@@ -322,8 +322,8 @@ enum Command {
     /// Write an image's guest contents (through its chain) to a new standalone image.
     #[command(after_help = "Examples:
   cowimg convert -O raw overlay.qcow2 flat.raw
-  cowimg convert -O qcow2 -c -p overlay.qcow2 archive.qcow2
-  cowimg convert -O qcow2 -c -o compression_type=zstd disk.raw disk.qcow2")]
+  cowimg convert -O qcow2 -c -o compression_type=zstd -p disk.raw archive.qcow2
+  cowimg convert -O raw disk.qcow2 /dev/sdX")]
     Convert {
         /// Format of SRC (qcow2, qed or raw); probed from its contents when absent.
         #[arg(short = 'f')]
@@ -357,9 +357,14 @@ enum Command {
         /// Compress clusters where they shrink (qcow2 output; -o compression_type=zlib|zstd).
         #[arg(short = 'c')]
         compress: bool,
+        /// Write into the existing DST in place, creating nothing: DST must be an image of
+        /// the -O format at least as large as SRC (bytes past SRC's size are kept).
+        #[arg(short = 'n')]
+        no_create: bool,
         /// The image to read (through its backing chain).
         src: String,
-        /// The new image; an existing file is replaced once the copy is complete.
+        /// The new image; an existing file is replaced once the copy is complete (through
+        /// symlinks, keeping owner and mode); a device is written in place.
         dst: String,
     },
 }
@@ -425,6 +430,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     unsafe_backing,
                     force,
                     quiet,
+                    retry: with_force(),
                 })
             });
             (r, 1)
@@ -656,6 +662,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             copy_on_read,
             no_copy_on_read: _,
             compress,
+            no_create,
             src,
             dst,
         } => {
@@ -673,6 +680,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         force_share,
                         copy_on_read,
                         compress,
+                        no_create,
                     },
                     cancel,
                 )
@@ -685,14 +693,42 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
 /// What an interrupted command leaves behind, said after "interrupted".
 fn after_interrupt(cmd: &Command) -> String {
     match cmd {
-        // convert's output is a temporary file until complete, removed when stopped (see
-        // output.rs): nothing is kept, so a rerun copies everything again.
-        Command::Convert { dst, .. } => format!(
-            "the partial output was removed and nothing changed at '{dst}': run the same command again to start over"
-        ),
+        // Written in place (-n, a device), DST holds part of the copy; otherwise the output is
+        // a temporary file until complete, removed when stopped (see output.rs). Either way
+        // a rerun copies everything again.
+        Command::Convert { dst, no_create, .. } => {
+            if *no_create || is_device(dst) {
+                format!("'{dst}' was being written in place and holds a partial copy: run the same command again to write it whole")
+            } else {
+                format!("the partial output was removed and nothing changed at '{dst}': run the same command again to start over")
+            }
+        }
         // stream and rebase commit what they copied before stopping.
         _ => "what was copied is kept: run the same command again to finish".to_string(),
     }
+}
+
+/// Whether `path` (through symlinks) is a block or character device.
+fn is_device(path: &str) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| {
+        let t = m.file_type();
+        t.is_block_device() || t.is_char_device()
+    })
+}
+
+/// This very command line with `--force` added after the command name, quoted for a shell,
+/// for the message that refuses to replace an existing file.
+fn with_force() -> String {
+    let mut args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let at = args
+        .iter()
+        .position(|a| a == "create")
+        .map_or(args.len(), |i| i + 1);
+    args.insert(at, "--force".into());
+    shlex::try_join(args.iter().map(String::as_str)).unwrap_or_else(|_| args.join(" "))
 }
 
 fn main() -> ExitCode {

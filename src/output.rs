@@ -1,8 +1,13 @@
-//! New output files (`create`, `convert`): written under a temporary name beside the
-//! destination, synced, then renamed into place, so an interrupted run never leaves a
-//! half-written destination. A temporary file left by a killed run is removed by the next run.
+//! Outputs of `create` and `convert`. A file is written under a temporary name beside the
+//! file the destination names (through symlinks), synced, then renamed into place with the
+//! replaced file's owner and mode, so an interrupted run never leaves a half-written
+//! destination; a temporary file left by a killed run is removed by the next run. A file with
+//! other hard links is refused (they would keep the old bytes). A device cannot be replaced:
+//! it is written in place, as qemu-img writes it.
 
 use std::fs;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
@@ -46,50 +51,129 @@ impl Spec {
 
 /// A destination being written.
 pub struct Output {
+    /// The destination as named, for messages.
     pub dst: PathBuf,
-    pub tmp: PathBuf,
-    persisted: bool,
+    kind: Kind,
+}
+
+/// How the destination is written.
+enum Kind {
+    /// A new file under a temporary name beside `target`, renamed over it once complete.
+    Replace {
+        /// The file the destination names, symlinks followed (the link itself stays).
+        target: PathBuf,
+        tmp: PathBuf,
+        /// Owner and mode of the file being replaced, given to the new one.
+        keep: Option<fs::Metadata>,
+        persisted: bool,
+    },
+    /// A block or character device: written in place, never replaced or truncated.
+    Device { file: fs::File },
+}
+
+/// What to do when the destination exists (and is a file, not a device).
+pub enum Existing<'a> {
+    /// Replace it once the new image is complete (`convert`, `create --force`).
+    Replace,
+    /// Refuse; the message suggests `retry`, the same command with `--force`.
+    Refuse { retry: &'a str },
+}
+
+/// Most symlinks followed, as the kernel's limit (ELOOP).
+const MAX_LINKS: usize = 40;
+
+/// The file that writing through `path` reaches: symlinks followed one by one, as open(2)
+/// follows them, so that a dangling link names the file to create. Relative link targets
+/// are joined to the link's directory unnormalised, so that the kernel resolves `..` in them.
+fn follow_links(path: &Path) -> Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let to = fs::read_link(&p)
+                    .map_err(|e| Error::io(format!("reading the link '{}'", p.display()), e))?;
+                p = match p.parent() {
+                    Some(dir) if to.is_relative() => dir.join(to),
+                    _ => to,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    Err(Error::Msg(format!(
+        "Could not create '{}': Too many levels of symbolic links",
+        path.display()
+    )))
+}
+
+fn parent_dir(p: &Path) -> &Path {
+    p.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 impl Output {
     /// Prepares to write `dst`: refuses a destination another process holds, clears a
-    /// temporary file an earlier, killed run left.
-    pub fn begin(dst: &str, overwrite: bool) -> Result<Output> {
+    /// temporary file an earlier, killed run left. A device is written in place; a file is
+    /// replaced (through its symlinks) unless `existing` refuses, or it has other hard links,
+    /// which would keep the old contents.
+    pub fn begin(dst: &str, existing: Existing) -> Result<Output> {
         let dst_path = PathBuf::from(dst);
-        let name = dst_path
+        if fs::symlink_metadata(&dst_path).is_ok() {
+            if let Existing::Refuse { retry } = existing {
+                return Err(Error::Usage(format!(
+                    "'{dst}' already exists; cowimg never replaces a file unless told to \
+                     (qemu-img would silently truncate it). To replace it:\n  {retry}"
+                )));
+            }
+        }
+        let target = follow_links(&dst_path)?;
+        let cannot = |why: String| Error::Msg(format!("Could not create '{dst}': {why}"));
+        let mut keep = None;
+        if let Ok(meta) = fs::metadata(&target) {
+            let ft = meta.file_type();
+            if ft.is_dir() {
+                return Err(cannot("Is a directory".into()));
+            }
+            if !ft.is_file() && !ft.is_block_device() && !ft.is_char_device() {
+                return Err(cannot(
+                    "not a regular file or device (a FIFO or socket cannot hold an image)".into(),
+                ));
+            }
+            // Never write to an image that a running QEMU or another tool holds.
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&target)
+                .map_err(|e| cannot(os_text(&e)))?;
+            lock::lock(&f, dst, Access::Write)?;
+            if !ft.is_file() {
+                return Ok(Output {
+                    dst: dst_path,
+                    kind: Kind::Device { file: f },
+                });
+            }
+            if meta.nlink() > 1 {
+                return Err(Error::Usage(format!(
+                    "'{dst}' has {} names (hard links): replacing it would leave the others \
+                     with the old contents. To write into the file itself, in place, use \
+                     `cowimg convert -n` (the file must be an image of the output format and \
+                     large enough); or remove its other names first.",
+                    meta.nlink()
+                )));
+            }
+            keep = Some(meta);
+        }
+        let name = target
             .file_name()
             .ok_or_else(|| Error::Usage(format!("'{dst}' is not a file name")))?
             .to_string_lossy()
             .into_owned();
-        let dir = dst_path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let dir = parent_dir(&target);
         if !dir.is_dir() {
-            return Err(Error::Msg(format!(
-                "Could not create '{dst}': No such file or directory"
-            )));
+            return Err(cannot("No such file or directory".into()));
         }
         let tmp = dir.join(format!(".{name}.cowimg-partial"));
-        if let Ok(meta) = fs::symlink_metadata(&dst_path) {
-            if !overwrite {
-                return Err(Error::Usage(format!(
-                    "'{dst}' already exists; pass --force to replace it (qemu-img would silently truncate it)"
-                )));
-            }
-            if meta.is_dir() {
-                return Err(Error::Msg(format!(
-                    "Could not create '{dst}': Is a directory"
-                )));
-            }
-            // Never replace an image that a running QEMU or another tool holds.
-            let f = fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&dst_path)
-                .map_err(|e| Error::Msg(format!("Could not create '{dst}': {}", os_text(&e))))?;
-            lock::lock(&f, dst, Access::Write)?;
-        }
         if tmp.exists() {
             let f = fs::OpenOptions::new()
                 .read(true)
@@ -108,22 +192,33 @@ impl Output {
         }
         Ok(Output {
             dst: dst_path,
-            tmp,
-            persisted: false,
+            kind: Kind::Replace {
+                target,
+                tmp,
+                keep,
+                persisted: false,
+            },
         })
     }
 
-    pub fn tmp_name(&self) -> String {
-        self.tmp.to_string_lossy().into_owned()
+    /// Whether the destination is written in place (a device), so that what it held must be
+    /// overwritten with zeros where the image reads zeros.
+    pub fn in_place(&self) -> bool {
+        matches!(self.kind, Kind::Device { .. })
     }
 
-    /// Creates the empty image in the temporary file (synced).
+    /// Creates the empty image: in the temporary file (synced), with the owner and mode of
+    /// the file it replaces; on a device, only checks that the device is large enough.
     pub fn create(&self, spec: &Spec) -> Result<()> {
+        let (tmp, keep) = match &self.kind {
+            Kind::Device { file } => return self.check_device(file, spec),
+            Kind::Replace { tmp, keep, .. } => (tmp, keep),
+        };
         let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(&self.tmp)
+            .open(tmp)
             .map_err(|e| {
                 Error::Msg(format!(
                     "Could not create '{}': {}",
@@ -131,8 +226,21 @@ impl Output {
                     os_text(&e)
                 ))
             })?;
-        lock::lock(&file, &self.tmp_name(), Access::Write)?;
-        let s = FileStorage::new(file, &self.tmp);
+        lock::lock(&file, &tmp.to_string_lossy(), Access::Write)?;
+        if let Some(meta) = keep {
+            // Before any data is written: a private image (0600) must not be readable by
+            // others while it is copied. The owner first, as chown may clear setuid bits.
+            match std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid())) {
+                // Only root may give a file away: a user's copy stays theirs, with the mode.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                r => r.map_err(|e| {
+                    Error::io(format!("setting the owner of '{}'", tmp.display()), e)
+                })?,
+            }
+            file.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))
+                .map_err(|e| Error::io(format!("setting the mode of '{}'", tmp.display()), e))?;
+        }
+        let s = FileStorage::new(file, tmp);
         let err = |e| Error::image(&self.dst.to_string_lossy(), e);
         match spec {
             Spec::Qcow2(o) => qcow2::create::create(&s, o).map_err(err)?,
@@ -156,17 +264,52 @@ impl Output {
         Ok(())
     }
 
-    /// Opens the temporary file for filling. Its syncs are skipped: ordering inside a file
-    /// nobody sees yet does not matter, and [`Output::persist`] syncs it once, whole.
+    /// A device holds a raw image of at least its own size; qcow2 and QED images grow at
+    /// their end, which a device does not have, so cowimg writes those only into files.
+    fn check_device(&self, file: &fs::File, spec: &Spec) -> Result<()> {
+        let dst = self.dst.display();
+        let Spec::Raw { size } = spec else {
+            return Err(Error::Usage(format!(
+                "'{dst}' is a device: cowimg writes {} images only into regular files. Write \
+                 the disk's bytes into the device with -O raw, or name a file.",
+                spec.format()
+            )));
+        };
+        let len = (&*file)
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::io(format!("finding the size of '{dst}'"), e))?;
+        if len < *size {
+            // qemu-img's words, and the sizes that make them true.
+            return Err(Error::Msg(format!(
+                "{dst}: Cannot grow device files: the device holds {len} bytes, the image needs {size}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Opens the image for filling. The temporary file's syncs are skipped: ordering inside
+    /// a file nobody sees yet does not matter, and [`Output::persist`] syncs it once, whole.
+    /// A device is opened as raw, its writes synced by each commit.
     pub fn open(&self, format: Format) -> Result<Layer> {
-        let name = self.tmp_name();
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.tmp)
-            .map_err(|e| Error::io(format!("opening '{name}'"), e))?;
-        lock::lock(&file, &name, Access::Write)?;
-        let storage: Arc<dyn Storage> = Arc::new(Unsynced(FileStorage::new(file, &self.tmp)));
+        let (storage, name): (Arc<dyn Storage>, String) = match &self.kind {
+            Kind::Device { file } => {
+                let file = file
+                    .try_clone()
+                    .map_err(|e| Error::io(format!("opening '{}'", self.dst.display()), e))?;
+                let name = self.dst.to_string_lossy().into_owned();
+                (Arc::new(FileStorage::new(file, &self.dst)), name)
+            }
+            Kind::Replace { tmp, .. } => {
+                let name = tmp.to_string_lossy().into_owned();
+                let file = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(tmp)
+                    .map_err(|e| Error::io(format!("opening '{name}'"), e))?;
+                lock::lock(&file, &name, Access::Write)?;
+                (Arc::new(Unsynced(FileStorage::new(file, tmp))), name)
+            }
+        };
         let err = |e: cowimg_formats::Error| Error::open(&name, e.into());
         let image: Arc<dyn Image> = match format {
             Format::Qcow2 => Arc::new(
@@ -190,29 +333,41 @@ impl Output {
         })
     }
 
-    /// Syncs the finished temporary file, renames it into place and syncs the directory.
+    /// Syncs the finished temporary file, renames it into place and syncs the directory; a
+    /// device is flushed.
     pub fn persist(mut self) -> Result<()> {
-        let f = fs::File::open(&self.tmp)
-            .map_err(|e| Error::io(format!("opening '{}'", self.tmp.display()), e))?;
+        let (target, tmp, persisted) = match &mut self.kind {
+            Kind::Device { file } => {
+                let file = file
+                    .try_clone()
+                    .map_err(|e| Error::io(format!("opening '{}'", self.dst.display()), e))?;
+                return FileStorage::new(file, &self.dst)
+                    .sync()
+                    .map_err(|e| Error::io(format!("flushing '{}'", self.dst.display()), e));
+            }
+            Kind::Replace {
+                target,
+                tmp,
+                persisted,
+                ..
+            } => (target, tmp, persisted),
+        };
+        let f = fs::File::open(&*tmp)
+            .map_err(|e| Error::io(format!("opening '{}'", tmp.display()), e))?;
         cowimg_formats::io::fault_point();
         f.sync_all()
-            .map_err(|e| Error::io(format!("syncing '{}'", self.tmp.display()), e))?;
+            .map_err(|e| Error::io(format!("syncing '{}'", tmp.display()), e))?;
         drop(f);
         cowimg_formats::io::fault_point();
-        fs::rename(&self.tmp, &self.dst).map_err(|e| {
+        fs::rename(&*tmp, &*target).map_err(|e| {
             Error::io(
-                format!("renaming the new image into '{}'", self.dst.display()),
+                format!("renaming the new image into '{}'", target.display()),
                 e,
             )
         })?;
-        self.persisted = true;
+        *persisted = true;
         cowimg_formats::io::fault_point();
-        let dir = self
-            .dst
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if let Ok(d) = fs::File::open(dir) {
+        if let Ok(d) = fs::File::open(parent_dir(target)) {
             let _ = d.sync_all();
         }
         Ok(())
@@ -221,8 +376,13 @@ impl Output {
 
 impl Drop for Output {
     fn drop(&mut self) {
-        if !self.persisted {
-            let _ = fs::remove_file(&self.tmp);
+        if let Kind::Replace {
+            tmp,
+            persisted: false,
+            ..
+        } = &self.kind
+        {
+            let _ = fs::remove_file(tmp);
         }
     }
 }

@@ -171,7 +171,7 @@ fn create_errors() {
         ),
         (
             &["create", "-f", "qcow2", "base.raw", "1M"],
-            "already exists; pass --force",
+            "already exists; cowimg never replaces a file unless told to",
         ),
         (
             &["create", "-f", "vmdk", "x.vmdk", "1M"],

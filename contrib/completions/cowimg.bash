@@ -185,7 +185,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__convert)
-            opts="-f -O -o -p -U -c -h --progress --jobs --force-share --copy-on-read --no-copy-on-read --help"
+            opts="-f -O -o -p -U -c -n -h --progress --jobs --force-share --copy-on-read --no-copy-on-read --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

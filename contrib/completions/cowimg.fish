@@ -123,6 +123,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s U -l force-sha
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l copy-on-read -d 'Copy what the source\'s backing chain provides into the source as it is read (opens it read-write). Without it the source is only read, flagged or not'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l no-copy-on-read -d 'Accepted for compatibility and does nothing: reading never copies without --copy-on-read'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s c -d 'Compress clusters where they shrink (qcow2 output; -o compression_type=zlib|zstd)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s n -d 'Write into the existing DST in place, creating nothing: DST must be an image of the -O format at least as large as SRC (bytes past SRC\'s size are kept)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "create" -d 'Create a new image, optionally over a backing file'
 complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "info" -d 'Show an image\'s format, size, backing file and format-specific facts'

@@ -1,17 +1,18 @@
 //! `cowimg convert`: reads an image through its chain and writes a new standalone image,
-//! in parallel, skipping zeros; the output appears under its name only once complete.
+//! in parallel, skipping zeros; the output appears under its name only once complete. A
+//! device, and with `-n` an existing image, is written in place instead.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use cowimg_formats::{Format, ZerosBelow};
+use cowimg_formats::{Format, ReadBelow, ZerosBelow};
 
-use crate::chain::{Chain, OpenOptions};
+use crate::chain::{Chain, Layer, OpenOptions};
 use crate::commands::create::ImageOptions;
 use crate::commands::map::entries;
 use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
-use crate::error::Result;
-use crate::output::Output;
+use crate::error::{Error, Result};
+use crate::output::{Existing, Output};
 use crate::progress::{Mode, Reporter};
 use crate::ratelimit::RateLimiter;
 
@@ -29,6 +30,8 @@ pub struct Args {
     pub copy_on_read: bool,
     /// Store clusters compressed where they shrink (qcow2 output only).
     pub compress: bool,
+    /// Write into the existing DST in place (`-n`) instead of creating a new image.
+    pub no_create: bool,
 }
 
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
@@ -41,19 +44,76 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         o.apply(a.out_format, list)?;
     }
     if a.compress && a.out_format != Format::Qcow2 {
-        return Err(crate::error::Error::Msg(
+        return Err(Error::Msg(
             "Compression not supported for this file format".into(),
         ));
     }
-    let spec = o.spec(a.out_format, size, None, false)?;
-    spec.validate()?;
-    // qemu-img convert replaces an existing destination; cowimg does too, atomically.
-    let out = Output::begin(&a.dst, true)?;
-    out.create(&spec)?;
-    let target = out.open(a.out_format)?;
+    // The destination: a new image (a device is written in place), or with -n the existing
+    // image, opened with its own backing chain, which must not show through.
+    let dest = if a.no_create {
+        if !a.options.is_empty() {
+            return Err(Error::Usage(
+                "-o has no effect when skipping image creation".into(),
+            ));
+        }
+        if a.compress {
+            return Err(Error::Usage(
+                "-c cannot be used with -n: compressed clusters are written only into a new image"
+                    .into(),
+            ));
+        }
+        let t = Chain::open(&a.dst, OpenOptions::write(Some(a.out_format)))?;
+        if t.size() < size {
+            return Err(Error::Msg(format!(
+                "output file is smaller than input file: '{}' holds {} bytes, '{}' needs {size}",
+                a.dst,
+                t.size(),
+                a.src
+            )));
+        }
+        Dest::Existing(t)
+    } else {
+        let spec = o.spec(a.out_format, size, None, false)?;
+        spec.validate()?;
+        // qemu-img convert replaces an existing destination; cowimg does too, atomically.
+        let out = Output::begin(&a.dst, Existing::Replace)?;
+        out.create(&spec)?;
+        Dest::New(out)
+    };
+    match dest {
+        Dest::Existing(t) => copy(a, &chain, t.top(), &t.below(0), true, cancel)?,
+        Dest::New(out) => {
+            // The image is closed before its file is renamed into place.
+            let target = out.open(a.out_format)?;
+            copy(a, &chain, &target, &ZerosBelow, out.in_place(), cancel)?;
+            drop(target);
+            out.persist()?;
+        }
+    }
+    Ok(0)
+}
 
-    // Copy what the source holds; ranges that read as zero stay unallocated.
-    let extents: Vec<Extent> = entries(&chain, 0, size)?
+/// Where convert writes.
+enum Dest {
+    /// A new image (see [`Output`]).
+    New(Output),
+    /// The existing image DST names (`-n`), with its backing chain.
+    Existing(Chain),
+}
+
+/// Copies what `chain` reads into `target`. Ranges that read as zero stay unallocated in a new
+/// image; written `in_place`, they are overwritten with zeros, hiding what the destination
+/// (or its backing chain, `below`) held.
+fn copy(
+    a: &Args,
+    chain: &Chain,
+    target: &Layer,
+    below: &dyn ReadBelow,
+    in_place: bool,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let size = chain.size();
+    let extents: Vec<Extent> = entries(chain, 0, size)?
         .into_iter()
         .filter(|e| !e.zero)
         .map(|e| Extent {
@@ -69,10 +129,13 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     } else {
         target.image.allocation_unit()
     };
-    let extents = widen(extents, unit, size);
+    let mut extents = widen(extents, unit, size);
+    if in_place {
+        extents = with_zero_gaps(extents, size);
+    }
     let counters = Arc::new(Counters::default());
-    // Ranges that read as zero need nothing and count as done from the start (as stream's
-    // progress counts them), so that a finished convert reports offset == len.
+    // Ranges that need nothing count as done from the start (as stream's progress counts
+    // them), so that a finished convert reports offset == len.
     let to_copy: u64 = extents.iter().map(|e| e.len).sum();
     counters
         .done
@@ -80,12 +143,16 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let limiter = RateLimiter::new(0);
     let reporter = Reporter::start(a.progress, size, 0, counters.clone());
     let copier = Copier {
-        source: &chain,
+        source: chain,
         source_layer: 0,
         target: &*target.image,
         target_name: &a.dst,
-        below: &ZerosBelow,
-        zero_data: ZeroData::Skip,
+        below,
+        zero_data: if in_place {
+            ZeroData::Mark
+        } else {
+            ZeroData::Skip
+        },
         limiter: &limiter,
         cancel,
         counters: &counters,
@@ -95,10 +162,29 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     };
     let result = copier.run(&extents).and_then(|()| chain.finish());
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
-    result?;
-    drop(target);
-    out.persist()?;
-    Ok(0)
+    result
+}
+
+/// Adds `Zero` extents over what sorted, disjoint `extents` leave of `[0, size)`.
+fn with_zero_gaps(extents: Vec<Extent>, size: u64) -> Vec<Extent> {
+    let mut out = Vec::with_capacity(extents.len() * 2 + 1);
+    let mut pos = 0;
+    let zero = |start, end| Extent {
+        start,
+        len: end - start,
+        action: Action::Zero,
+    };
+    for e in extents {
+        if e.start > pos {
+            out.push(zero(pos, e.start));
+        }
+        pos = e.start + e.len;
+        out.push(e);
+    }
+    if pos < size {
+        out.push(zero(pos, size));
+    }
+    out
 }
 
 /// Widens copy extents to whole `unit`s (clipped to `size`) and joins those that touch.

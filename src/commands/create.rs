@@ -7,7 +7,7 @@ use cowimg_formats::{qcow2, qed, BackingRef, Format};
 use crate::chain::{combine, open_image, parse_format};
 use crate::error::{Error, Result};
 use crate::lock::Access;
-use crate::output::{Output, Spec};
+use crate::output::{Existing, Output, Spec};
 use crate::size::{parse_size, size_arg, SizeError, MAX_SIZE};
 
 pub struct Args {
@@ -23,6 +23,8 @@ pub struct Args {
     pub unsafe_backing: bool,
     pub force: bool,
     pub quiet: bool,
+    /// The command to suggest when FILE exists: this one with `--force`.
+    pub retry: String,
 }
 
 /// Options of a new image, from `-o` and the friendly flags.
@@ -294,10 +296,16 @@ pub fn run(a: &Args) -> Result<i32> {
         .spec(a.format, size, backing, a.copy_on_read)
         .map_err(ctx)?;
     spec.validate().map_err(ctx)?;
+    let existing = if a.force {
+        Existing::Replace
+    } else {
+        Existing::Refuse { retry: &a.retry }
+    };
+    // Refused before the "Formatting" line, which would say the image is being made.
+    let out = Output::begin(&a.file, existing)?;
     if !a.quiet {
         println!("{}", formatting_line(&a.file, &spec, &o));
     }
-    let out = Output::begin(&a.file, a.force)?;
     out.create(&spec)?;
     out.persist()?;
     Ok(0)
