@@ -9,7 +9,8 @@
 //!   the re-run reclaims what the killed commit counted; QED leaks cannot be reclaimed, by
 //!   qemu either).
 //! * convert, create: DST is absent, or the previous file untouched, or complete and clean;
-//!   the temporary file a kill leaves is removed by the next run.
+//!   the temporary file a kill leaves is removed by the next run. `convert -n`, in place: DST
+//!   has no corruption and its backing file is untouched; the next run completes it.
 //! * check -r all: no more corruptions than before, every cluster reads as before or as after
 //!   a complete repair, and a second `check -r all` finishes the repair.
 //!
@@ -430,6 +431,89 @@ fn convert_killed() {
             slow: vec![],
             ok: &[0],
             verify: verify_output(dst, prev, complete, a),
+        };
+        sc.run(seed);
+    }
+}
+
+/// `convert -n` writes into an existing image in place (qcow2 and QED over a backing file
+/// whose data the source's zeros must hide, and raw larger than the source). Killed at any
+/// point, DST is free of corruption (leaks allowed) and its backing file untouched; running
+/// again makes DST read as the source (a raw DST keeps its bytes past the source's size).
+#[test]
+fn convert_in_place_killed() {
+    let seed = first_seed(0x4b11_0008);
+    for fmt in ["qcow2", "qed", "raw"] {
+        let template = Scratch::new();
+        chain_fixture(&template, "qcow2", "");
+        let dst: &'static str = match fmt {
+            "qcow2" => "out.qcow2",
+            "qed" => "out.qed",
+            _ => "out.raw",
+        };
+        if fmt == "raw" {
+            template.write_file(dst, &vec![0x5a; 12 << 20]);
+        } else {
+            template.qemu_img(&["create", "-q", "-f", "qcow2", "W.qcow2", "8M"]);
+            template.qemu_io("W.qcow2", &["write -q -P 0x66 0 8M"]);
+            template.qemu_img(&[
+                "create", "-q", "-f", fmt, "-b", "W.qcow2", "-F", "qcow2", dst,
+            ]);
+            template.qemu_io(dst, &["write -q -P 0x5a 0 4M"]);
+        }
+        let backing = (fmt != "raw").then(|| template.read_file("W.qcow2"));
+        let reads_as_source = move |s: &Scratch| -> bool {
+            if fmt == "raw" {
+                let b = s.read_file(dst);
+                b[..8 << 20] == s.read_file("pristine.raw")[..]
+                    && b[8 << 20..].iter().all(|&x| x == 0x5a)
+            } else {
+                s.same("pristine.raw", dst)
+            }
+        };
+        let no_corruption = move |s: &Scratch, what: &str| {
+            if fmt != "raw" {
+                let r = s.run("qemu-img", &["check", dst]);
+                assert!(
+                    r.status == 0 || r.status == 3,
+                    "{what}: qemu-img check {dst}: {}{}",
+                    r.stdout,
+                    r.stderr
+                );
+            }
+        };
+        let a = args(&["convert", "-n", "-O", fmt, "C.qcow2", dst]);
+        let rerun = a.clone();
+        let verify: Box<dyn Fn(&Scratch, &End, &str)> = Box::new(move |s, end, what| {
+            if let End::Failed(code, err) = end {
+                panic!("{what}: exited {code}: {err}");
+            }
+            no_corruption(s, what);
+            if *end == End::Completed {
+                assert!(reads_as_source(s), "{what}: completed, {dst} differs");
+            }
+            let refs: Vec<&str> = rerun.iter().map(|x| x.as_str()).collect();
+            let r = cowimg_in(s, &refs);
+            assert_eq!(r.status, 0, "{what}: the next run failed: {}", r.stderr);
+            assert!(
+                reads_as_source(s),
+                "{what}: after the next run, {dst} differs"
+            );
+            no_corruption(s, what);
+            if let Some(b) = &backing {
+                assert!(
+                    s.read_file("W.qcow2") == *b,
+                    "{what}: the backing file changed"
+                );
+            }
+        });
+        let sc = Scenario {
+            label: format!("convert -n -O {fmt} C.qcow2 {dst}"),
+            template,
+            args: a,
+            slow: vec![],
+            ok: &[0],
+            verify,
         };
         sc.run(seed);
     }
