@@ -18,7 +18,7 @@ use cowimg_formats::qed::Qed;
 use cowimg_formats::raw::Raw;
 use cowimg_formats::{Alloc, FileStorage, Format, Image, ReadBelow, Storage};
 
-use crate::error::{Error, Result};
+use crate::error::{BackingProblem, Error, Result};
 use crate::lock::{self, Access};
 
 /// The most images a chain may have (the top included). qemu has no fixed limit: it opens
@@ -356,34 +356,51 @@ impl Chain {
                 return Ok(());
             };
             let full = combine(&cur.filename, &backing.name);
-            let wrap = |e: Error| {
-                Error::open(
-                    &cur.filename,
-                    Error::Msg(format!("Could not open backing file: {e}")),
-                )
+            let wrap = |problem, e: Error| Error::Backing {
+                image: cur.filename.clone(),
+                problem,
+                reason: Box::new(e),
             };
             if self.layers.len() >= MAX_DEPTH {
-                return Err(wrap(Error::Msg(format!(
+                return Err(wrap(BackingProblem::Other, Error::Msg(format!(
                     "the backing chain has more than {MAX_DEPTH} images (cowimg's limit; qemu has none but its open-file limit)"
                 ))));
             }
             if let Some(c) = canonical(&full) {
                 if !seen.insert(c) {
-                    return Err(wrap(Error::Msg(format!(
-                        "'{full}' is already in the chain above: the backing files form a loop"
-                    ))));
+                    return Err(wrap(
+                        BackingProblem::Loop,
+                        Error::Msg(format!(
+                            "'{full}' is already in the chain above: the backing files form a loop"
+                        )),
+                    ));
                 }
             }
             let format = match backing.format.as_deref() {
                 Some(f) if is_protocol_format(f) => Some(Format::Raw),
                 Some(f) => Some(Format::from_name(f).ok_or_else(|| {
-                    wrap(Error::Msg(format!(
-                        "the recorded backing format '{f}' is not supported by cowimg"
-                    )))
+                    wrap(
+                        BackingProblem::Other,
+                        Error::Msg(format!(
+                            "the recorded backing format '{f}' is not supported by cowimg"
+                        )),
+                    )
                 })?),
                 None => None,
             };
-            let layer = open_image(&full, format, access).map_err(wrap)?;
+            let layer = open_image(&full, format, access).map_err(|e| {
+                // Not there at all (rather than there but unusable): a new pointer is the fix.
+                let gone = !has_protocol(&full)
+                    && fs::metadata(&full).is_err_and(|m| {
+                        matches!(m.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
+                    });
+                let problem = if gone {
+                    BackingProblem::Missing
+                } else {
+                    BackingProblem::Other
+                };
+                wrap(problem, e)
+            })?;
             self.layers.push(layer);
         }
     }

@@ -1,5 +1,7 @@
 //! Errors of the cowimg commands. Each says which image and what went wrong; `main` prints it
-//! after "cowimg: " and maps it to the command's exit status.
+//! after "cowimg: ", then what to do about it ([`Error::hints`]) on lines of their own, and
+//! maps it to the command's exit status. The first line stays qemu-img's wording where qemu-img
+//! has one, so that scripts matching qemu's messages still match.
 
 use std::io;
 
@@ -19,6 +21,14 @@ pub enum Error {
         path: String,
         #[source]
         source: cowimg_formats::Error,
+    },
+    /// A backing file of `image` cannot be used. The text is qemu's; `problem` says which
+    /// failures a new backing pointer cures.
+    #[error("Could not open '{image}': Could not open backing file: {reason}")]
+    Backing {
+        image: String,
+        problem: BackingProblem,
+        reason: Box<Error>,
     },
     /// A bare format error (wrapped by `Open` with the image's name).
     #[error("{0}")]
@@ -44,7 +54,40 @@ pub enum Error {
     Interrupted(i32),
 }
 
+/// Why a backing file cannot be used, as far as the fix differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingProblem {
+    /// The file named is not there (nor is a directory on its path).
+    Missing,
+    /// The file is already in the chain above it.
+    Loop,
+    /// Anything else (unreadable, damaged, unsupported): a new pointer is not the fix.
+    Other,
+}
+
 impl Error {
+    /// What the user can do about this error, one line per way (printed after the error as
+    /// "hint: ..."); empty when there is nothing better to say than the error itself.
+    pub fn hints(&self) -> Vec<String> {
+        match self {
+            Error::Backing {
+                image,
+                problem: BackingProblem::Missing | BackingProblem::Loop,
+                ..
+            } => {
+                // Only the pointer can change: the old backing file cannot be read, so the
+                // safe rebase (which copies what it provided) cannot run; hence -u.
+                let image = shell_word(image);
+                vec![
+                    format!("to drop the backing file (what it provided is lost): cowimg rebase -u -b \"\" {image}"),
+                    format!("to point it at another file: cowimg rebase -u -b NEW -F FMT {image}"),
+                ]
+            }
+            Error::Open { reason, .. } => reason.hints(),
+            _ => Vec::new(),
+        }
+    }
+
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
             context: context.into(),
@@ -67,5 +110,33 @@ impl Error {
             path: path.to_string(),
             reason: Box::new(reason),
         }
+    }
+}
+
+/// `s` as one word of a shell command line: as it is when it is made of safe characters,
+/// otherwise in single quotes; a leading `-` gets `./` so that it is not read as an option.
+fn shell_word(s: &str) -> String {
+    if s.starts_with('-') {
+        return shell_word(&format!("./{s}"));
+    }
+    let safe = |c: char| c.is_ascii_alphanumeric() || "._/-+,:=@%".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_are_quoted_only_when_needed() {
+        assert_eq!(shell_word("dir/a-1.qcow2"), "dir/a-1.qcow2");
+        assert_eq!(shell_word("my disk.qcow2"), "'my disk.qcow2'");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+        assert_eq!(shell_word(""), "''");
+        assert_eq!(shell_word("-x.qcow2"), "./-x.qcow2");
     }
 }

@@ -773,6 +773,9 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("cowimg: {e}");
+            for hint in e.hints() {
+                eprintln!("hint: {hint}");
+            }
             // A usage error is 1 for every command, compare included (as qemu-img).
             let status = if matches!(e, Error::Usage(_)) {
                 1

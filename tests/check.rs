@@ -950,9 +950,12 @@ fn raw_missing_and_bad_arguments() {
     ]);
     let r = s.cowimg(&["check", "nob.qcow2"]);
     assert_eq!(r.status, 1);
+    // qemu's line first, unchanged; then what to do about it.
     assert_eq!(
         r.stderr,
-        "cowimg: Could not open 'nob.qcow2': Could not open backing file: Could not open 'missing.qcow2': No such file or directory\n"
+        "cowimg: Could not open 'nob.qcow2': Could not open backing file: Could not open 'missing.qcow2': No such file or directory\n\
+         hint: to drop the backing file (what it provided is lost): cowimg rebase -u -b \"\" nob.qcow2\n\
+         hint: to point it at another file: cowimg rebase -u -b NEW -F FMT nob.qcow2\n"
     );
     // A writer holds the image: check -r refuses, check -U reads.
     let mut child = std::process::Command::new("qemu-io")
@@ -1468,13 +1471,27 @@ fn images_qemu_cannot_open_are_refused_as_qemu_refuses_them() {
             let _ = (fs::remove_file(s.path(&q)), fs::remove_file(s.path(&c)));
             assert_ne!(qr.status, 0, "qemu-img {qa:?} accepts {img} ({what})");
             let want = qr.stderr.replace("qemu-img", "cowimg").replace(&q, &c);
+            // qemu's message exactly, then cowimg's hint lines: only a missing backing file
+            // has one (a new pointer), which names the image.
+            let (said, hints): (Vec<&str>, Vec<&str>) =
+                cr.stderr.lines().partition(|l| !l.starts_with("hint: "));
+            let said: String = said.iter().map(|l| format!("{l}\n")).collect();
             assert_eq!(
-                (cr.status, cr.stderr.as_str()),
+                (cr.status, said.as_str()),
                 (qr.status, want.as_str()),
                 "{img} ({what}), {args:?}: qemu-img said {}{}",
                 qr.stdout,
                 qr.stderr
             );
+            let want_hints = if img == "nobacking.qcow2" {
+                vec![
+                    format!("hint: to drop the backing file (what it provided is lost): cowimg rebase -u -b \"\" {c}"),
+                    format!("hint: to point it at another file: cowimg rebase -u -b NEW -F FMT {c}"),
+                ]
+            } else {
+                vec![]
+            };
+            assert_eq!(hints, want_hints, "{img} ({what}), {args:?}");
         }
     }
 }

@@ -39,8 +39,21 @@ fn commands(image: &str) -> Vec<(Vec<&str>, i32)> {
 }
 
 /// Asserts that a run failed cleanly: the expected status, a message naming `image` and
-/// containing every one of `words`, no panic, no signal.
+/// containing every one of `words`, no panic, no signal, and no hint.
 fn assert_refused(r: &Run, what: &str, image: &str, status: i32, words: &[&str]) {
+    assert_refused_with(r, what, image, status, words, None)
+}
+
+/// As [`assert_refused`]; with `repoint`, the one-line error is followed by exactly the two
+/// hints of a backing pointer to change, naming the image `repoint`.
+fn assert_refused_with(
+    r: &Run,
+    what: &str,
+    image: &str,
+    status: i32,
+    words: &[&str],
+    repoint: Option<&str>,
+) {
     assert!(
         !r.stderr.contains("panicked"),
         "{what}: panic:\n{}",
@@ -64,12 +77,23 @@ fn assert_refused(r: &Run, what: &str, image: &str, status: i32, words: &[&str])
             r.stderr
         );
     }
+    let (error, hints): (Vec<&str>, Vec<&str>) =
+        r.stderr.lines().partition(|l| !l.starts_with("hint: "));
     assert_eq!(
-        r.stderr.lines().count(),
+        error.len(),
         1,
         "{what}: one line of error expected: {}",
         r.stderr
     );
+    let want: Vec<String> = repoint
+        .map(|img| {
+            vec![
+                format!("hint: to drop the backing file (what it provided is lost): cowimg rebase -u -b \"\" {img}"),
+                format!("hint: to point it at another file: cowimg rebase -u -b NEW -F FMT {img}"),
+            ]
+        })
+        .unwrap_or_default();
+    assert_eq!(hints, want, "{what}: hints");
 }
 
 /// Every reading command must refuse `image` with a message containing `words`.
@@ -349,11 +373,11 @@ fn other_formats_are_refused_by_name() {
     s.qemu_img(&[
         "create", "-q", "-f", "qcow2", "-b", "img.vmdk", "-F", "vmdk", "ov.qcow2",
     ]);
-    chain_refused(&s, "ov.qcow2", &["'vmdk'", "not supported"]);
+    chain_refused(&s, "ov.qcow2", &["'vmdk'", "not supported"], None);
     s.qemu_img(&[
         "create", "-q", "-f", "qed", "-b", "img.vpc", "-F", "vpc", "ov.qed",
     ]);
-    chain_refused(&s, "ov.qed", &["'vpc'", "not supported"]);
+    chain_refused(&s, "ov.qed", &["'vpc'", "not supported"], None);
 }
 
 #[test]
@@ -422,14 +446,14 @@ fn qcow2_backing_name_damage_is_refused() {
 
 /// Commands that open the backing chain refuse a broken one; plain `info` (which does not
 /// open backing files, as qemu-img info) still works.
-fn chain_refused(s: &Scratch, image: &str, words: &[&str]) {
+fn chain_refused(s: &Scratch, image: &str, words: &[&str], repoint: Option<&str>) {
     for (args, status) in commands(image) {
         let r = cowimg(s, &args);
         let what = format!("cowimg {args:?}");
         if args[0] == "info" && !args.contains(&"--backing-chain") {
             assert_eq!(r.status, 0, "{what}: {}", r.stderr);
         } else {
-            assert_refused(&r, &what, image, status, words);
+            assert_refused_with(&r, &what, image, status, words, repoint);
         }
     }
 }
@@ -448,24 +472,25 @@ fn backing_loops_are_refused() {
         "qcow2",
         "self.qcow2",
     ]);
-    chain_refused(&s, "self.qcow2", &["loop"]);
+    chain_refused(&s, "self.qcow2", &["loop"], Some("self.qcow2"));
     // A -> B -> A.
     s.qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "8M"]);
     s.qemu_img(&[
         "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
     ]);
     s.qemu_img(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"]);
-    chain_refused(&s, "a.qcow2", &["loop"]);
-    chain_refused(&s, "b.qcow2", &["loop"]);
+    // The hint names the image whose pointer closes the loop.
+    chain_refused(&s, "a.qcow2", &["loop"], Some("b.qcow2"));
+    chain_refused(&s, "b.qcow2", &["loop"], Some("a.qcow2"));
     // The same file by another name (a symlink) is the same image.
     std::os::unix::fs::symlink("c.qcow2", s.path("link.qcow2")).unwrap();
     s.qemu_img(&["create", "-q", "-f", "qcow2", "c.qcow2", "8M"]);
     s.qemu_img(&["rebase", "-u", "-b", "link.qcow2", "-F", "qcow2", "c.qcow2"]);
-    chain_refused(&s, "c.qcow2", &["loop"]);
+    chain_refused(&s, "c.qcow2", &["loop"], Some("c.qcow2"));
     // QED over itself (format probed).
     s.qemu_img(&["create", "-q", "-f", "qed", "q.qed", "8M"]);
     s.qemu_img(&["rebase", "-u", "-b", "q.qed", "-F", "qed", "q.qed"]);
-    chain_refused(&s, "q.qed", &["loop"]);
+    chain_refused(&s, "q.qed", &["loop"], Some("q.qed"));
 }
 
 #[test]
@@ -476,15 +501,21 @@ fn missing_and_unreadable_backing_files_are_refused() {
         "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2",
     ]);
     std::fs::remove_file(s.path("base.raw")).unwrap();
-    chain_refused(&s, "ov.qcow2", &["base.raw", "No such file or directory"]);
+    chain_refused(
+        &s,
+        "ov.qcow2",
+        &["base.raw", "No such file or directory"],
+        Some("ov.qcow2"),
+    );
     // A directory.
     std::fs::create_dir(s.path("base.raw")).unwrap();
-    chain_refused(&s, "ov.qcow2", &["base.raw", "Is a directory"]);
+    // There but unusable: a new pointer is not the fix, no hint says so.
+    chain_refused(&s, "ov.qcow2", &["base.raw", "Is a directory"], None);
     std::fs::remove_dir(s.path("base.raw")).unwrap();
     // A FIFO: nothing to read (and opening must not block).
     let fifo = s.run("mkfifo", &["base.raw"]);
     assert_eq!(fifo.status, 0, "mkfifo: {}", fifo.stderr);
-    chain_refused(&s, "ov.qcow2", &["base.raw", "not a regular file"]);
+    chain_refused(&s, "ov.qcow2", &["base.raw", "not a regular file"], None);
     std::fs::remove_file(s.path("base.raw")).unwrap();
     // A path through a file.
     s.write_file("plain", b"x");
@@ -497,14 +528,24 @@ fn missing_and_unreadable_backing_files_are_refused() {
         "raw",
         "ov.qcow2",
     ]);
-    chain_refused(&s, "ov.qcow2", &["plain/base.raw", "Not a directory"]);
+    chain_refused(
+        &s,
+        "ov.qcow2",
+        &["plain/base.raw", "Not a directory"],
+        Some("ov.qcow2"),
+    );
     // The QED form of a missing backing file.
     s.qemu_img(&["create", "-q", "-f", "raw", "b2.raw", "8M"]);
     s.qemu_img(&[
         "create", "-q", "-f", "qed", "-b", "b2.raw", "-F", "raw", "ov.qed",
     ]);
     std::fs::remove_file(s.path("b2.raw")).unwrap();
-    chain_refused(&s, "ov.qed", &["b2.raw", "No such file or directory"]);
+    chain_refused(
+        &s,
+        "ov.qed",
+        &["b2.raw", "No such file or directory"],
+        Some("ov.qed"),
+    );
 }
 
 #[test]
@@ -552,6 +593,7 @@ fn protocols_are_refused() {
         &s,
         "d/ov.qcow2",
         &["'nbd://localhost:1/x'", "protocols", "not supported"],
+        None,
     );
 }
 

@@ -303,3 +303,41 @@ fn safe_mode_refuses_a_backing_format_the_file_contradicts() {
         (Some("A.qcow2".into()), Some("raw".into()))
     );
 }
+
+/// A missing or looping backing file: qemu's message, then the two `rebase -u` lines that fix
+/// it; and they do (each is run, and the image reads again).
+#[test]
+fn missing_or_looping_backing_file_says_how_to_repoint() {
+    let s = Scratch::new();
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        "gone.qcow2",
+        "-F",
+        "qcow2",
+        "o.qcow2",
+        "1M",
+    ]);
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "l1.qcow2", "1M"]);
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "l1.qcow2", "-F", "qcow2", "l2.qcow2",
+    ]);
+    s.qemu_img(&["rebase", "-u", "-b", "l2.qcow2", "-F", "qcow2", "l1.qcow2"]);
+    let r = s.cowimg(&["convert", "-O", "raw", "o.qcow2", "o.raw"]);
+    insta::assert_snapshot!("missing_backing_hint", r.show());
+    let r = s.cowimg(&["map", "l2.qcow2"]);
+    insta::assert_snapshot!("looping_backing_hint", r.show());
+    // The hinted commands, with NEW and FMT filled in.
+    s.cowimg_ok(&["rebase", "-u", "-b", "l2.qcow2", "-F", "qcow2", "o.qcow2"]);
+    assert_eq!(s.cowimg(&["map", "o.qcow2"]).status, 1, "o now loops too");
+    s.cowimg_ok(&["rebase", "-u", "-b", "", "l1.qcow2"]);
+    s.cowimg_ok(&["convert", "-O", "raw", "o.qcow2", "o.raw"]);
+    s.cowimg_ok(&["rebase", "-u", "-b", "", "o.qcow2"]);
+    assert_eq!(info_backing(&s, "o.qcow2"), (None, None));
+    s.qemu_img(&["check", "o.qcow2"]);
+    s.qemu_img(&["check", "l1.qcow2"]);
+}
