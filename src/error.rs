@@ -5,6 +5,8 @@
 
 use std::io;
 
+use crate::size::SizeError;
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,20 @@ pub enum Error {
         problem: BackingProblem,
         reason: Box<Error>,
     },
+    /// A size or offset that is not one, or is out of range: `message` in qemu-img's words,
+    /// `option` as given on the command line ("SIZE", "--speed", "-o cluster_size=").
+    #[error("{message}")]
+    Size {
+        message: String,
+        option: String,
+        problem: SizeError,
+    },
+    /// An error about `file`, named first as qemu-img names it ("x.qcow2: ...").
+    #[error("{file}: {source}")]
+    In { file: String, source: Box<Error> },
+    /// A file was to be created where a directory is.
+    #[error("Could not create '{0}': Is a directory")]
+    IsDirectory(String),
     /// A bare format error (wrapped by `Open` with the image's name).
     #[error("{0}")]
     Format(#[from] cowimg_formats::Error),
@@ -83,8 +99,31 @@ impl Error {
                     format!("to point it at another file: cowimg rebase -u -b NEW -F FMT {image}"),
                 ]
             }
+            Error::Size {
+                option,
+                problem: SizeError::Invalid,
+                ..
+            } => vec![format!(
+                "{option} takes a number with an optional suffix K, M, G, T, P or E (powers \
+                 of 1024, any case), e.g. 10G or 1.5T, or a hexadecimal number, e.g. 0x100000"
+            )],
+            Error::IsDirectory(path) => vec![format!(
+                "'{path}' is a directory; name the image file inside it, e.g. {}",
+                shell_word(&format!("{}/new.img", path.trim_end_matches('/')))
+            )],
             Error::Open { reason, .. } => reason.hints(),
+            Error::In { source, .. } => source.hints(),
             _ => Vec::new(),
+        }
+    }
+
+    /// Whether this is a usage error (a bad value or combination on the command line), which
+    /// exits 1 for every command, as with qemu-img.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Error::Usage(_) | Error::Size { .. } => true,
+            Error::In { source, .. } => source.is_usage(),
+            _ => false,
         }
     }
 

@@ -497,10 +497,10 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     format: fmt_opt(&format)?,
                     json: matches!(output, Output::Json),
                     force_share,
-                    start: size_arg("start offset", &start_offset)?,
+                    start: size_arg("start offset", "--start-offset", &start_offset)?,
                     max_length: max_length
                         .as_deref()
-                        .map(|s| size_arg("max length", s))
+                        .map(|s| size_arg("max length", "--max-length", s))
                         .transpose()?,
                 })
             })();
@@ -555,17 +555,17 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         file,
                         format: fmt_opt(&format)?,
                         base,
-                        speed: size_arg("speed (--speed)", &speed)?,
+                        speed: size_arg("speed (--speed)", "--speed", &speed)?,
                         jobs: jobs(j)?,
                         progress: Mode::choose(json, progress, json_out),
                         json: json_out,
                         offset: offset
                             .as_deref()
-                            .map(|s| size_arg("offset (--offset)", s))
+                            .map(|s| size_arg("offset (--offset)", "--offset", s))
                             .transpose()?,
                         length: length
                             .as_deref()
-                            .map(|s| size_arg("length (--length)", s))
+                            .map(|s| size_arg("length (--length)", "--length", s))
                             .transpose()?,
                         compress,
                     },
@@ -598,7 +598,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         backing,
                         backing_format,
                         unsafe_mode,
-                        speed: size_arg("speed (--speed)", &speed)?,
+                        speed: size_arg("speed (--speed)", "--speed", &speed)?,
                         jobs: jobs(j)?,
                         progress: Mode::choose(json, progress, true),
                         json: json_out,
@@ -628,7 +628,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     options,
                     size: size
                         .as_deref()
-                        .map(|s| size_arg("image size", s))
+                        .map(|s| size_arg("image size", "--size", s))
                         .transpose()?,
                     compress,
                     json: matches!(output, Output::Json),
@@ -777,11 +777,7 @@ fn main() -> ExitCode {
                 eprintln!("hint: {hint}");
             }
             // A usage error is 1 for every command, compare included (as qemu-img).
-            let status = if matches!(e, Error::Usage(_)) {
-                1
-            } else {
-                error_status
-            };
+            let status = if e.is_usage() { 1 } else { error_status };
             ExitCode::from(status as u8)
         }
     }

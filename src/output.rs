@@ -119,6 +119,11 @@ impl Output {
     /// which would keep the old contents.
     pub fn begin(dst: &str, existing: Existing) -> Result<Output> {
         let dst_path = PathBuf::from(dst);
+        // A directory (or a link to one) is never replaced, --force or not: the user meant
+        // a file inside it.
+        if fs::metadata(&dst_path).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::IsDirectory(dst.to_string()));
+        }
         if fs::symlink_metadata(&dst_path).is_ok() {
             if let Existing::Refuse { retry } = existing {
                 return Err(Error::Usage(format!(
@@ -133,7 +138,7 @@ impl Output {
         if let Ok(meta) = fs::metadata(&target) {
             let ft = meta.file_type();
             if ft.is_dir() {
-                return Err(cannot("Is a directory".into()));
+                return Err(Error::IsDirectory(dst.to_string()));
             }
             if !ft.is_file() && !ft.is_block_device() && !ft.is_char_device() {
                 return Err(cannot(

@@ -116,16 +116,24 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
 }
 
 /// A size or offset given for the option `name` (qemu-img's `cvtnum`): qemu's forms, between
-/// 0 and [`MAX_SIZE`], refused with qemu-img's messages, which name the option.
-pub fn size_arg(name: &str, s: &str) -> crate::error::Result<u64> {
+/// 0 and [`MAX_SIZE`], refused with qemu-img's messages, which name the option in words;
+/// `option` is how it is given on the command line ("SIZE", "--speed"), for the hint.
+pub fn size_arg(name: &str, option: &str, s: &str) -> crate::error::Result<u64> {
+    let refused = |problem, message| crate::error::Error::Size {
+        message,
+        option: option.to_string(),
+        problem,
+    };
     match parse_size(s) {
         Ok(v) if v <= MAX_SIZE => Ok(v),
-        Err(SizeError::Invalid) => Err(crate::error::Error::Usage(format!(
-            "Invalid {name} specified: '{s}'."
-        ))),
-        Ok(_) | Err(SizeError::OutOfRange) => Err(crate::error::Error::Usage(format!(
-            "Invalid {name} specified. Must be between 0 and {MAX_SIZE}."
-        ))),
+        Err(SizeError::Invalid) => Err(refused(
+            SizeError::Invalid,
+            format!("Invalid {name} specified: '{s}'."),
+        )),
+        Ok(_) | Err(SizeError::OutOfRange) => Err(refused(
+            SizeError::OutOfRange,
+            format!("Invalid {name} specified. Must be between 0 and {MAX_SIZE}."),
+        )),
     }
 }
 
@@ -345,21 +353,25 @@ mod tests {
     #[test]
     fn size_arguments_are_range_checked_like_qemu_img() {
         assert_eq!(
-            size_arg("image size", "8E").unwrap_err().to_string(),
-            "Invalid image size specified. Must be between 0 and 9223372036854775807."
-        );
-        assert_eq!(
-            size_arg("image size", "18446744073709551615")
+            size_arg("image size", "SIZE", "8E")
                 .unwrap_err()
                 .to_string(),
             "Invalid image size specified. Must be between 0 and 9223372036854775807."
         );
         assert_eq!(
-            size_arg("start offset", "64Q").unwrap_err().to_string(),
+            size_arg("image size", "SIZE", "18446744073709551615")
+                .unwrap_err()
+                .to_string(),
+            "Invalid image size specified. Must be between 0 and 9223372036854775807."
+        );
+        assert_eq!(
+            size_arg("start offset", "--start-offset", "64Q")
+                .unwrap_err()
+                .to_string(),
             "Invalid start offset specified: '64Q'."
         );
         assert_eq!(
-            size_arg("image size", "9223372036854775807").ok(),
+            size_arg("image size", "SIZE", "9223372036854775807").ok(),
             Some(MAX_SIZE)
         );
     }

@@ -193,6 +193,77 @@ fn size_options_name_themselves_when_refused() {
     }
 }
 
+/// A value that is not a size: the first line is qemu-img's where qemu-img has the option
+/// (compared with it), and a hint follows naming the option as typed and the forms it takes.
+#[test]
+fn invalid_sizes_name_the_option_and_the_accepted_forms() {
+    let s = Scratch::new();
+    s.cowimg_ok(&["create", "-q", "-f", "qcow2", "t.qcow2", "1M"]);
+    let mut out = String::new();
+    for args in [
+        &["create", "-f", "qcow2", "x.qcow2", "10X"][..],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=10X",
+            "x.qcow2",
+            "1G",
+        ],
+        &["create", "-f", "qcow2", "-o", "size=1.5", "x.qcow2"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "--cluster-size",
+            "64KiB",
+            "x.qcow2",
+            "1G",
+        ],
+        &["measure", "-O", "qcow2", "--size", "10X"],
+        &["map", "--start-offset", "10X", "t.qcow2"],
+        &["map", "--max-length", "1e3", "t.qcow2"],
+        &["stream", "--speed", "10X", "t.qcow2"],
+        &["stream", "--offset", "0x", "--length", "1M", "t.qcow2"],
+        &["stream", "--offset", "0", "--length", "1M.", "t.qcow2"],
+        &["rebase", "--speed", "fast", "-b", "", "t.qcow2"],
+        // Out of range: the message says the range; no hint.
+        &["stream", "--speed", "8E", "t.qcow2"],
+        // Not a size in bytes: no size hint.
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=x",
+            "x.qcow2",
+            "1G",
+        ],
+    ] {
+        let r = s.cowimg(args);
+        assert_eq!(r.status, 1, "{args:?}: {}", r.stderr);
+        out += &format!("$ cowimg {}\n{}\n", args.join(" "), r.show());
+    }
+    insta::assert_snapshot!("invalid_sizes", out);
+    assert!(!s.path("x.qcow2").exists());
+    // Where qemu-img has the option, its line comes first, word for word.
+    for args in [
+        &["create", "-f", "qcow2", "x.qcow2", "10X"][..],
+        &["measure", "-O", "qcow2", "--size", "10X"],
+        &["map", "--start-offset", "10X", "t.qcow2"],
+        &["map", "--max-length", "1e3", "t.qcow2"],
+    ] {
+        let q = s.run("qemu-img", args);
+        let c = s.cowimg(args);
+        assert_eq!(
+            c.stderr.lines().next(),
+            Some(q.stderr.replace("qemu-img", "cowimg").trim_end()),
+            "{args:?}"
+        );
+    }
+}
+
 /// `--jobs` is bounded (1..=256) by every command that takes it, refused as a usage error
 /// before anything is opened, instead of spawning a thread per job.
 #[test]

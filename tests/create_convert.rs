@@ -194,6 +194,8 @@ fn create_errors() {
         let r = s.cowimg(args);
         assert_eq!(r.status, 1, "{args:?}");
         assert!(r.stderr.contains(msg), "{args:?}: {}", r.stderr);
+        // No "Formatting ..." line for an image that is not made.
+        assert_eq!(r.stdout, "", "{args:?}");
     }
     // Nothing was left behind by the failures, and the existing file is untouched.
     assert_eq!(s.read_file("base.raw").len(), 1 << 20);
@@ -205,6 +207,29 @@ fn create_errors() {
     // --force replaces it.
     s.cowimg_ok(&["create", "-q", "-f", "qcow2", "--force", "base.raw", "1M"]);
     s.assert_clean("base.raw");
+}
+
+/// A directory where the image should go: qemu's message, then a hint to name a file inside
+/// it (not "pass --force", which could not help); `--force` does not replace a directory,
+/// nor does `convert`, and nothing is printed or left behind.
+#[test]
+fn create_on_a_directory_names_a_file_inside_it() {
+    let s = Scratch::new();
+    std::fs::create_dir(s.path("d")).unwrap();
+    s.qemu_img(&["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    let mut out = String::new();
+    for args in [
+        &["create", "-f", "qcow2", "d", "1G"][..],
+        &["create", "-f", "qcow2", "--force", "d/", "1G"],
+        &["convert", "-O", "raw", "r.raw", "d"],
+    ] {
+        out += &format!("$ cowimg {}\n{}\n", args.join(" "), s.cowimg(args).show());
+    }
+    insta::assert_snapshot!("create_on_a_directory", out);
+    assert!(std::fs::read_dir(s.path("d")).unwrap().next().is_none());
+    // The hinted name works.
+    s.cowimg_ok(&["create", "-q", "-f", "qcow2", "d/new.img", "1G"]);
+    s.assert_clean("d/new.img");
 }
 
 #[test]

@@ -52,16 +52,26 @@ fn on_off(key: &str, v: &str) -> Result<bool> {
     }
 }
 
-/// A numeric `-o` value, worded as qemu-img words its option errors.
-fn number<T: TryFrom<u64>>(key: &str, v: &str) -> Result<T> {
+/// A numeric `-o` value, worded as qemu-img words its option errors; `bytes` when it is a
+/// size in bytes (the hint then shows the size forms).
+fn number<T: TryFrom<u64>>(key: &str, v: &str, bytes: bool) -> Result<T> {
     let out_of_range =
         || Error::Usage(format!("Value '{v}' is out of range for parameter '{key}'"));
     match parse_size(v) {
         Ok(n) if n <= MAX_SIZE => T::try_from(n).map_err(|_| out_of_range()),
         Ok(_) | Err(SizeError::OutOfRange) => Err(out_of_range()),
-        Err(SizeError::Invalid) => Err(Error::Usage(format!(
-            "Parameter '{key}' expects a size, not '{v}'"
-        ))),
+        Err(SizeError::Invalid) => {
+            let message = format!("Parameter '{key}' expects a size, not '{v}'");
+            Err(if bytes {
+                Error::Size {
+                    message,
+                    option: format!("-o {key}="),
+                    problem: SizeError::Invalid,
+                }
+            } else {
+                Error::Usage(message)
+            })
+        }
     }
 }
 
@@ -100,13 +110,13 @@ impl ImageOptions {
                 return Err(Error::Usage(format!("Invalid parameter '{key}'")));
             }
             match key {
-                "size" => self.size = Some(number(key, value)?),
-                "cluster_size" => self.cluster_size = Some(number(key, value)?),
+                "size" => self.size = Some(number(key, value, true)?),
+                "cluster_size" => self.cluster_size = Some(number(key, value, true)?),
                 "compat" => self.compat = Some(value.to_string()),
                 "lazy_refcounts" => self.lazy_refcounts = Some(on_off(key, value)?),
-                "refcount_bits" => self.refcount_bits = Some(number(key, value)?),
+                "refcount_bits" => self.refcount_bits = Some(number(key, value, false)?),
                 "extended_l2" => self.extended_l2 = Some(on_off(key, value)?),
-                "table_size" => self.table_size = Some(number(key, value)?),
+                "table_size" => self.table_size = Some(number(key, value, false)?),
                 "backing_file" => self.backing_file = Some(value.to_string()),
                 "backing_fmt" => self.backing_fmt = Some(value.to_string()),
                 "compression_type" => {
@@ -236,18 +246,22 @@ fn formatting_line(file: &str, spec: &Spec, o: &ImageOptions) -> String {
 }
 
 pub fn run(a: &Args) -> Result<i32> {
-    let ctx = |e: Error| Error::Msg(format!("{}: {e}", a.file));
+    let ctx = |e: Error| Error::In {
+        file: a.file.clone(),
+        source: Box::new(e),
+    };
     let mut o = ImageOptions::default();
     for list in &a.options {
         o.apply(a.format, list).map_err(ctx)?;
     }
     if let Some(cs) = &a.cluster_size {
-        o.cluster_size = Some(size_arg("cluster size (--cluster-size)", cs).map_err(ctx)?);
+        o.cluster_size =
+            Some(size_arg("cluster size (--cluster-size)", "--cluster-size", cs).map_err(ctx)?);
     }
     let backing_name = a.backing.clone().or(o.backing_file.clone());
     let backing_format = a.backing_format.clone().or(o.backing_fmt.clone());
     let mut size = match &a.size {
-        Some(s) => Some(size_arg("image size", s)?),
+        Some(s) => Some(size_arg("image size", "SIZE", s)?),
         None => o.size,
     };
     let backing = match backing_name {
@@ -301,12 +315,12 @@ pub fn run(a: &Args) -> Result<i32> {
     } else {
         Existing::Refuse { retry: &a.retry }
     };
-    // Refused before the "Formatting" line, which would say the image is being made.
     let out = Output::begin(&a.file, existing)?;
+    out.create(&spec)?;
+    out.persist()?;
+    // qemu-img prints this line before creating; after success it never precedes an error.
     if !a.quiet {
         println!("{}", formatting_line(&a.file, &spec, &o));
     }
-    out.create(&spec)?;
-    out.persist()?;
     Ok(0)
 }
