@@ -111,6 +111,14 @@ impl Error {
                 "'{path}' is a directory; name the image file inside it, e.g. {}",
                 shell_word(&format!("{}/new.img", path.trim_end_matches('/')))
             )],
+            // Only the errors a repair really cures are typed so (see PastEnd's docs).
+            Error::Image {
+                path,
+                source: cowimg_formats::Error::PastEnd { .. },
+            } => vec![format!(
+                "to repair it: cowimg check -r all {} (what the missing metadata mapped is lost; the image then reads as qemu reads it)",
+                shell_word(path)
+            )],
             Error::Open { reason, .. } => reason.hints(),
             Error::In { source, .. } => source.hints(),
             _ => Vec::new(),

@@ -1495,3 +1495,87 @@ fn images_qemu_cannot_open_are_refused_as_qemu_refuses_them() {
         }
     }
 }
+
+/// A qcow2 file cut short in or before an L2 table: qemu reads the missing table part as zeros
+/// (its entries unallocated) and qemu-img check -r all leaves the image as it is. cowimg
+/// refuses to read it and hints `check -r all`; running exactly the hinted command makes the
+/// image check clean (qemu-img and cowimg) and read byte for byte as qemu read it, with a
+/// backing file too (the lost ranges read from it, as in qemu).
+#[test]
+fn cut_l2_tables_are_repaired_as_the_hint_says() {
+    let s = Scratch::new();
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    s.qemu_io("base.qcow2", &["write -q -P 0x11 0 4M"]);
+    // 4 KiB clusters: an L2 table of 512 entries maps 2 MiB. Entries 0..8 and 256..264 of
+    // the first table are used (bytes 0..64 and 2048..2112 of it).
+    let cases: &[(&str, bool, u64)] = &[
+        ("before the table", false, 0),
+        ("inside the used entries", false, 40),
+        ("inside the table, between the used entries", false, 1024),
+        ("before the table, over a backing file", true, 0),
+        ("inside the table, over a backing file", true, 1024),
+    ];
+    for (i, &(what, backing, cut)) in cases.iter().enumerate() {
+        let img = format!("t{i}.qcow2");
+        let mut create = vec!["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k"];
+        if backing {
+            create.extend(["-b", "base.qcow2", "-F", "qcow2", &img]);
+        } else {
+            create.extend([img.as_str(), "4M"]);
+        }
+        s.qemu_img(&create);
+        s.qemu_io(&img, &["write -q -P 0x55 0 32k", "write -q -P 0x66 1M 32k"]);
+        let l2 = Q2::read(&s, &img).l2;
+        fs::OpenOptions::new()
+            .write(true)
+            .open(s.path(&img))
+            .unwrap()
+            .set_len(l2 + cut)
+            .unwrap();
+        let q = format!("q{i}.qcow2");
+        copy(&s, &img, &q);
+        s.run("qemu-img", &["check", "-r", "all", &q]);
+        assert_eq!(s.read_file(&q), s.read_file(&img), "{what}: qemu's repair");
+        s.qemu_img(&["convert", "-O", "raw", &q, "qemu.raw"]);
+
+        let r = s.cowimg(&["convert", "-O", "raw", &img, "c.raw"]);
+        assert_eq!(r.status, 1, "{what}: {}", r.stderr);
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        let hint = format!(
+            "hint: to repair it: cowimg check -r all {img} (what the missing metadata mapped is lost; the image then reads as qemu reads it)"
+        );
+        assert_eq!(
+            lines,
+            [
+                format!(
+                    "cowimg: {img}: image is corrupt: L2 table at {l2:#x} lies past the end of the file ({} bytes)",
+                    l2 + cut
+                ),
+                hint.clone()
+            ],
+            "{what}"
+        );
+        // The hinted command, as printed.
+        let cmd = hint["hint: to repair it: cowimg ".len()..]
+            .split(" (")
+            .next()
+            .unwrap();
+        let r = s.cowimg(&cmd.split(' ').collect::<Vec<_>>());
+        assert_eq!(r.status, 0, "{what}: {}{}", r.stdout, r.stderr);
+        if i == 2 {
+            insta::assert_snapshot!("cut_l2_table_repair", r.show());
+        }
+        s.assert_clean(&img);
+        s.cowimg_ok(&["check", &img]);
+        s.cowimg_ok(&["convert", "-O", "raw", &img, "c.raw"]);
+        assert!(
+            s.read_file("c.raw") == s.read_file("qemu.raw"),
+            "{what}: cowimg reads the repaired image otherwise than qemu read the cut one"
+        );
+        s.qemu_img(&["convert", "-O", "raw", &img, "q2.raw"]);
+        assert!(
+            s.read_file("q2.raw") == s.read_file("qemu.raw"),
+            "{what}: qemu reads the repaired image otherwise than the cut one"
+        );
+    }
+}

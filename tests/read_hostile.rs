@@ -41,18 +41,30 @@ fn commands(image: &str) -> Vec<(Vec<&str>, i32)> {
 /// Asserts that a run failed cleanly: the expected status, a message naming `image` and
 /// containing every one of `words`, no panic, no signal, and no hint.
 fn assert_refused(r: &Run, what: &str, image: &str, status: i32, words: &[&str]) {
-    assert_refused_with(r, what, image, status, words, None)
+    assert_refused_with(r, what, image, status, words, &[])
 }
 
-/// As [`assert_refused`]; with `repoint`, the one-line error is followed by exactly the two
-/// hints of a backing pointer to change, naming the image `repoint`.
+/// The hints after a missing or looping backing file: change the pointer of `image`.
+fn repoint(image: &str) -> Vec<String> {
+    vec![
+        format!("hint: to drop the backing file (what it provided is lost): cowimg rebase -u -b \"\" {image}"),
+        format!("hint: to point it at another file: cowimg rebase -u -b NEW -F FMT {image}"),
+    ]
+}
+
+/// The hint after metadata past the end of the file that `check -r all` repairs.
+fn repair(image: &str) -> Vec<String> {
+    vec![format!("hint: to repair it: cowimg check -r all {image} (what the missing metadata mapped is lost; the image then reads as qemu reads it)")]
+}
+
+/// As [`assert_refused`], the one-line error followed by exactly the lines `hints`.
 fn assert_refused_with(
     r: &Run,
     what: &str,
     image: &str,
     status: i32,
     words: &[&str],
-    repoint: Option<&str>,
+    hints: &[String],
 ) {
     assert!(
         !r.stderr.contains("panicked"),
@@ -77,7 +89,7 @@ fn assert_refused_with(
             r.stderr
         );
     }
-    let (error, hints): (Vec<&str>, Vec<&str>) =
+    let (error, got): (Vec<&str>, Vec<&str>) =
         r.stderr.lines().partition(|l| !l.starts_with("hint: "));
     assert_eq!(
         error.len(),
@@ -85,15 +97,7 @@ fn assert_refused_with(
         "{what}: one line of error expected: {}",
         r.stderr
     );
-    let want: Vec<String> = repoint
-        .map(|img| {
-            vec![
-                format!("hint: to drop the backing file (what it provided is lost): cowimg rebase -u -b \"\" {img}"),
-                format!("hint: to point it at another file: cowimg rebase -u -b NEW -F FMT {img}"),
-            ]
-        })
-        .unwrap_or_default();
-    assert_eq!(hints, want, "{what}: hints");
+    assert_eq!(got, hints, "{what}: hints");
 }
 
 /// Every reading command must refuse `image` with a message containing `words`.
@@ -107,6 +111,11 @@ fn all_refuse(s: &Scratch, image: &str, words: &[&str]) {
 /// Commands that need the image's tables (not plain `info`) must refuse it; plain `info`
 /// (header only, as qemu-img info) must succeed.
 fn data_commands_refuse(s: &Scratch, image: &str, words: &[&str]) {
+    data_commands_refuse_with(s, image, words, &[])
+}
+
+/// As [`data_commands_refuse`], each refusal followed by exactly the lines `hints`.
+fn data_commands_refuse_with(s: &Scratch, image: &str, words: &[&str], hints: &[String]) {
     for (args, status) in commands(image) {
         let r = cowimg(s, &args);
         let what = format!("cowimg {args:?}");
@@ -120,7 +129,7 @@ fn data_commands_refuse(s: &Scratch, image: &str, words: &[&str]) {
         } else if args[0] == "info" {
             assert_eq!(r.status, 0, "{what}: {}", r.stderr);
         } else {
-            assert_refused(&r, &what, image, status, words);
+            assert_refused_with(&r, &what, image, status, words, hints);
         }
     }
 }
@@ -191,7 +200,12 @@ fn truncated_qcow2_data_is_refused_where_it_is_needed() {
     let l2 = l2_offset(&b);
     // Up to the L2 table: the header's tables are there, the L2 table is not.
     s.write_file("tl2.qcow2", &b[..l2 + 100]);
-    data_commands_refuse(&s, "tl2.qcow2", &["L2 table", "past the end of the file"]);
+    data_commands_refuse_with(
+        &s,
+        "tl2.qcow2",
+        &["L2 table", "past the end of the file"],
+        &repair("tl2.qcow2"),
+    );
 }
 
 #[test]
@@ -210,7 +224,12 @@ fn qcow2_tables_past_the_end_are_refused() {
         let l1 = be64(b, 40) as usize;
         put_be64(b, l1, 0x8000_0000_0000_0000 | 1 << 40);
     });
-    data_commands_refuse(&s, "l2eof.qcow2", &["L2 table", "past the end of the file"]);
+    data_commands_refuse_with(
+        &s,
+        "l2eof.qcow2",
+        &["L2 table", "past the end of the file"],
+        &repair("l2eof.qcow2"),
+    );
 }
 
 #[test]
@@ -373,11 +392,11 @@ fn other_formats_are_refused_by_name() {
     s.qemu_img(&[
         "create", "-q", "-f", "qcow2", "-b", "img.vmdk", "-F", "vmdk", "ov.qcow2",
     ]);
-    chain_refused(&s, "ov.qcow2", &["'vmdk'", "not supported"], None);
+    chain_refused(&s, "ov.qcow2", &["'vmdk'", "not supported"], &[]);
     s.qemu_img(&[
         "create", "-q", "-f", "qed", "-b", "img.vpc", "-F", "vpc", "ov.qed",
     ]);
-    chain_refused(&s, "ov.qed", &["'vpc'", "not supported"], None);
+    chain_refused(&s, "ov.qed", &["'vpc'", "not supported"], &[]);
 }
 
 #[test]
@@ -446,14 +465,14 @@ fn qcow2_backing_name_damage_is_refused() {
 
 /// Commands that open the backing chain refuse a broken one; plain `info` (which does not
 /// open backing files, as qemu-img info) still works.
-fn chain_refused(s: &Scratch, image: &str, words: &[&str], repoint: Option<&str>) {
+fn chain_refused(s: &Scratch, image: &str, words: &[&str], hints: &[String]) {
     for (args, status) in commands(image) {
         let r = cowimg(s, &args);
         let what = format!("cowimg {args:?}");
         if args[0] == "info" && !args.contains(&"--backing-chain") {
             assert_eq!(r.status, 0, "{what}: {}", r.stderr);
         } else {
-            assert_refused_with(&r, &what, image, status, words, repoint);
+            assert_refused_with(&r, &what, image, status, words, hints);
         }
     }
 }
@@ -472,7 +491,7 @@ fn backing_loops_are_refused() {
         "qcow2",
         "self.qcow2",
     ]);
-    chain_refused(&s, "self.qcow2", &["loop"], Some("self.qcow2"));
+    chain_refused(&s, "self.qcow2", &["loop"], &repoint("self.qcow2"));
     // A -> B -> A.
     s.qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "8M"]);
     s.qemu_img(&[
@@ -480,17 +499,17 @@ fn backing_loops_are_refused() {
     ]);
     s.qemu_img(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"]);
     // The hint names the image whose pointer closes the loop.
-    chain_refused(&s, "a.qcow2", &["loop"], Some("b.qcow2"));
-    chain_refused(&s, "b.qcow2", &["loop"], Some("a.qcow2"));
+    chain_refused(&s, "a.qcow2", &["loop"], &repoint("b.qcow2"));
+    chain_refused(&s, "b.qcow2", &["loop"], &repoint("a.qcow2"));
     // The same file by another name (a symlink) is the same image.
     std::os::unix::fs::symlink("c.qcow2", s.path("link.qcow2")).unwrap();
     s.qemu_img(&["create", "-q", "-f", "qcow2", "c.qcow2", "8M"]);
     s.qemu_img(&["rebase", "-u", "-b", "link.qcow2", "-F", "qcow2", "c.qcow2"]);
-    chain_refused(&s, "c.qcow2", &["loop"], Some("c.qcow2"));
+    chain_refused(&s, "c.qcow2", &["loop"], &repoint("c.qcow2"));
     // QED over itself (format probed).
     s.qemu_img(&["create", "-q", "-f", "qed", "q.qed", "8M"]);
     s.qemu_img(&["rebase", "-u", "-b", "q.qed", "-F", "qed", "q.qed"]);
-    chain_refused(&s, "q.qed", &["loop"], Some("q.qed"));
+    chain_refused(&s, "q.qed", &["loop"], &repoint("q.qed"));
 }
 
 #[test]
@@ -505,17 +524,17 @@ fn missing_and_unreadable_backing_files_are_refused() {
         &s,
         "ov.qcow2",
         &["base.raw", "No such file or directory"],
-        Some("ov.qcow2"),
+        &repoint("ov.qcow2"),
     );
     // A directory.
     std::fs::create_dir(s.path("base.raw")).unwrap();
     // There but unusable: a new pointer is not the fix, no hint says so.
-    chain_refused(&s, "ov.qcow2", &["base.raw", "Is a directory"], None);
+    chain_refused(&s, "ov.qcow2", &["base.raw", "Is a directory"], &[]);
     std::fs::remove_dir(s.path("base.raw")).unwrap();
     // A FIFO: nothing to read (and opening must not block).
     let fifo = s.run("mkfifo", &["base.raw"]);
     assert_eq!(fifo.status, 0, "mkfifo: {}", fifo.stderr);
-    chain_refused(&s, "ov.qcow2", &["base.raw", "not a regular file"], None);
+    chain_refused(&s, "ov.qcow2", &["base.raw", "not a regular file"], &[]);
     std::fs::remove_file(s.path("base.raw")).unwrap();
     // A path through a file.
     s.write_file("plain", b"x");
@@ -532,7 +551,7 @@ fn missing_and_unreadable_backing_files_are_refused() {
         &s,
         "ov.qcow2",
         &["plain/base.raw", "Not a directory"],
-        Some("ov.qcow2"),
+        &repoint("ov.qcow2"),
     );
     // The QED form of a missing backing file.
     s.qemu_img(&["create", "-q", "-f", "raw", "b2.raw", "8M"]);
@@ -544,7 +563,7 @@ fn missing_and_unreadable_backing_files_are_refused() {
         &s,
         "ov.qed",
         &["b2.raw", "No such file or directory"],
-        Some("ov.qed"),
+        &repoint("ov.qed"),
     );
 }
 
@@ -593,7 +612,7 @@ fn protocols_are_refused() {
         &s,
         "d/ov.qcow2",
         &["'nbd://localhost:1/x'", "protocols", "not supported"],
-        None,
+        &[],
     );
 }
 

@@ -26,6 +26,17 @@ pub enum Error {
     /// The image is marked corrupt or is found corrupt at run time.
     #[error("image is corrupt: {0}")]
     Corrupt(String),
+    /// Metadata the image needs lies past the end of the file (a file cut short): `what`
+    /// at host offset `offset`, the file being `file_len` bytes. A check with
+    /// [`crate::CheckMode::RepairAll`] makes the image readable again.
+    #[error(
+        "image is corrupt: {what} at {offset:#x} lies past the end of the file ({file_len} bytes)"
+    )]
+    PastEnd {
+        what: &'static str,
+        offset: u64,
+        file_len: u64,
+    },
     /// An operation was refused (read-only image, corrupt bit, option conflict...).
     #[error("{0}")]
     Refused(String),

@@ -110,10 +110,11 @@ impl Meta {
                 )));
             }
             if offset + cs > self.file_len {
-                return Err(Error::Corrupt(format!(
-                    "L2 table at {offset:#x} lies past the end of the file ({} bytes)",
-                    self.file_len
-                )));
+                return Err(Error::PastEnd {
+                    what: "L2 table",
+                    offset,
+                    file_len: self.file_len,
+                });
             }
             let mut buf = vec![0u8; cs as usize];
             read_exact(storage, &mut buf, offset, "an L2 table")?;

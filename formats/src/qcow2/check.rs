@@ -16,6 +16,9 @@
 //! * A refcount rebuild writes the new refcount table and blocks into fresh clusters past the
 //!   end of the file, syncs, and only then switches the header to them, so an interruption
 //!   leaves the old structures in charge; qemu reuses free clusters inside the file.
+//! * `-r all` extends a file that ends inside an active L2 table to hold the whole table:
+//!   qemu reads the missing part as zeros (unallocated entries), cowimg's reader refuses a
+//!   cut table; the zeros on disk make both read it the same.
 //! * Refcounts stored for clusters past the end of the file are cleared (qemu ignores them;
 //!   cowimg's allocator appends after the last cluster with a refcount, so they would leave
 //!   a hole in the file).
@@ -273,6 +276,8 @@ struct Checker<'a, 'l> {
     edits: BTreeMap<u64, Vec<u8>>,
     /// The corruption message for an unreadable refcount block is shown once, as qemu does.
     signalled: bool,
+    /// The length the file is extended to before the edits (cut L2 tables; 0: none).
+    extend_to: u64,
 }
 
 impl<'a, 'l> Checker<'a, 'l> {
@@ -312,6 +317,7 @@ impl<'a, 'l> Checker<'a, 'l> {
             fixed_meta: Vec::new(),
             edits: BTreeMap::new(),
             signalled: false,
+            extend_to: 0,
             h,
         };
         c.res.total_clusters = c.h.size.div_ceil(512).saturating_mul(512).div_ceil(cs);
@@ -617,6 +623,9 @@ impl<'a, 'l> Checker<'a, 'l> {
                     self.lose(owner, guest, l1_span, reason);
                     continue;
                 }
+                if active && self.fixing_errors() && self.cut_by_eof(l2_offset) {
+                    self.extend_over(owner, l2_offset, i as u64 * l1_span);
+                }
                 self.inc(l2_offset, cs);
                 if l2_offset % cs != 0 {
                     self.say(format!("ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"));
@@ -633,6 +642,40 @@ impl<'a, 'l> Checker<'a, 'l> {
             w = end;
         }
         Ok(())
+    }
+
+    /// Whether the aligned L2 table at `l2_offset` starts inside the file and ends past it (a
+    /// file cut short inside the table).
+    fn cut_by_eof(&self, l2_offset: u64) -> bool {
+        l2_offset % self.cs == 0
+            && l2_offset < self.file_len
+            && l2_offset.saturating_add(self.cs) > self.file_len
+    }
+
+    /// cowimg's extra repair of an active L2 table that the end of the file cuts: qemu reads
+    /// the missing part as zeros (those entries unallocated), which cowimg's reader refuses to
+    /// assume. Extending the file to hold the table writes that reading down (zeros) and
+    /// changes nothing that qemu reads; the guest ranges of the entries past the old end are
+    /// reported, since what they mapped is unknown.
+    fn extend_over(&mut self, owner: &Owner, l2_offset: u64, guest: u64) {
+        let end = l2_offset + self.cs;
+        self.say(format!(
+            "Repairing l2_offset={l2_offset:x}: Table is cut by the end of the file; file extended to {end:#x} to hold it"
+        ));
+        self.res.corruptions_fixed += 1;
+        self.extend_to = self.extend_to.max(end);
+        let entry_bytes = if self.geo.extended_l2 { 16 } else { 8 };
+        let first = (self.file_len - l2_offset) / entry_bytes;
+        let entries = self.cs / entry_bytes;
+        let reason = format!(
+            "its L2 table at {l2_offset:#x} was cut by the end of the file; the entries past it now read as unallocated (from the backing file, or zeros), as qemu reads them"
+        );
+        self.lose(
+            owner,
+            guest + first * self.cs,
+            (entries - first) * self.cs,
+            reason,
+        );
     }
 
     /// Why an L2 table offset cannot be right, when `-r all` is to drop such entries.
@@ -1273,6 +1316,13 @@ impl<'a, 'l> Checker<'a, 'l> {
     /// Writes the entry rewrites the scan decided (dropped mappings), then syncs: references
     /// go before the refcount decrements that follow.
     fn apply_edits(&mut self) -> Result<()> {
+        if self.extend_to > self.file_len {
+            // First, so that the entry rewrites below never land past the end of the file.
+            self.s
+                .set_len(self.extend_to)
+                .map_err(|e| Error::io("extending the file over a cut L2 table", e))?;
+            sync(self.s)?;
+        }
         if self.edits.is_empty() {
             return Ok(());
         }
