@@ -4,12 +4,14 @@
 
 pub mod chain;
 pub mod commands;
+pub mod commit;
 pub mod copy;
 pub mod error;
 pub mod lock;
 pub mod output;
 pub mod progress;
 pub mod ratelimit;
+pub mod resize;
 pub mod size;
 pub mod stream;
 

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use cowimg::chain::parse_format;
 use cowimg::commands::{
-    amend, check, compare, convert, create, info, map, measure, rebase, stream,
+    amend, check, commit, compare, convert, create, info, map, measure, rebase, resize, stream,
 };
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
 use cowimg::size::size_arg;
-use cowimg_formats::{CheckMode, Format};
+use cowimg_formats::{CheckMode, Format, Prealloc};
 
 #[derive(Parser)]
 #[command(
@@ -275,6 +275,70 @@ enum Command {
         /// The image to repoint.
         file: String,
     },
+    /// Write TOP's data into its backing file (or BASE further down), then empty TOP
+    /// (qcow2), as qemu-img commit. The chain above reads the same throughout; safe to
+    /// interrupt, and running it again finishes.
+    #[command(after_help = "Examples:
+  cowimg commit C.qcow2                # B <- C  =>  C's data in B, C emptied
+  cowimg commit -d C.qcow2             # the same, C keeps its data
+  cowimg commit -b A.qcow2 -p C.qcow2  # A <- B <- C  =>  C's and B's data in A (B is then stale)")]
+    Commit {
+        /// Format of TOP (qcow2, qed or raw); probed from its contents when absent.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// The image to commit into (in TOP's backing chain; default: TOP's backing file).
+        /// Implies -d; the images between BASE and TOP no longer read as before.
+        #[arg(short = 'b', long)]
+        base: Option<String>,
+        /// Keep TOP's data (do not empty it after the commit).
+        #[arg(short = 'd', long = "drop")]
+        drop: bool,
+        /// Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited).
+        #[arg(short = 'r', long, default_value = "0")]
+        speed: String,
+        /// Copy workers (default: number of cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Show a progress bar.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Progress as JSON lines on stderr: --progress json.
+        #[arg(long = "progress", value_name = "json")]
+        progress_format: Option<String>,
+        /// Output format of the result: human or json.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Print nothing on success.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The image whose data is committed.
+        file: String,
+    },
+    /// Change an image's virtual size, as qemu-img resize: SIZE, +SIZE or -SIZE.
+    /// Shrinking needs --shrink and drops the data past the new end.
+    #[command(after_help = "Examples:
+  cowimg resize disk.qcow2 +10G
+  cowimg resize --shrink disk.qcow2 8G
+  cowimg resize --preallocation=full disk.raw 20G")]
+    Resize {
+        /// Format of FILE (qcow2, qed or raw); probed from its contents when absent.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Allow the new size to be smaller (the data past it is lost).
+        #[arg(long)]
+        shrink: bool,
+        /// How the grown range is provided: off, metadata (qcow2), falloc or full.
+        #[arg(long, value_enum, default_value = "off")]
+        preallocation: PreallocArg,
+        /// Print nothing on success.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The image to resize.
+        file: String,
+        /// The new size, or +SIZE / -SIZE relative to the current one (K, M, G, T suffixes).
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
     /// How big a new image made from FILE (or of --size) would be.
     #[command(after_help = "Examples:
   cowimg measure -O qcow2 disk.raw
@@ -367,6 +431,30 @@ enum Command {
         /// symlinks, keeping owner and mode); a device is written in place.
         dst: String,
     },
+}
+
+/// `--preallocation` of resize, qemu's modes.
+#[derive(Clone, Copy, ValueEnum)]
+enum PreallocArg {
+    /// Nothing allocated: the new range reads zeros and takes no space.
+    Off,
+    /// qcow2: tables and clusters allocated, the data left a hole in the file.
+    Metadata,
+    /// The space reserved (cowimg writes zeros, which reserves it as well).
+    Falloc,
+    /// Zeros written over the new range.
+    Full,
+}
+
+impl From<PreallocArg> for Prealloc {
+    fn from(p: PreallocArg) -> Prealloc {
+        match p {
+            PreallocArg::Off => Prealloc::Off,
+            PreallocArg::Metadata => Prealloc::Metadata,
+            PreallocArg::Falloc => Prealloc::Falloc,
+            PreallocArg::Full => Prealloc::Full,
+        }
+    }
 }
 
 fn fmt_opt(s: &Option<String>) -> Result<Option<Format>> {
@@ -607,6 +695,57 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     },
                     cancel,
                 )
+            })();
+            (r, 1)
+        }
+        Command::Commit {
+            format,
+            base,
+            drop,
+            speed,
+            jobs: j,
+            progress,
+            progress_format,
+            output,
+            quiet,
+            file,
+        } => {
+            let r = (|| {
+                let json = progress_json(progress_format.as_deref())?;
+                commit::run(
+                    &commit::Args {
+                        file,
+                        format: fmt_opt(&format)?,
+                        base,
+                        drop,
+                        speed: size_arg("rate limit (-r/--speed)", &speed)?,
+                        jobs: jobs(j)?,
+                        progress: Mode::choose(json, progress, true),
+                        json: matches!(output, Output::Json),
+                        quiet,
+                    },
+                    cancel,
+                )
+            })();
+            (r, 1)
+        }
+        Command::Resize {
+            format,
+            shrink,
+            preallocation,
+            quiet,
+            file,
+            size,
+        } => {
+            let r = (|| {
+                resize::run(&resize::Args {
+                    file,
+                    format: fmt_opt(&format)?,
+                    size,
+                    shrink,
+                    prealloc: preallocation.into(),
+                    quiet,
+                })
             })();
             (r, 1)
         }

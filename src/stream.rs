@@ -54,6 +54,30 @@ pub fn plan(chain: &Chain, base: usize, start: u64, end: u64) -> Result<Plan> {
     }
     let keep_base = base < chain.layers.len();
     let unit = top.image.allocation_unit().max(512);
+    Ok(Plan {
+        extents: align(exact, unit, keep_base, top.size()),
+        range_len: end - start,
+    })
+}
+
+/// Plans a commit of the chain's top into layer `base`: every range of the top that the
+/// layers above `base` determine (data, zero clusters, the end of a layer shorter than the
+/// top), in units of `base`, which must then read what the top reads there. Zeros are
+/// recorded as zeros: `base` holds data of its own below them.
+pub fn plan_commit(chain: &Chain, base: usize) -> Result<Plan> {
+    let size = chain.top().size();
+    let mut exact = Vec::new();
+    determine(chain, 0, base, 0, size, &mut exact)?;
+    let unit = chain.layers[base].image.allocation_unit().max(512);
+    Ok(Plan {
+        extents: align(exact, unit, true, size),
+        range_len: size,
+    })
+}
+
+/// Turns the exact ranges removed layers determine into extents of whole `unit`s, clipped
+/// to `size`. `keep_base`: something stays below, so zeros must be recorded.
+fn align(exact: Vec<(u64, u64, Source)>, unit: u64, keep_base: bool, size: u64) -> Vec<Extent> {
     let mut extents: Vec<Extent> = Vec::new();
     for (s, e, src) in exact {
         let action = match src {
@@ -109,13 +133,10 @@ pub fn plan(chain: &Chain, base: usize, start: u64, end: u64) -> Result<Plan> {
     }
     // The last unit may pass the end of the image.
     for e in extents.iter_mut() {
-        e.len = e.len.min(top.size().saturating_sub(e.start));
+        e.len = e.len.min(size.saturating_sub(e.start));
     }
     extents.retain(|e| e.len > 0);
-    Ok(Plan {
-        extents,
-        range_len: end - start,
-    })
+    extents
 }
 
 /// Appends an extent, merging it with the previous one when they touch and agree. A zero

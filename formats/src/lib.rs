@@ -268,6 +268,31 @@ impl ReadBelow for ZerosBelow {
     }
 }
 
+/// How `resize` provides the space of a grown range (qemu's `--preallocation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prealloc {
+    /// Nothing is allocated: the new range reads zeros and costs no space.
+    Off,
+    /// qcow2: clusters and their table entries are allocated; the data stays a hole.
+    Metadata,
+    /// The space is reserved in the file (cowimg writes zeros, which reserves it too).
+    Falloc,
+    /// Zeros are written over the new range.
+    Full,
+}
+
+impl Prealloc {
+    /// The name qemu uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Prealloc::Off => "off",
+            Prealloc::Metadata => "metadata",
+            Prealloc::Falloc => "falloc",
+            Prealloc::Full => "full",
+        }
+    }
+}
+
 /// Format-specific facts for `info`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Details {
@@ -381,6 +406,29 @@ pub trait Image: Send + Sync {
     /// Points the image at a new backing file (or none); written last, crash-safely, synced.
     /// Must follow a [`Image::commit`].
     fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()>;
+    /// Changes the virtual size to `size` (a multiple of 512), crash-safely: whatever
+    /// grows the tables is written and counted first, the size changes with one header write,
+    /// and what the change leaves unused is freed last. Shrinking drops the data past the new
+    /// end; the caller decides whether that is wanted (qemu's `--shrink`). Formats that cannot
+    /// resize as asked say so in qemu's words.
+    fn resize(&self, size: u64, prealloc: Prealloc) -> Result<()> {
+        let _ = (size, prealloc);
+        Err(Error::Unsupported(format!(
+            "resizing {} images",
+            self.format()
+        )))
+    }
+    /// Drops every cluster the image holds itself, so that it reads as its backing file
+    /// (qemu's make_empty, which `commit` runs on the committed image). Crash-safe: table
+    /// entries are cleared before the clusters are freed, so an interruption leaves some
+    /// clusters emptied and the rest as they were, never a dangling reference. Formats
+    /// without it (QED and raw, as in qemu) return [`Error::Unsupported`].
+    fn make_empty(&self) -> Result<()> {
+        Err(Error::Unsupported(format!(
+            "emptying {} images",
+            self.format()
+        )))
+    }
     /// Sets or clears cowimg's copy-on-read flag (header area; synced).
     fn set_copy_on_read(&self, on: bool) -> Result<()> {
         let _ = on;

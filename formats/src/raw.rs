@@ -1,5 +1,7 @@
 //! raw: the guest bytes themselves. Every byte is data at the same offset; holes read zeros.
 
+use std::os::unix::fs::FileTypeExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::io::{read_exact, write_all, Storage};
@@ -10,7 +12,8 @@ use crate::{
 
 pub struct Raw {
     storage: Arc<dyn Storage>,
-    size: u64,
+    /// The virtual size (changed only by `resize`).
+    size: AtomicU64,
     writable: bool,
 }
 
@@ -24,7 +27,7 @@ impl Raw {
         let size = len.div_ceil(512) * 512;
         Ok(Raw {
             storage,
-            size,
+            size: AtomicU64::new(size),
             writable,
         })
     }
@@ -36,7 +39,7 @@ impl Image for Raw {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Relaxed)
     }
 
     fn cluster_size(&self) -> Option<u64> {
@@ -54,7 +57,7 @@ impl Image for Raw {
     fn map(&self, start: u64, len: u64) -> Result<Vec<Run>> {
         // Holes of the file read as zeros; report them so that copies skip them, and so that
         // `map` says what qemu-img map says of a sparse raw file.
-        let end = start.saturating_add(len).min(self.size);
+        let end = start.saturating_add(len).min(self.virtual_size());
         let extents = self
             .storage
             .data_extents(start, end)
@@ -119,6 +122,49 @@ impl Image for Raw {
 
     fn commit(&self) -> Result<()> {
         crate::io::sync(&*self.storage)
+    }
+
+    /// The file takes the new length (qemu lets a raw image have any length; its disk is
+    /// the length rounded up to whole sectors). A block device cannot grow.
+    fn resize(&self, size: u64, prealloc: crate::Prealloc) -> Result<()> {
+        if !self.writable {
+            return Err(Error::Refused("the image is open read-only".into()));
+        }
+        crate::check_size(size)?;
+        let io = |e| Error::io("resizing the file", e);
+        let old = self.storage.len().map_err(io)?;
+        let device =
+            std::fs::metadata(self.storage.path()).is_ok_and(|m| m.file_type().is_block_device());
+        match prealloc {
+            crate::Prealloc::Metadata => {
+                return Err(Error::Unsupported(
+                    "Unsupported preallocation mode: metadata".into(),
+                ))
+            }
+            _ if prealloc != crate::Prealloc::Off && size < old => {
+                return Err(Error::invalid(
+                    "Preallocation can only be used for growing images",
+                ))
+            }
+            _ => {}
+        }
+        if device {
+            if size > old {
+                return Err(Error::Refused(format!(
+                    "Cannot grow device files (the device holds {old} bytes)"
+                )));
+            }
+            // A device keeps its size; what qemu shows of it is the device.
+            return Ok(());
+        }
+        self.storage.set_len(size).map_err(io)?;
+        if prealloc != crate::Prealloc::Off && size > old {
+            // falloc and full both write zeros: the space is then reserved either way.
+            self.write_zeroes(old, size - old, &crate::ZerosBelow)?;
+        }
+        crate::io::sync(&*self.storage)?;
+        self.size.store(size.div_ceil(512) * 512, Ordering::Relaxed);
+        Ok(())
     }
 
     fn set_backing(&self, _backing: Option<&BackingRef>) -> Result<()> {

@@ -3,6 +3,7 @@
 
 pub mod amend;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -11,6 +12,7 @@ pub mod job;
 pub mod map;
 pub mod measure;
 pub mod rebase;
+pub mod resize;
 pub mod stream;
 
 use serde::Serialize;

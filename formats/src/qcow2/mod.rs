@@ -13,10 +13,12 @@ pub mod create;
 pub mod header;
 mod overlap;
 pub mod refcount;
+mod resize;
 pub mod snapshot;
 pub mod table;
 mod write;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use crate::io::{read_exact, Storage};
@@ -68,7 +70,8 @@ pub struct Qcow2 {
     /// The external data file, when the image has one; data clusters live there.
     data_file: Option<Arc<dyn Storage>>,
     geo: Geometry,
-    size: u64,
+    /// The virtual size (changed only by `resize`, under the exclusive gate).
+    size: AtomicU64,
     compression: CompressionType,
     writable: bool,
     snapshots: Vec<Snapshot>,
@@ -176,7 +179,7 @@ impl Qcow2 {
             // qemu counts a qcow2 disk in whole 512-byte sectors (total_sectors = size / 512):
             // a size field that is not a multiple of 512, which only a damaged or hostile
             // header has, is rounded down, and every command sees the same disk.
-            size: header.size / 512 * 512,
+            size: AtomicU64::new(header.size / 512 * 512),
             compression: CompressionType::from_header(header.compression_type),
             writable: opts.writable,
             snapshots,
@@ -187,6 +190,11 @@ impl Qcow2 {
             prealloc: OnceLock::new(),
             storage,
         })
+    }
+
+    /// The virtual size.
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
     }
 
     fn meta(&self) -> MutexGuard<'_, Meta> {
@@ -217,7 +225,7 @@ impl Qcow2 {
     /// extended L2 a subcluster) with, for an unallocated subcluster of an allocated cluster,
     /// the host offset its cluster keeps for it.
     fn walk(&self, start: u64, len: u64, f: &mut dyn FnMut(Run, Option<u64>)) -> Result<()> {
-        let end = start.saturating_add(len).min(self.size);
+        let end = start.saturating_add(len).min(self.size());
         let cs = self.geo.cluster_size();
         let sc = self.geo.subcluster_size();
         let l1_span = cs << self.geo.l2_bits();
@@ -424,7 +432,7 @@ impl Image for Qcow2 {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.size
+        self.size()
     }
 
     fn cluster_size(&self) -> Option<u64> {
@@ -454,7 +462,7 @@ impl Image for Qcow2 {
     }
 
     fn status(&self, start: u64, len: u64) -> Result<Vec<Status>> {
-        let end = start.saturating_add(len).min(self.size);
+        let end = start.saturating_add(len).min(self.size());
         let mut out = Vec::new();
         let mut off = start;
         // qemu answers a status query from one L2 table at most: runs never merge across.
@@ -545,6 +553,14 @@ impl Image for Qcow2 {
 
     fn set_copy_on_read(&self, on: bool) -> Result<()> {
         self.set_cowimg_flags_impl(on)
+    }
+
+    fn resize(&self, size: u64, prealloc: crate::Prealloc) -> Result<()> {
+        self.resize_impl(size, prealloc)
+    }
+
+    fn make_empty(&self) -> Result<()> {
+        self.make_empty_impl()
     }
 
     fn check(&self, mode: CheckMode) -> Result<CheckReport> {

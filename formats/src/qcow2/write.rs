@@ -46,7 +46,7 @@ impl Qcow2 {
     pub(super) fn write_impl(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
         let end = offset
             .checked_add(data.len() as u64)
-            .filter(|&e| e <= self.size)
+            .filter(|&e| e <= self.size())
             .ok_or_else(|| {
                 Error::invalid(format!(
                     "write of {} bytes at {offset} is past the end of the image",
@@ -110,7 +110,7 @@ impl Qcow2 {
     /// unallocated ones, as qemu does. Returns false when it wrote nothing.
     pub(super) fn write_compressed_impl(&self, offset: u64, bytes: &[u8]) -> Result<bool> {
         let cs = self.geo.cluster_size();
-        if offset % cs != 0 || offset >= self.size || bytes.len() as u64 >= cs {
+        if offset % cs != 0 || offset >= self.size() || bytes.len() as u64 >= cs {
             return Ok(false);
         }
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
@@ -218,7 +218,7 @@ impl Qcow2 {
     }
 
     /// The (staged or stored) entry and bitmap of the guest cluster at `cluster`.
-    fn entry_at(&self, m: &mut Meta, cluster: u64) -> Result<(u64, u64)> {
+    pub(super) fn entry_at(&self, m: &mut Meta, cluster: u64) -> Result<(u64, u64)> {
         let geo = self.geo;
         let l1i = (cluster >> (geo.cluster_bits + geo.l2_bits())) as usize;
         let l2 = m.l1.get(l1i).copied().unwrap_or(0) & OFFSET_MASK;
@@ -312,7 +312,13 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn set_entry(&self, m: &mut Meta, cluster: u64, entry: u64, bitmap: u64) -> Result<()> {
+    pub(super) fn set_entry(
+        &self,
+        m: &mut Meta,
+        cluster: u64,
+        entry: u64,
+        bitmap: u64,
+    ) -> Result<()> {
         let geo = self.geo;
         let l1i = (cluster >> (geo.cluster_bits + geo.l2_bits())) as usize;
         let idx = ((cluster / geo.cluster_size()) & (geo.l2_entries() - 1)) as usize;
@@ -331,7 +337,7 @@ impl Qcow2 {
     ) -> Result<()> {
         let end = offset
             .checked_add(len)
-            .filter(|&e| e <= self.size)
+            .filter(|&e| e <= self.size())
             .ok_or_else(|| {
                 Error::invalid(format!(
                     "zero write of {len} bytes at {offset} is past the end of the image"

@@ -299,6 +299,10 @@ impl Image for Qed {
         self.set_backing_impl(backing)
     }
 
+    fn resize(&self, size: u64, prealloc: crate::Prealloc) -> Result<()> {
+        self.resize_impl(size, prealloc)
+    }
+
     fn set_copy_on_read(&self, on: bool) -> Result<()> {
         self.set_copy_on_read_impl(on)
     }

@@ -7,7 +7,7 @@
 
 use super::header::{self, Header};
 use super::{Meta, Qed};
-use crate::io::{sync, write_all};
+use crate::io::{read_exact, sync, write_all};
 use crate::util::{align_down, align_up, place_outside};
 use crate::{Error, ReadBelow, Result};
 
@@ -423,6 +423,57 @@ impl Qed {
         sync(s)?;
         m.header = h;
         m.backing_name = backing.map(|b| b.name.clone());
+        Ok(())
+    }
+
+    /// Grows the image: the L1 table has room for the largest image its geometry allows, so
+    /// growing is one synced write of the 64-byte header. Shrinking and preallocation are
+    /// refused, as by qemu.
+    pub(super) fn resize_impl(&self, size: u64, prealloc: crate::Prealloc) -> Result<()> {
+        if prealloc != crate::Prealloc::Off {
+            return Err(Error::Unsupported(format!(
+                "Unsupported preallocation mode '{}'",
+                prealloc.name()
+            )));
+        }
+        let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.meta();
+        let mut h = self.header_for_change(&mut m)?;
+        if size % 512 != 0 || size > h.max_image_size() {
+            return Err(Error::invalid(format!(
+                "Invalid image size specified (a QED image with {} byte clusters and {}-cluster tables holds at most {} bytes, in multiples of 512)",
+                h.cluster_size,
+                h.table_size,
+                h.max_image_size()
+            )));
+        }
+        if size < h.image_size {
+            return Err(Error::Unsupported(
+                "Shrinking images is currently not supported".into(),
+            ));
+        }
+        // The L1 entries the larger image uses, read before the header makes them live.
+        let l1_span = h.table_entries() * h.cluster_size;
+        let used = size.div_ceil(l1_span).max(1) as usize;
+        let mut l1 = m.l1.clone();
+        if used > l1.len() {
+            let mut buf = vec![0u8; (used - l1.len()) * 8];
+            read_exact(
+                &*self.storage,
+                &mut buf,
+                h.l1_table_offset + 8 * l1.len() as u64,
+                "the L1 table",
+            )?;
+            l1.extend(
+                buf.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+            );
+        }
+        h.image_size = size;
+        write_all(&*self.storage, &h.encode(), 0, "the header")?;
+        sync(&*self.storage)?;
+        m.header = h;
+        m.l1 = l1;
         Ok(())
     }
 
