@@ -14,7 +14,13 @@ pub fn resize(chain: &Chain, i: usize, size: u64, prealloc: Prealloc) -> Result<
     let layer = &chain.layers[i];
     let err = |e| Error::image(&layer.filename, e);
     let old = layer.size();
-    layer.image.resize(size, prealloc).map_err(err)?;
+    layer.image.resize(size, prealloc).map_err(|e| match e {
+        // What the format refuses is said in qemu-img's words, as qemu-img says it.
+        cowimg_formats::Error::Invalid(m)
+        | cowimg_formats::Error::Unsupported(m)
+        | cowimg_formats::Error::Refused(m) => Error::Msg(m),
+        e => err(e),
+    })?;
     let backing_end = chain.layers.get(i + 1).map_or(0, |b| b.size());
     let new = layer.size();
     if new > old && backing_end > old {

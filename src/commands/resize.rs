@@ -52,6 +52,11 @@ pub fn run(a: &Args) -> Result<i32> {
                 .into(),
         ));
     }
+    if a.prealloc != Prealloc::Off && size <= current {
+        return Err(Error::Usage(
+            "Preallocation can only be used for growing images".into(),
+        ));
+    }
     crate::resize::resize(&chain, 0, size, a.prealloc)?;
     if !a.quiet {
         println!("Image resized.");
