@@ -22,6 +22,9 @@ _cowimg() {
             cowimg,check)
                 cmd="cowimg__subcmd__check"
                 ;;
+            cowimg,commit)
+                cmd="cowimg__subcmd__commit"
+                ;;
             cowimg,compare)
                 cmd="cowimg__subcmd__compare"
                 ;;
@@ -46,6 +49,9 @@ _cowimg() {
             cowimg,rebase)
                 cmd="cowimg__subcmd__rebase"
                 ;;
+            cowimg,resize)
+                cmd="cowimg__subcmd__resize"
+                ;;
             cowimg,stream)
                 cmd="cowimg__subcmd__stream"
                 ;;
@@ -54,6 +60,9 @@ _cowimg() {
                 ;;
             cowimg__subcmd__help,check)
                 cmd="cowimg__subcmd__help__subcmd__check"
+                ;;
+            cowimg__subcmd__help,commit)
+                cmd="cowimg__subcmd__help__subcmd__commit"
                 ;;
             cowimg__subcmd__help,compare)
                 cmd="cowimg__subcmd__help__subcmd__compare"
@@ -79,6 +88,9 @@ _cowimg() {
             cowimg__subcmd__help,rebase)
                 cmd="cowimg__subcmd__help__subcmd__rebase"
                 ;;
+            cowimg__subcmd__help,resize)
+                cmd="cowimg__subcmd__help__subcmd__resize"
+                ;;
             cowimg__subcmd__help,stream)
                 cmd="cowimg__subcmd__help__subcmd__stream"
                 ;;
@@ -89,7 +101,7 @@ _cowimg() {
 
     case "${cmd}" in
         cowimg)
-            opts="-h -V --help --version create info check map compare stream rebase measure amend convert help"
+            opts="-h -V --help --version create info check map compare stream rebase commit resize measure amend convert help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -148,6 +160,56 @@ _cowimg() {
                     return 0
                     ;;
                 -r)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output)
+                    COMPREPLY=($(compgen -W "human json" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__commit)
+            opts="-f -b -d -r -p -q -h --format --base --drop --speed --jobs --progress --output --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --format)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -f)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --base)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -b)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --speed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -r)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --jobs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --progress)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -269,7 +331,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__help)
-            opts="create info check map compare stream rebase measure amend convert help"
+            opts="create info check map compare stream rebase commit resize measure amend convert help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -297,6 +359,20 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__help__subcmd__check)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__help__subcmd__commit)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -409,6 +485,20 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__help__subcmd__rebase)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__help__subcmd__resize)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -579,6 +669,32 @@ _cowimg() {
                     ;;
                 --output)
                     COMPREPLY=($(compgen -W "human json" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__resize)
+            opts="-f -q -h --format --shrink --preallocation --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --format)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -f)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --preallocation)
+                    COMPREPLY=($(compgen -W "off metadata falloc full" -- "${cur}"))
                     return 0
                     ;;
                 *)

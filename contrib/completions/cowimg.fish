@@ -33,6 +33,8 @@ complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "map" -d 'Show where e
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "compare" -d 'Compare the guest contents of two images'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "stream" -d 'Copy into FILE what its backing chain provides above BASE, then make BASE its backing file (none without --base). Safe to interrupt; running it again resumes'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "rebase" -d 'Point an image at a new backing file. Safe by default: data that would read differently is copied into the image first (parallel, resumable); -u only changes the pointer'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "commit" -d 'Write TOP\'s data into its backing file (or BASE further down), then empty TOP (qcow2), as qemu-img commit. The chain above reads the same throughout; safe to interrupt, and running it again finishes'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "resize" -d 'Change an image\'s virtual size, as qemu-img resize: SIZE, +SIZE or -SIZE. Shrinking needs --shrink and drops the data past the new end'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "amend" -d 'Change options of an existing image in place (crash-safe)'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
@@ -100,6 +102,25 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s p -d 'Show a pr
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s U -l force-share -d 'Open the new backing file shared (it may be in use elsewhere)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s c -l compress -d 'Write the copied clusters compressed (qcow2)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s f -l format -d 'Format of TOP (qcow2, qed or raw); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s b -l base -d 'The image to commit into (in TOP\'s backing chain; default: TOP\'s backing file). Implies -d; the images between BASE and TOP no longer read as before' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s r -l speed -d 'Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l jobs -d 'Copy workers (default: number of cores)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l progress -d 'Progress as JSON lines on stderr: --progress json' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l output -d 'Output format of the result: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
+json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s d -l drop -d 'Keep TOP\'s data (do not empty it after the commit)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s p -d 'Show a progress bar'
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s q -d 'Print nothing on success'
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c cowimg -n "__fish_cowimg_using_subcommand resize" -s f -l format -d 'Format of FILE (qcow2, qed or raw); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand resize" -l preallocation -d 'How the grown range is provided: off, metadata (qcow2), falloc or full' -r -f -a "off\t'Nothing allocated: the new range reads zeros and takes no space'
+metadata\t'qcow2: tables and clusters allocated, the data left a hole in the file'
+falloc\t'The space reserved (cowimg writes zeros, which reserves it as well)'
+full\t'Zeros written over the new range'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand resize" -l shrink -d 'Allow the new size to be smaller (the data past it is lost)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand resize" -s q -d 'Print nothing on success'
+complete -c cowimg -n "__fish_cowimg_using_subcommand resize" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s f -l format -d 'Format of FILE (qcow2, qed or raw); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s O -d 'Output format: qcow2, qed or raw' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s o -d 'Options of the output format, as for create: cluster_size=2M,extended_l2=on,...' -r
@@ -125,14 +146,16 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l no-copy-on-rea
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s c -d 'Compress clusters where they shrink (qcow2 output; -o compression_type=zlib|zstd)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s n -d 'Write into the existing DST in place, creating nothing: DST must be an image of the -O format at least as large as SRC (bytes past SRC\'s size are kept)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s h -l help -d 'Print help'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "create" -d 'Create a new image, optionally over a backing file'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "info" -d 'Show an image\'s format, size, backing file and format-specific facts'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "check" -d 'Check an image\'s metadata for errors and leaks, optionally repairing them'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "map" -d 'Show where each guest range of an image comes from'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "compare" -d 'Compare the guest contents of two images'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "stream" -d 'Copy into FILE what its backing chain provides above BASE, then make BASE its backing file (none without --base). Safe to interrupt; running it again resumes'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "rebase" -d 'Point an image at a new backing file. Safe by default: data that would read differently is copied into the image first (parallel, resumable); -u only changes the pointer'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "amend" -d 'Change options of an existing image in place (crash-safe)'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase measure amend convert help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "create" -d 'Create a new image, optionally over a backing file'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "info" -d 'Show an image\'s format, size, backing file and format-specific facts'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "check" -d 'Check an image\'s metadata for errors and leaks, optionally repairing them'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "map" -d 'Show where each guest range of an image comes from'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "compare" -d 'Compare the guest contents of two images'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "stream" -d 'Copy into FILE what its backing chain provides above BASE, then make BASE its backing file (none without --base). Safe to interrupt; running it again resumes'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "rebase" -d 'Point an image at a new backing file. Safe by default: data that would read differently is copied into the image first (parallel, resumable); -u only changes the pointer'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "commit" -d 'Write TOP\'s data into its backing file (or BASE further down), then empty TOP (qcow2), as qemu-img commit. The chain above reads the same throughout; safe to interrupt, and running it again finishes'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "resize" -d 'Change an image\'s virtual size, as qemu-img resize: SIZE, +SIZE or -SIZE. Shrinking needs --shrink and drops the data past the new end'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "amend" -d 'Change options of an existing image in place (crash-safe)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
