@@ -3,9 +3,11 @@
 //! backing chains, the copy engine, and the commands.
 
 pub mod chain;
+pub mod checksum;
 pub mod commands;
 pub mod commit;
 pub mod copy;
+pub mod diff;
 pub mod error;
 pub mod lock;
 pub mod output;

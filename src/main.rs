@@ -7,7 +7,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use cowimg::chain::parse_format;
 use cowimg::commands::{
-    amend, check, commit, compare, convert, create, info, map, measure, rebase, resize, stream,
+    amend, check, checksum, commit, compare, convert, create, info, map, measure, rebase, resize,
+    stream,
 };
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
@@ -161,7 +162,9 @@ enum Command {
     #[command(after_help = "Examples:
   cowimg compare original.qcow2 copy.raw
   cowimg compare -s -f qcow2 -F qcow2 a.qcow2 b.qcow2
-  cowimg compare -q a.qcow2 b.qcow2 && echo identical")]
+  cowimg compare -q a.qcow2 b.qcow2 && echo identical
+  cowimg compare --diff --max 10 golden.qcow2 result.qcow2
+  cowimg compare --diff --output json a.qcow2 b.raw")]
     Compare {
         /// Format of A (qcow2, qed or raw); probed when absent.
         #[arg(short = 'f')]
@@ -186,10 +189,49 @@ enum Command {
         /// --copy-on-read.
         #[arg(long)]
         no_copy_on_read: bool,
+        /// List every differing range (offset, length, what each side holds), not only the
+        /// first offset.
+        #[arg(long, conflicts_with = "strict")]
+        diff: bool,
+        /// With --diff: stop after this many ranges.
+        #[arg(long, requires = "diff", value_name = "N")]
+        max: Option<usize>,
+        /// With --diff: output format, human or json.
+        #[arg(long, value_enum, default_value = "human", requires = "diff")]
+        output: Output,
         /// The first image.
         a: String,
         /// The second image.
         b: String,
+    },
+    /// Print a digest of each image's guest disk: the same for raw, qcow2 and QED images
+    /// holding the same bytes, whatever their layout; blksum computes the same digest.
+    #[command(after_help = "Examples:
+  cowimg checksum disk.qcow2
+  cowimg checksum -a sha512 golden.qcow2 flat.raw
+  cowimg checksum --output json -p big.qcow2")]
+    Checksum {
+        /// Format of the images (qcow2, qed or raw); probed from each one's contents when absent.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Digest algorithm: sha1, sha224, sha256, sha384, sha512, sha512-224, sha512-256.
+        #[arg(short = 'a', long = "algorithm", default_value = "sha256")]
+        algorithm: String,
+        /// Hashing threads (default: number of cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Show a progress bar even when stderr is not a terminal.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Output format: human (DIGEST  FILENAME lines) or json.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Read even if another process is writing the images (force share).
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// The images to digest (each read through its backing chain).
+        #[arg(required = true)]
+        files: Vec<String>,
     },
     /// Copy into FILE what its backing chain provides above BASE, then make BASE its backing
     /// file (none without --base). Safe to interrupt; running it again resumes.
@@ -602,6 +644,9 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             force_share,
             copy_on_read,
             no_copy_on_read: _,
+            diff,
+            max,
+            output,
             a,
             b,
         } => {
@@ -618,9 +663,47 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     quiet,
                     force_share,
                     copy_on_read,
+                    diff: diff.then_some(compare::DiffArgs {
+                        max,
+                        json: matches!(output, Output::Json),
+                    }),
                 })
             })();
             (r, 2)
+        }
+        Command::Checksum {
+            format,
+            algorithm,
+            jobs: j,
+            progress,
+            output,
+            force_share,
+            files,
+        } => {
+            let r = (|| {
+                let algorithm =
+                    cowimg::checksum::Algorithm::from_name(&algorithm).ok_or_else(|| {
+                        Error::Usage(format!(
+                            "unknown digest algorithm '{algorithm}': use one of {}",
+                            cowimg::checksum::Algorithm::ALL
+                                .map(|a| a.name())
+                                .join(", ")
+                        ))
+                    })?;
+                checksum::run(
+                    &checksum::Args {
+                        files,
+                        format: fmt_opt(&format)?,
+                        algorithm,
+                        jobs: jobs(j)?,
+                        progress: Mode::choose(false, progress, true),
+                        json: matches!(output, Output::Json),
+                        force_share,
+                    },
+                    cancel,
+                )
+            })();
+            (r, 1)
         }
         Command::Stream {
             format,
@@ -842,6 +925,7 @@ fn after_interrupt(cmd: &Command) -> String {
                 format!("the partial output was removed and nothing changed at '{dst}': run the same command again to start over")
             }
         }
+        Command::Checksum { .. } => "no image was changed".to_string(),
         // stream and rebase commit what they copied before stopping.
         _ => "what was copied is kept: run the same command again to finish".to_string(),
     }

@@ -5,6 +5,8 @@ use cowimg_formats::{is_zero, Format};
 
 use crate::chain::{Chain, OpenOptions};
 use crate::commands::map::Walker;
+use crate::commands::pretty_json;
+use crate::diff::{diff, Diff};
 use crate::error::{Error, Result};
 
 pub struct Args {
@@ -18,6 +20,15 @@ pub struct Args {
     /// Copy what each image's backing chain provides into it as it is read (`--copy-on-read`);
     /// otherwise both images are only read, flagged copy-on-read or not.
     pub copy_on_read: bool,
+    /// `--diff`: list every differing range instead of the first offset.
+    pub diff: Option<DiffArgs>,
+}
+
+/// Options of `--diff`.
+pub struct DiffArgs {
+    /// `--max`: stop after this many ranges.
+    pub max: Option<usize>,
+    pub json: bool,
 }
 
 const IO: u64 = 2 << 20;
@@ -39,6 +50,15 @@ pub fn run(a: &Args) -> Result<i32> {
     };
     let c1 = open(&a.a, a.format_a)?;
     let c2 = open(&a.b, a.format_b)?;
+    if let Some(d) = &a.diff {
+        let found = diff(&c1, &c2, d.max)?;
+        c1.finish()?;
+        c2.finish()?;
+        if !a.quiet {
+            print!("{}", show_diff(&found, d));
+        }
+        return Ok(if found.identical() { 0 } else { 1 });
+    }
     let outcome = compare(&c1, &c2, a.strict)?;
     c1.finish()?;
     c2.finish()?;
@@ -192,4 +212,56 @@ fn first_nonzero_sector(a: &[u8]) -> Option<u64> {
     a.chunks(512)
         .position(|x| !is_zero(x))
         .map(|i| i as u64 * 512)
+}
+
+/// `--diff` output: a table of the ranges and a summary line, or one JSON object.
+fn show_diff(d: &Diff, args: &DiffArgs) -> String {
+    if args.json {
+        let ranges: Vec<_> = d
+            .ranges
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "offset": r.offset,
+                    "length": r.length,
+                    "a": r.a.name(),
+                    "b": r.b.name(),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "identical": d.identical(),
+            "size-a": d.size_a,
+            "size-b": d.size_b,
+            "ranges": ranges,
+            "truncated": d.truncated,
+        });
+        return pretty_json(&v) + "\n";
+    }
+    let mut out = String::new();
+    if d.size_a != d.size_b {
+        out += "Warning: Image size mismatch!\n";
+    }
+    if d.identical() {
+        return out + "Images are identical.\n";
+    }
+    out += &format!("{:<16}{:<16}{:<10}{}\n", "Offset", "Length", "A", "B");
+    for r in &d.ranges {
+        out += &format!(
+            "{:<16}{:<16}{:<10}{}\n",
+            r.offset,
+            r.length,
+            r.a.name(),
+            r.b.name()
+        );
+    }
+    let bytes: u64 = d.ranges.iter().map(|r| r.length).sum();
+    let n = d.ranges.len();
+    let s = if n == 1 { "" } else { "s" };
+    out += &if d.truncated {
+        format!("Images differ: the first {n} range{s} ({bytes} bytes); more follow (--max {n}).\n")
+    } else {
+        format!("Images differ: {n} range{s}, {bytes} bytes.\n")
+    };
+    out
 }

@@ -1,0 +1,74 @@
+//! `cowimg checksum`: prints each image's digest as `blksum` (and `sha256sum`) print theirs,
+//! `DIGEST  FILENAME`, or all of them as one JSON array.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use cowimg_formats::Format;
+use serde_json::json;
+
+use crate::chain::{Chain, OpenOptions};
+use crate::checksum::{checksum, Algorithm, Options, BLOCK_SIZE};
+use crate::commands::pretty_json;
+use crate::copy::Counters;
+use crate::error::{Error, Result};
+use crate::progress::{Mode, Reporter};
+
+pub struct Args {
+    pub files: Vec<String>,
+    pub format: Option<Format>,
+    pub algorithm: Algorithm,
+    pub jobs: usize,
+    pub progress: Mode,
+    pub json: bool,
+    pub force_share: bool,
+}
+
+/// Checksums every image; one that fails is reported on stderr and the others still get
+/// theirs (as `sha256sum` does), and the status is then 1.
+pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
+    let mut status = 0;
+    let mut results = Vec::new();
+    for file in &a.files {
+        match one(a, file, cancel) {
+            Ok(line) if a.json => results.push(line),
+            Ok(line) => println!("{}  {file}", line["checksum"].as_str().unwrap_or_default()),
+            Err(e @ Error::Interrupted(_)) => return Err(e),
+            Err(e) => {
+                eprintln!("cowimg: {e}");
+                status = 1;
+            }
+        }
+    }
+    if a.json {
+        println!("{}", pretty_json(&serde_json::Value::Array(results)));
+    }
+    Ok(status)
+}
+
+fn one(a: &Args, file: &str, cancel: &AtomicBool) -> Result<serde_json::Value> {
+    let chain = Chain::open(file, OpenOptions::read(a.format, a.force_share))?;
+    let counters = Arc::new(Counters::default());
+    let reporter = Reporter::start(a.progress, chain.size(), 0, counters.clone());
+    let result = checksum(
+        &chain,
+        &Options {
+            algorithm: a.algorithm,
+            jobs: a.jobs,
+            counters: Some(&counters),
+            cancel: Some(cancel),
+        },
+    );
+    reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
+    let c = result?;
+    chain.finish()?;
+    Ok(json!({
+        "filename": file,
+        "format": chain.top().format.name(),
+        "algorithm": c.algorithm.name(),
+        "block-size": BLOCK_SIZE,
+        "virtual-size": c.size,
+        "bytes-read": c.read,
+        "checksum": c.hex(),
+    }))
+}
