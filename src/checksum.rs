@@ -153,8 +153,18 @@ pub fn checksum(chain: &Chain, opts: &Options) -> Result<Checksum> {
 /// A stretch of the disk, in block order: blocks known to be zero, or a chunk to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Piece {
-    Zeros { blocks: u64 },
-    Data { offset: u64, len: u64 },
+    Zeros {
+        blocks: u64,
+    },
+    Data {
+        offset: u64,
+        len: u64,
+    },
+    /// A last block shorter than [`BLOCK_SIZE`] known to be zero: hashed as the bytes it
+    /// is (not as a whole zero block), without reading them.
+    ZeroTail {
+        len: u64,
+    },
 }
 
 /// The disk of `size` bytes as pieces: whole blocks that only zero `entries` cover are
@@ -187,7 +197,6 @@ fn pieces(entries: &[map::Entry], size: u64) -> Vec<Piece> {
     }
     let total = size.div_ceil(BLOCK_SIZE);
     if total > next {
-        // A partial last block of zeros is hashed as the bytes it is, not as a whole block.
         let whole = size / BLOCK_SIZE;
         if whole > next {
             out.push(Piece::Zeros {
@@ -195,8 +204,7 @@ fn pieces(entries: &[map::Entry], size: u64) -> Vec<Piece> {
             });
         }
         if total > whole {
-            out.push(Piece::Data {
-                offset: whole * BLOCK_SIZE,
+            out.push(Piece::ZeroTail {
                 len: size - whole * BLOCK_SIZE,
             });
         }
@@ -236,7 +244,7 @@ fn blkhash<D: Digest + Send>(chain: &Chain, opts: &Options) -> Result<(Vec<u8>, 
                         c.done.fetch_add(blocks * BLOCK_SIZE, Ordering::Relaxed);
                     }
                 }
-                (Piece::Data { .. }, None) => {}
+                (Piece::Data { .. } | Piece::ZeroTail { .. }, None) => {}
             }
         }
     };
@@ -244,8 +252,15 @@ fn blkhash<D: Digest + Send>(chain: &Chain, opts: &Options) -> Result<(Vec<u8>, 
         batch
             .par_iter()
             .map_init(Vec::new, |buf, p| {
-                let Piece::Data { offset, len } = *p else {
-                    return Ok(None);
+                let (offset, len) = match *p {
+                    Piece::Data { offset, len } => (offset, len),
+                    Piece::Zeros { .. } => return Ok(None),
+                    Piece::ZeroTail { len } => {
+                        if let Some(c) = counters {
+                            c.done.fetch_add(len, Ordering::Relaxed);
+                        }
+                        return Ok(Some(D::digest(vec![0; len as usize]).to_vec()));
+                    }
                 };
                 buf.resize(len as usize, 0);
                 chain.read(offset, buf)?;
@@ -354,10 +369,7 @@ mod tests {
                 },
                 Piece::Zeros { blocks: 1 },
                 // The partial last block is hashed as its bytes.
-                Piece::Data {
-                    offset: 40 * B,
-                    len: B / 2
-                },
+                Piece::ZeroTail { len: B / 2 },
             ]
         );
     }
