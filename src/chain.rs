@@ -490,6 +490,23 @@ impl Chain {
         Ok(())
     }
 
+    /// Writes guest data into the top image (opened with [`OpenOptions::write`]); a partial
+    /// cluster is completed from the layers below. Staged until [`Chain::commit`].
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let top = self.top();
+        top.image
+            .write(offset, data, &self.below(0))
+            .map_err(|e| Error::image(&top.filename, e))
+    }
+
+    /// Makes what was written into the top image durable, in crash-safe order.
+    pub fn commit(&self) -> Result<()> {
+        let top = self.top();
+        top.image
+            .commit()
+            .map_err(|e| Error::image(&top.filename, e))
+    }
+
     /// Makes copy-on-read fills durable; call when done reading.
     pub fn finish(&self) -> Result<()> {
         if self.cor.is_some() {

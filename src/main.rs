@@ -161,10 +161,8 @@ enum Command {
     /// Compare the guest contents of two images.
     #[command(after_help = "Examples:
   cowimg compare original.qcow2 copy.raw
-  cowimg compare -s -f qcow2 -F qcow2 a.qcow2 b.qcow2
   cowimg compare -q a.qcow2 b.qcow2 && echo identical
-  cowimg compare --diff --max 10 golden.qcow2 result.qcow2
-  cowimg compare --diff --output json a.qcow2 b.raw")]
+  cowimg compare --diff --max 10 --output json golden.qcow2 result.qcow2")]
     Compare {
         /// Format of A (qcow2, qed or raw); probed when absent.
         #[arg(short = 'f')]
