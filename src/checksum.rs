@@ -32,6 +32,10 @@ const CHUNK: u64 = 1 << 20;
 /// meanwhile, so memory stays bounded by two batches of block digests.
 const BATCH: u64 = 64 << 20;
 
+/// Guest bytes whose allocation is looked up at once: the lookups for the next window run
+/// while the workers hash the blocks of the current one.
+const WINDOW: u64 = 16 << 30;
+
 /// A digest algorithm, named as openssl (and so `blksum --digest`) names it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Algorithm {
@@ -167,16 +171,17 @@ enum Piece {
     },
 }
 
-/// The disk of `size` bytes as pieces: whole blocks that only zero `entries` cover are
+/// The window `[start, end)` of the disk (`start` a multiple of [`BLOCK_SIZE`], `end` too
+/// unless it is the disk's end) as pieces: whole blocks that only zero `entries` cover are
 /// zeros, every other block is read, in chunks of at most `CHUNK` bytes.
-fn pieces(entries: &[map::Entry], size: u64) -> Vec<Piece> {
+fn pieces(entries: &[map::Entry], start: u64, end: u64) -> Vec<Piece> {
     let mut out = Vec::new();
     // Next block not yet placed.
-    let mut next = 0u64;
+    let mut next = start / BLOCK_SIZE;
     let push_data = |out: &mut Vec<Piece>, next: &mut u64, end_block: u64| {
         while *next < end_block {
             let offset = *next * BLOCK_SIZE;
-            let len = (CHUNK.min((end_block - *next) * BLOCK_SIZE)).min(size - offset);
+            let len = (CHUNK.min((end_block - *next) * BLOCK_SIZE)).min(end - offset);
             out.push(Piece::Data { offset, len });
             *next += len.div_ceil(BLOCK_SIZE);
         }
@@ -195,9 +200,9 @@ fn pieces(entries: &[map::Entry], size: u64) -> Vec<Piece> {
         }
         push_data(&mut out, &mut next, end_block);
     }
-    let total = size.div_ceil(BLOCK_SIZE);
+    let total = end.div_ceil(BLOCK_SIZE);
     if total > next {
-        let whole = size / BLOCK_SIZE;
+        let whole = end / BLOCK_SIZE;
         if whole > next {
             out.push(Piece::Zeros {
                 blocks: whole - next,
@@ -205,7 +210,7 @@ fn pieces(entries: &[map::Entry], size: u64) -> Vec<Piece> {
         }
         if total > whole {
             out.push(Piece::ZeroTail {
-                len: size - whole * BLOCK_SIZE,
+                len: end - whole * BLOCK_SIZE,
             });
         }
     }
@@ -220,7 +225,10 @@ fn blkhash<D: Digest + Send>(chain: &Chain, opts: &Options) -> Result<(Vec<u8>, 
     // Runs of zero blocks are fed to the outer hash from this many copies of `zero_md` at a
     // time, so that the hash consumes them in bulk.
     let zeros_run = zero_md.repeat(1024);
-    let pieces = pieces(&map::entries(chain, 0, size)?, size);
+    let window = |start: u64| -> Result<Vec<Piece>> {
+        let end = start.saturating_add(WINDOW).min(size);
+        Ok(pieces(&map::entries(chain, start, end)?, start, end))
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs.max(1))
         .build()
@@ -281,36 +289,47 @@ fn blkhash<D: Digest + Send>(chain: &Chain, opts: &Options) -> Result<(Vec<u8>, 
             .collect()
     };
 
-    // Two stages: the workers hash one batch while the outer hash takes the one before.
-    let mut prev: Option<(&[Piece], Vec<Option<Vec<u8>>>)> = None;
-    let mut rest = &pieces[..];
+    // Two stages: the workers hash one batch while the outer hash takes the one before (and
+    // the allocation of the next window is looked up).
+    let mut queue = std::collections::VecDeque::from(window(0)?);
+    let mut looked_up = WINDOW.min(size);
+    let mut prev: Option<(Vec<Piece>, Vec<Option<Vec<u8>>>)> = None;
     pool.install(|| -> Result<()> {
         loop {
-            let mut n = 0;
             let mut bytes = 0;
-            while n < rest.len() && (bytes < BATCH || n == 0) {
-                if let Piece::Data { len, .. } = rest[n] {
+            let mut batch = Vec::new();
+            while let Some(p) = queue.front() {
+                if bytes >= BATCH && !batch.is_empty() {
+                    break;
+                }
+                if let Piece::Data { len, .. } = *p {
                     bytes += len;
                 }
-                n += 1;
+                batch.extend(queue.pop_front());
             }
-            let (batch, tail) = rest.split_at(n);
-            rest = tail;
             read += bytes;
-            let (_, hashed) = rayon::join(
+            let more = queue.is_empty() && looked_up < size;
+            let (next, hashed) = rayon::join(
                 || {
                     if let Some((b, d)) = prev.take() {
-                        feed(&mut outer, b, d);
+                        feed(&mut outer, &b, d);
                     }
+                    more.then(|| window(looked_up)).transpose()
                 },
-                || hash_batch(batch),
+                || hash_batch(&batch),
             );
-            if batch.is_empty() {
-                return Ok(());
+            if let Some(next) = next? {
+                queue.extend(next);
+                looked_up = looked_up.saturating_add(WINDOW).min(size);
             }
-            prev = Some((batch, hashed?));
+            let hashed = hashed?;
             if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 return Err(Error::Interrupted(0));
+            }
+            if !batch.is_empty() {
+                prev = Some((batch, hashed));
+            } else if queue.is_empty() && looked_up >= size {
+                return Ok(());
             }
         }
     })?;
@@ -351,7 +370,7 @@ mod tests {
             entry(38 * B + 110, size - 38 * B - 110, true),
         ];
         assert_eq!(
-            pieces(&entries, size),
+            pieces(&entries, 0, size),
             vec![
                 Piece::Zeros { blocks: 2 },
                 Piece::Data {
@@ -379,7 +398,7 @@ mod tests {
         let size = 3 * B + 7;
         let entries = [entry(0, B, true), entry(B, size - B, false)];
         assert_eq!(
-            pieces(&entries, size),
+            pieces(&entries, 0, size),
             vec![
                 Piece::Zeros { blocks: 1 },
                 Piece::Data {
@@ -388,7 +407,23 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(pieces(&[], 0), vec![]);
+        assert_eq!(pieces(&[], 0, 0), vec![]);
+        // A window further on: blocks are counted from its start.
+        let entries = [
+            entry(2 * B, B, true),
+            entry(3 * B, 10, false),
+            entry(3 * B + 10, B - 10, true),
+        ];
+        assert_eq!(
+            pieces(&entries, 2 * B, 4 * B),
+            vec![
+                Piece::Zeros { blocks: 1 },
+                Piece::Data {
+                    offset: 3 * B,
+                    len: B
+                }
+            ]
+        );
     }
 
     #[test]
