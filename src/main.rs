@@ -799,7 +799,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         format: fmt_opt(&format)?,
                         base,
                         drop,
-                        speed: size_arg("rate limit (-r/--speed)", &speed)?,
+                        speed: size_arg("rate limit (-r/--speed)", "--speed", &speed)?,
                         jobs: jobs(j)?,
                         progress: Mode::choose(json, progress, true),
                         json: matches!(output, Output::Json),

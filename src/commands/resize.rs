@@ -24,7 +24,7 @@ pub fn new_size(current: u64, arg: &str) -> Result<u64> {
         Some(b'-') => (-1, &arg[1..]),
         _ => (0, arg),
     };
-    let n = size_arg("image size", digits)?;
+    let n = size_arg("image size", "SIZE", digits)?;
     let size = match sign {
         1 => current.checked_add(n),
         -1 => current.checked_sub(n).filter(|&s| s > 0),
