@@ -7,6 +7,7 @@
 //! crate). An interruption therefore loses at most the batch in flight, and what was committed
 //! stays: re-running resumes.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
@@ -241,13 +242,6 @@ mod tests {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Unit {
-    Same,
-    Zero,
-    Data,
-}
-
 impl Copier<'_> {
     /// Copies `extents` (sorted, disjoint, aligned to the target's allocation unit except at
     /// the image's end). Everything copied is committed, also when stopped or failing.
@@ -306,9 +300,12 @@ impl Copier<'_> {
         Ok(())
     }
 
-    /// Copies one batch with `jobs` workers taking chunks in order. When compressing, the
-    /// workers compress in parallel but store in chunk order (each waits for its turn), so
-    /// compressed clusters pack back to back as qemu packs them.
+    /// Copies one batch with `jobs` workers taking windows in order. Each worker reads and
+    /// sorts its window in parallel with the others, then, in window order (each waits for
+    /// its turn), sets aside the space its data will take, marks zeros and stores compressed
+    /// clusters, and then writes its data in parallel again. The file's layout thus follows
+    /// guest order, not the order in which workers finish: the same input gives the same
+    /// file whatever `--jobs` is, and compressed clusters pack back to back as qemu packs them.
     fn run_batch(&self, pool: &rayon::ThreadPool, chunks: &[Vec<Extent>], unit: u64) -> Result<()> {
         let next = AtomicUsize::new(0);
         let turn = Turn::default();
@@ -319,14 +316,11 @@ impl Copier<'_> {
                     if i >= chunks.len() || turn.aborted() {
                         return;
                     }
-                    let ticket = self.compress.then(|| Ticket {
+                    let ticket = Ticket {
                         turn: &turn,
                         index: i,
-                    });
-                    let r = chunks[i]
-                        .iter()
-                        .try_for_each(|piece| self.copy_chunk(piece, unit, ticket.as_ref()));
-                    if let Err(e) = r {
+                    };
+                    if let Err(e) = self.copy_window(&chunks[i], unit, ticket) {
                         turn.fail(e);
                         return;
                     }
@@ -336,18 +330,54 @@ impl Copier<'_> {
         turn.into_result()
     }
 
-    fn copy_chunk(&self, c: &Extent, unit: u64, ticket: Option<&Ticket>) -> Result<()> {
-        if self.cancel.load(Ordering::Relaxed) {
-            return Ok(());
+    /// Copies the pieces of one window: read and sort, then in turn reserve, then write.
+    fn copy_window(&self, pieces: &[Extent], unit: u64, ticket: Ticket) -> Result<()> {
+        let mut prepared = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            prepared.push(self.prepare(piece, unit)?);
         }
-        let below = self.below;
+        ticket.wait()?;
+        let mut plain = Vec::with_capacity(prepared.len());
+        for p in &prepared {
+            plain.push(self.store_in_order(p)?);
+        }
+        // The next window may reserve now: what is left is writing into space set aside.
+        drop(ticket);
         let err = |e| Error::image(self.target_name, e);
+        for (p, plain) in prepared.iter().zip(plain) {
+            for r in plain {
+                self.target
+                    .write(p.start + r.start as u64, &p.buf[r], self.below)
+                    .map_err(err)?;
+            }
+            self.counters
+                .copied
+                .fetch_add(p.data_bytes(), Ordering::Relaxed);
+            self.counters.done.fetch_add(p.len, Ordering::Relaxed);
+            if let Some(limit) = fault_hook() {
+                if CHUNKS_DONE.fetch_add(1, Ordering::SeqCst) + 1 >= limit {
+                    std::process::abort();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a piece and sorts it into steps: runs of data to write (compressed, when
+    /// compressing), zeros to mark; units that read as they should already are left alone.
+    fn prepare(&self, c: &Extent, unit: u64) -> Result<Prepared> {
+        let mut p = Prepared {
+            start: c.start,
+            len: c.len,
+            buf: Vec::new(),
+            steps: Vec::new(),
+        };
         if c.action == Action::Zero {
-            self.target
-                .write_zeroes(c.start, c.len, below)
-                .map_err(err)?;
-            self.counters.done.fetch_add(c.len, Ordering::Relaxed);
-            return Ok(());
+            p.steps.push(Step::Zeros(0..c.len as usize));
+            return Ok(p);
         }
         let mut buf = vec![0u8; c.len as usize];
         if self.source_layer == 0 {
@@ -378,8 +408,6 @@ impl Copier<'_> {
                 Unit::Data
             }
         };
-        // Runs of units of one kind: data is written, zeros marked (or skipped), units that
-        // already read the same under the new backing file are left alone.
         let mut pos = 0usize;
         while pos < buf.len() {
             let k = kind(pos);
@@ -387,57 +415,95 @@ impl Copier<'_> {
             while end < buf.len() && kind(end) == k {
                 end = unit_end(end);
             }
-            let at = c.start + pos as u64;
             match k {
-                Unit::Data => {
-                    self.limiter.wait((end - pos) as u64);
-                    if let Some(ticket) = ticket {
-                        // Cluster by cluster, compressed on this worker, stored in chunk order;
-                        // what does not shrink is written plainly.
-                        let mut compressed = Vec::new();
-                        let mut p = pos;
-                        while p < end {
-                            let q = unit_end(p).min(end);
-                            compressed.push((
-                                p,
-                                q,
-                                self.target.compress_cluster(&buf[p..q]).map_err(err)?,
-                            ));
-                            p = q;
-                        }
-                        ticket.wait()?;
-                        for (p, q, z) in compressed {
-                            let at = c.start + p as u64;
-                            let stored = match &z {
-                                Some(z) => self.target.write_compressed(at, z).map_err(err)?,
-                                None => false,
-                            };
-                            if !stored {
-                                self.target.write(at, &buf[p..q], below).map_err(err)?;
-                            }
-                        }
-                    } else {
-                        self.target.write(at, &buf[pos..end], below).map_err(err)?;
+                Unit::Data if self.compress => {
+                    // Compressed here, on this worker, cluster by cluster.
+                    let mut q = pos;
+                    while q < end {
+                        let r = q..unit_end(q).min(end);
+                        let z = self
+                            .target
+                            .compress_cluster(&buf[r.clone()])
+                            .map_err(|e| Error::image(self.target_name, e))?;
+                        q = r.end;
+                        p.steps.push(Step::Compressed(r, z));
                     }
-                    self.counters
-                        .copied
-                        .fetch_add((end - pos) as u64, Ordering::Relaxed);
                 }
+                Unit::Data => p.steps.push(Step::Data(pos..end)),
                 Unit::Zero if self.zero_data == ZeroData::Mark => {
-                    self.target
-                        .write_zeroes(at, (end - pos) as u64, below)
-                        .map_err(err)?;
+                    p.steps.push(Step::Zeros(pos..end))
                 }
                 _ => {}
             }
             pos = end;
         }
-        self.counters.done.fetch_add(c.len, Ordering::Relaxed);
-        if let Some(limit) = fault_hook() {
-            if CHUNKS_DONE.fetch_add(1, Ordering::SeqCst) + 1 >= limit {
-                std::process::abort();
-            }
+        self.limiter.wait(p.data_bytes());
+        p.buf = buf;
+        Ok(p)
+    }
+
+    /// The ordered part of storing a piece: reserves the space of its data, marks its zeros,
+    /// stores its compressed clusters. Returns the ranges still to write (plain data).
+    fn store_in_order(&self, p: &Prepared) -> Result<Vec<Range<usize>>> {
+        let err = |e| Error::image(self.target_name, e);
+        let at = |r: &Range<usize>| p.start + r.start as u64;
+        let mut plain = Vec::new();
+        for step in &p.steps {
+            let r = match step {
+                Step::Zeros(r) => {
+                    self.target
+                        .write_zeroes(at(r), r.len() as u64, self.below)
+                        .map_err(err)?;
+                    continue;
+                }
+                Step::Compressed(r, Some(z))
+                    if self.target.write_compressed(at(r), z).map_err(err)? =>
+                {
+                    continue;
+                }
+                Step::Data(r) | Step::Compressed(r, _) => r,
+            };
+            self.target.reserve(at(r), r.len() as u64).map_err(err)?;
+            plain.push(r.clone());
         }
-        Ok(())
+        Ok(plain)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    Same,
+    Zero,
+    Data,
+}
+
+/// What storing a piece takes, in ranges of the piece's buffer.
+enum Step {
+    /// Data to write plainly.
+    Data(Range<usize>),
+    /// One cluster of data and its compressed form (`None`: it does not shrink).
+    Compressed(Range<usize>, Option<Vec<u8>>),
+    /// Zeros to mark (hiding what lies below).
+    Zeros(Range<usize>),
+}
+
+/// A piece read and sorted, ready to store.
+struct Prepared {
+    start: u64,
+    len: u64,
+    buf: Vec<u8>,
+    steps: Vec<Step>,
+}
+
+impl Prepared {
+    /// The bytes of data the piece stores.
+    fn data_bytes(&self) -> u64 {
+        self.steps
+            .iter()
+            .map(|s| match s {
+                Step::Data(r) | Step::Compressed(r, _) => r.len() as u64,
+                Step::Zeros(_) => 0,
+            })
+            .sum()
     }
 }

@@ -375,6 +375,17 @@ pub trait Image: Send + Sync {
     /// write any ranges at once: writes touching one cluster run one after the other (see
     /// [`clusters`]), others in parallel.
     fn write(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()>;
+    /// Sets aside, now, the host space a later [`Image::write`] of `[offset, offset + len)`
+    /// will allocate (data clusters this layer does not hold yet, and their tables), so that
+    /// the file's layout follows the order of these calls rather than the order in which
+    /// parallel writes happen to land: parallel copies reserve in guest order and produce the
+    /// same file on every run. Nothing is counted or pointed to until the write takes the
+    /// space; space set aside and never written stays a hole nothing refers to. Optional: a
+    /// write to a range not reserved allocates when it runs.
+    fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Compresses one cluster's data for [`Image::write_compressed`] (pure computation, for
     /// the copy workers); `None` when the format has no compression or the data does not
     /// shrink.

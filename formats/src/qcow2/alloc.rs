@@ -46,6 +46,9 @@ pub struct Allocator {
     pub new_clusters: Vec<(u64, u64)>,
     /// Host clusters whose refcount drops once the references to them are gone.
     pub frees: Vec<u64>,
+    /// Host clusters set aside (by [`Qcow2::reserve_impl`]) for guest clusters not written
+    /// yet, by guest offset; counted only once a write takes them.
+    set_aside: HashMap<u64, u64>,
     /// Data written in place since the last commit (needs a sync even without metadata).
     pub data_written: bool,
     /// Where the next compressed cluster may go: the next free byte of the host cluster
@@ -121,6 +124,7 @@ impl Allocator {
             end,
             new_clusters: Vec::new(),
             frees: Vec::new(),
+            set_aside: HashMap::new(),
             data_written: false,
             cursor: None,
             extra_refs: Vec::new(),
@@ -139,11 +143,38 @@ impl Allocator {
     pub fn reserve(&mut self, n: u64) -> u64 {
         let host = self.end;
         self.end += n * self.cluster_size;
+        self.count(host, n);
+        host
+    }
+
+    /// Schedules `n` clusters at `host` for their first reference at the commit.
+    fn count(&mut self, host: u64, n: u64) {
         match self.new_clusters.last_mut() {
             Some((h, c)) if *h + *c * self.cluster_size == host => *c += n,
             _ => self.new_clusters.push((host, n)),
         }
-        host
+    }
+
+    /// Sets a host cluster at the end of the file aside for the guest cluster at `guest`,
+    /// unless one is set aside already. It is not counted: until a write takes it (see
+    /// [`Self::take`]), it is a hole no table refers to.
+    pub fn set_aside(&mut self, guest: u64) {
+        if !self.set_aside.contains_key(&guest) {
+            self.set_aside.insert(guest, self.end);
+            self.end += self.cluster_size;
+        }
+    }
+
+    /// A fresh host cluster for the guest cluster at `guest`: the one set aside for it, or
+    /// else the next one at the end of the file.
+    pub fn take(&mut self, guest: u64) -> u64 {
+        match self.set_aside.remove(&guest) {
+            Some(host) => {
+                self.count(host, 1);
+                host
+            }
+            None => self.reserve(1),
+        }
     }
 
     /// Space for `len` bytes of compressed data, packed after the previous compressed cluster

@@ -531,6 +531,10 @@ impl Image for Qcow2 {
         self.write_impl(offset, data, below)
     }
 
+    fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+        self.reserve_impl(offset, len)
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()> {
         self.write_zeroes_impl(offset, len, below)
     }

@@ -138,6 +138,35 @@ impl Qcow2 {
         Ok(true)
     }
 
+    /// Sets aside, in call order, the L2 tables and fresh host clusters a write of
+    /// `[offset, offset + len)` will take (see [`crate::Image::reserve`]): tables first, then
+    /// data, as a write allocates them in qemu.
+    pub(super) fn reserve_impl(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(());
+        }
+        let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        // A write in flight holds its clusters from planning to staging: waiting for it means
+        // never setting aside a cluster that write is about to point at.
+        let _held = self.clusters.hold(offset / cs, end.div_ceil(cs));
+        let mut m = self.meta();
+        self.prepare_write(&mut m)?;
+        let mut cluster = align_down(offset, cs);
+        while cluster < end {
+            let (entry, _) = self.entry_at(&mut m, cluster)?;
+            if needs_fresh(geo, entry) {
+                let l1i = (cluster >> (geo.cluster_bits + geo.l2_bits())) as usize;
+                self.writable_l2(&mut m, &geo, l1i)?;
+                m.alloc.as_mut().expect("prepared").set_aside(cluster);
+            }
+            cluster += cs;
+        }
+        Ok(())
+    }
+
     /// Classifies the clusters of `[offset, end)` and reserves fresh ones.
     fn plan(&self, m: &mut Meta, offset: u64, end: u64) -> Result<Vec<ClusterPlan>> {
         let geo = self.geo;
@@ -171,8 +200,7 @@ impl Qcow2 {
                 }
             }
             if !geo.extended_l2 {
-                let in_place = ours && entry & OFLAG_ZERO == 0;
-                if !in_place {
+                if needs_fresh(geo, entry) {
                     p.fresh = true;
                     p.new_entry = Some((0, 0)); // filled in below
                     p.free = match geo.kind(entry, 0, 0)? {
@@ -189,7 +217,7 @@ impl Qcow2 {
                 } else {
                     (bitmap | touched) & !(touched << SUBCLUSTERS)
                 };
-                if !ours {
+                if needs_fresh(geo, entry) {
                     p.fresh = true;
                     p.copy_all = compressed || host_old != 0;
                     p.free = if compressed {
@@ -206,7 +234,7 @@ impl Qcow2 {
                 }
             }
             if p.fresh {
-                p.host = m.alloc.as_mut().expect("prepared").reserve(1);
+                p.host = m.alloc.as_mut().expect("prepared").take(cluster);
             }
             if let Some((e, _)) = p.new_entry.as_mut() {
                 *e = p.host | OFLAG_COPIED;
@@ -612,6 +640,15 @@ impl Qcow2 {
         m.header = new;
         Ok(())
     }
+}
+
+/// Whether a write into the guest cluster with L2 entry `entry` needs a fresh host cluster:
+/// unless the cluster is plain data of this image's own (COPIED), and, with standard L2, not
+/// a preallocated zero cluster (extended L2 keeps zeros in the bitmap).
+fn needs_fresh(geo: super::table::Geometry, entry: u64) -> bool {
+    let ours =
+        entry & OFLAG_COPIED != 0 && entry & OFLAG_COMPRESSED == 0 && entry & OFFSET_MASK != 0;
+    !ours || (!geo.extended_l2 && entry & OFLAG_ZERO != 0)
 }
 
 /// Bits `first..=last` set.

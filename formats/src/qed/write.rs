@@ -5,6 +5,8 @@
 //! disk, so the need-check bit, which qemu sets to cover its own unordered writes, is not
 //! needed and cowimg never sets it.
 
+use std::collections::HashMap;
+
 use super::header::{self, Header};
 use super::{Meta, Qed};
 use crate::io::{read_exact, sync, write_all};
@@ -16,6 +18,9 @@ pub struct Allocator {
     pub end: u64,
     /// Something was written since the last commit.
     pub dirty: bool,
+    /// Clusters set aside (by [`Qed::reserve_impl`]) for guest clusters not written yet, by
+    /// guest offset.
+    set_aside: HashMap<u64, u64>,
 }
 
 impl Allocator {
@@ -24,6 +29,18 @@ impl Allocator {
         self.end += bytes;
         self.dirty = true;
         at
+    }
+
+    /// A fresh cluster of `cs` bytes for the guest cluster at `guest`: the one set aside for
+    /// it, or else the next one.
+    fn take(&mut self, guest: u64, cs: u64) -> u64 {
+        match self.set_aside.remove(&guest) {
+            Some(host) => {
+                self.dirty = true;
+                host
+            }
+            None => self.reserve(cs),
+        }
     }
 }
 
@@ -76,6 +93,7 @@ impl Qed {
         m.alloc = Some(Allocator {
             end: align_up(end, cs),
             dirty: false,
+            set_aside: HashMap::new(),
         });
         Ok(())
     }
@@ -150,6 +168,37 @@ impl Qed {
         m.pages.get(&*self.storage, table, idx)
     }
 
+    /// Sets aside, in call order, the L2 tables and clusters a write of
+    /// `[offset, offset + len)` will take (see [`crate::Image::reserve`]).
+    pub(super) fn reserve_impl(&self, offset: u64, len: u64) -> Result<()> {
+        let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.meta();
+        let cs = m.header.cluster_size;
+        let end = offset.saturating_add(len).min(m.header.image_size);
+        if offset >= end {
+            return Ok(());
+        }
+        drop(m);
+        // A write in flight holds its clusters from planning to staging (see qcow2).
+        let _held = self.clusters.hold(offset / cs, end.div_ceil(cs));
+        m = self.meta();
+        self.prepare_write(&mut m)?;
+        let mut cluster = align_down(offset, cs);
+        while cluster < end {
+            if self.entry_at(&mut m, cluster)? <= 1 {
+                self.table_for(&mut m, cluster);
+                let alloc = m.alloc.as_mut().expect("prepared");
+                if !alloc.set_aside.contains_key(&cluster) {
+                    let host = alloc.end;
+                    alloc.end += cs;
+                    alloc.set_aside.insert(cluster, host);
+                }
+            }
+            cluster += cs;
+        }
+        Ok(())
+    }
+
     pub(super) fn write_impl(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let (cs, size) = {
@@ -175,7 +224,7 @@ impl Qed {
                 let old = self.entry_at(&mut m, cluster)?;
                 let fresh = old <= 1;
                 let host = if fresh {
-                    m.alloc.as_mut().expect("prepared").reserve(cs)
+                    m.alloc.as_mut().expect("prepared").take(cluster, cs)
                 } else {
                     old
                 };
@@ -245,7 +294,15 @@ impl Qed {
 
     /// Stages an L2 entry, allocating the L2 table if there is none.
     fn set_entry(&self, m: &mut Meta, cluster: u64, value: u64) -> Result<()> {
-        let (l1i, idx) = locate(&m.header, cluster);
+        let (_, idx) = locate(&m.header, cluster);
+        let table = self.table_for(m, cluster);
+        m.pages.set(&*self.storage, table, idx, value)
+    }
+
+    /// The L2 table covering the guest cluster at `cluster`, allocated (staged, empty) if
+    /// there is none.
+    fn table_for(&self, m: &mut Meta, cluster: u64) -> u64 {
+        let (l1i, _) = locate(&m.header, cluster);
         let mut table = m.l1[l1i];
         if table == 0 {
             let bytes = m.header.table_bytes();
@@ -254,7 +311,7 @@ impl Qed {
             m.l1[l1i] = table;
             m.l1_dirty.insert(l1i);
         }
-        m.pages.set(&*self.storage, table, idx, value)
+        table
     }
 
     pub(super) fn write_zeroes_impl(
