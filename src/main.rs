@@ -7,8 +7,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use cowimg::chain::parse_format;
 use cowimg::commands::{
-    amend, check, checksum, commit, compare, convert, create, info, map, measure, rebase, resize,
-    stream,
+    amend, check, checksum, commit, compare, convert, create, info, map, measure, rebase, reset,
+    resize, stream,
 };
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
@@ -421,6 +421,22 @@ enum Command {
         #[arg(long, value_enum, value_name = "on|off")]
         copy_on_read: Option<OnOff>,
         /// The image to change in place.
+        file: String,
+    },
+    /// Empty an overlay so it reads as its backing file again, keeping its options (atomic).
+    #[command(after_help = "Examples:
+  cowimg reset test-overlay.qcow2
+  cowimg reset -f qed test-overlay.qed
+
+The overlay is replaced by an empty one (backing file, backing format, cluster size and
+other options, copy-on-read flag kept; mode and owner kept); a kill leaves the old or the
+new one. Refused while another process holds the image, and for an image without a backing
+file or with internal snapshots, persistent bitmaps or an external data file.")]
+    Reset {
+        /// Format of FILE (qcow2 or qed); probed from its contents when absent.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// The overlay to empty.
         file: String,
     },
     /// Write an image's guest contents (through its chain) to a new standalone image.
@@ -867,6 +883,15 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     file,
                     format: fmt_opt(&format)?,
                     copy_on_read: copy_on_read.map(|v| matches!(v, OnOff::On)),
+                })
+            })();
+            (r, 1)
+        }
+        Command::Reset { format, file } => {
+            let r = (|| {
+                reset::run(&reset::Args {
+                    file,
+                    format: fmt_opt(&format)?,
                 })
             })();
             (r, 1)

@@ -169,6 +169,23 @@ impl Output {
             }
             keep = Some(meta);
         }
+        Output::replace(dst_path, target, keep)
+    }
+
+    /// Prepares to replace the regular file `target` without the checks of
+    /// [`Output::begin`], for a caller (`reset`) that holds `target` open with
+    /// [`Access::Write`], whose locks keep everyone else out until the rename. The new file
+    /// gets `target`'s owner and mode.
+    pub fn replacing(target: &Path) -> Result<Output> {
+        let keep = fs::metadata(target)
+            .map_err(|e| Error::io(format!("reading '{}'", target.display()), e))?;
+        Output::replace(target.to_path_buf(), target.to_path_buf(), Some(keep))
+    }
+
+    /// A temporary file beside `target` to be renamed over it, once a temporary file an
+    /// earlier, killed run left there is cleared.
+    fn replace(dst_path: PathBuf, target: PathBuf, keep: Option<fs::Metadata>) -> Result<Output> {
+        let dst = dst_path.display();
         let name = target
             .file_name()
             .ok_or_else(|| Error::Usage(format!("'{dst}' is not a file name")))?
@@ -176,7 +193,9 @@ impl Output {
             .into_owned();
         let dir = parent_dir(&target);
         if !dir.is_dir() {
-            return Err(cannot("No such file or directory".into()));
+            return Err(Error::Msg(format!(
+                "Could not create '{dst}': No such file or directory"
+            )));
         }
         let tmp = dir.join(format!(".{name}.cowimg-partial"));
         if tmp.exists() {
@@ -196,7 +215,7 @@ impl Output {
                 .map_err(|e| Error::io(format!("removing the leftover '{}'", tmp.display()), e))?;
         }
         Ok(Output {
-            dst: dst_path,
+            dst: dst_path.clone(),
             kind: Kind::Replace {
                 target,
                 tmp,
@@ -245,7 +264,8 @@ impl Output {
             file.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))
                 .map_err(|e| Error::io(format!("setting the mode of '{}'", tmp.display()), e))?;
         }
-        let s = FileStorage::new(file, tmp);
+        // Unsynced as in [`Output::open`]: [`Output::persist`] syncs the file once, whole.
+        let s = Unsynced(FileStorage::new(file, tmp));
         let err = |e| Error::image(&self.dst.to_string_lossy(), e);
         match spec {
             Spec::Qcow2(o) => qcow2::create::create(&s, o).map_err(err)?,
@@ -262,8 +282,6 @@ impl Output {
                         Error::io("sizing the new image", e)
                     }
                 })?;
-                s.sync()
-                    .map_err(|e| Error::io("syncing the new image", e))?;
             }
         }
         Ok(())

@@ -125,3 +125,23 @@ fn a_read_only_qemu_allows_cowimg_readers_only() {
     let _ = q.kill();
     let _ = q.wait();
 }
+
+#[test]
+fn reset_refuses_an_overlay_qemu_holds() {
+    let s = Scratch::new();
+    chain(&s);
+    s.qemu_io("C.qcow2", &["write -q -P 9 0 1M"]);
+    let before = s.read_file("C.qcow2");
+    let mut q = hold(&s, "C.qcow2", &[]);
+    let r = s.cowimg(&["reset", "C.qcow2"]);
+    let _ = q.kill();
+    let _ = q.wait();
+    assert_eq!(r.status, 1, "{}", r.show());
+    assert!(
+        r.stderr.contains("Failed to get \"write\" lock"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(s.read_file("C.qcow2"), before, "the held overlay changed");
+    assert!(!s.path(".C.qcow2.cowimg-partial").exists());
+}

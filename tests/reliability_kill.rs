@@ -1,4 +1,4 @@
-//! Process kills: `stream` (full and `--base`), `rebase` (safe), `convert`, `create` and
+//! Process kills: `stream` (full and `--base`), `rebase` (safe), `convert`, `create`, `reset` and
 //! `check -r all` are killed with SIGKILL, both at every write/sync boundary (the test hook
 //! `COWIMG_TEST_KILL_AT_IO=N` kills the process just before its Nth change to a file) and at
 //! random moments. After each kill the command's postconditions hold:
@@ -8,6 +8,8 @@
 //!   and running the command again completes (same data, new backing file, no qcow2 leak left:
 //!   the re-run reclaims what the killed commit counted; QED leaks cannot be reclaimed, by
 //!   qemu either).
+//! * reset: the overlay is the old one, byte for byte, or an empty one that reads as its
+//!   backing file and checks clean; the next run completes and leaves no temporary file.
 //! * convert, create: DST is absent, or the previous file untouched, or complete and clean;
 //!   the temporary file a kill leaves is removed by the next run. `convert -n`, in place: DST
 //!   has no corruption and its backing file is untouched; the next run completes it.
@@ -568,6 +570,39 @@ fn create_killed() {
             slow: vec![],
             ok: &[0],
             verify: verify_output(dst, prev, complete, a),
+        };
+        sc.run(seed);
+    }
+}
+
+#[test]
+fn reset_killed() {
+    let seed = first_seed(0x4b11_0008);
+    for (fmt, opts) in [("qcow2", "extended_l2=on,cluster_size=32k"), ("qed", "")] {
+        let template = Scratch::new();
+        chain_fixture(&template, fmt, opts);
+        let c: &'static str = if fmt == "qcow2" { "C.qcow2" } else { "C.qed" };
+        let prev = template.read_file(c);
+        let complete: fn(&Scratch, &str) = |s, what| {
+            let (c, b) = if s.path("C.qcow2").exists() {
+                ("C.qcow2", "B.qcow2")
+            } else {
+                ("C.qed", "B.qed")
+            };
+            s.assert_clean(c);
+            assert!(s.same(c, b), "{what}: the reset {c} does not read as {b}");
+            let info = s.qemu_info(c);
+            assert_eq!(info["backing-filename"], b, "{what}: {info}");
+            assert_eq!(info["virtual-size"], 8u64 << 20, "{what}: {info}");
+        };
+        let a = args(&["reset", c]);
+        let sc = Scenario {
+            label: format!("reset {c}"),
+            template,
+            args: a.clone(),
+            slow: vec![],
+            ok: &[0],
+            verify: verify_output(c, Some(prev), complete, a),
         };
         sc.run(seed);
     }

@@ -120,11 +120,9 @@ impl ImageOptions {
                 "backing_file" => self.backing_file = Some(value.to_string()),
                 "backing_fmt" => self.backing_fmt = Some(value.to_string()),
                 "compression_type" => {
-                    self.compression_type = Some(match value {
-                        "zlib" => CompressionType::Zlib,
-                        "zstd" => CompressionType::Zstd,
-                        _ => return Err(Error::Usage(format!("Parameter 'compression_type' does not accept value '{value}'"))),
-                    })
+                    self.compression_type = Some(CompressionType::from_name(value).ok_or_else(|| {
+                        Error::Usage(format!("Parameter 'compression_type' does not accept value '{value}'"))
+                    })?)
                 }
                 "preallocation" if value == "off" => {}
                 "data_file_raw" if value == "off" => {}

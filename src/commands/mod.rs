@@ -14,6 +14,8 @@ pub mod map;
 pub mod measure;
 pub mod rebase;
 pub mod resize;
+
+pub mod reset;
 pub mod stream;
 
 use serde::Serialize;

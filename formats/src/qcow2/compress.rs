@@ -32,6 +32,15 @@ impl CompressionType {
         }
     }
 
+    /// The type qemu names `name` (`compression_type=`); `None` for names it does not know.
+    pub fn from_name(name: &str) -> Option<CompressionType> {
+        match name {
+            "zlib" => Some(CompressionType::Zlib),
+            "zstd" => Some(CompressionType::Zstd),
+            _ => None,
+        }
+    }
+
     pub fn from_header(t: u8) -> CompressionType {
         if t == 1 {
             CompressionType::Zstd
