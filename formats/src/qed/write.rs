@@ -31,6 +31,16 @@ impl Allocator {
         at
     }
 
+    /// Sets the next cluster (of `cs` bytes) aside for the guest cluster at `guest`, unless
+    /// one is set aside already. Until a write takes it (see [`Self::take`]), no table points
+    /// at it.
+    fn set_aside(&mut self, guest: u64, cs: u64) {
+        if !self.set_aside.contains_key(&guest) {
+            self.set_aside.insert(guest, self.end);
+            self.end += cs;
+        }
+    }
+
     /// A fresh cluster of `cs` bytes for the guest cluster at `guest`: the one set aside for
     /// it, or else the next one.
     fn take(&mut self, guest: u64, cs: u64) -> u64 {
@@ -172,27 +182,23 @@ impl Qed {
     /// `[offset, offset + len)` will take (see [`crate::Image::reserve`]).
     pub(super) fn reserve_impl(&self, offset: u64, len: u64) -> Result<()> {
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
-        let mut m = self.meta();
-        let cs = m.header.cluster_size;
-        let end = offset.saturating_add(len).min(m.header.image_size);
+        let (cs, size) = {
+            let m = self.meta();
+            (m.header.cluster_size, m.header.image_size)
+        };
+        let end = offset.saturating_add(len).min(size);
         if offset >= end {
             return Ok(());
         }
-        drop(m);
         // A write in flight holds its clusters from planning to staging (see qcow2).
         let _held = self.clusters.hold(offset / cs, end.div_ceil(cs));
-        m = self.meta();
+        let mut m = self.meta();
         self.prepare_write(&mut m)?;
         let mut cluster = align_down(offset, cs);
         while cluster < end {
             if self.entry_at(&mut m, cluster)? <= 1 {
                 self.table_for(&mut m, cluster);
-                let alloc = m.alloc.as_mut().expect("prepared");
-                if !alloc.set_aside.contains_key(&cluster) {
-                    let host = alloc.end;
-                    alloc.end += cs;
-                    alloc.set_aside.insert(cluster, host);
-                }
+                m.alloc.as_mut().expect("prepared").set_aside(cluster, cs);
             }
             cluster += cs;
         }
