@@ -39,6 +39,7 @@ const WINDOW: u64 = 16 << 30;
 /// A digest algorithm, named as openssl (and so `blksum --digest`) names it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Algorithm {
+    /// SHA-1 (kept for old tooling; not collision resistant).
     Sha1,
     Sha224,
     /// blkhash's default.
@@ -92,6 +93,7 @@ impl std::fmt::Display for Algorithm {
 /// The digest of one disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checksum {
+    /// The digest algorithm of every hash of the construction.
     pub algorithm: Algorithm,
     /// The digest's bytes.
     pub digest: Vec<u8>,

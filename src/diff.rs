@@ -41,9 +41,13 @@ impl Side {
 /// the two disks differ, with what each side holds there throughout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Range {
+    /// Guest offset, a multiple of [`SECTOR`].
     pub offset: u64,
+    /// Bytes: whole sectors, except a last one cut by the longer disk's end.
     pub length: u64,
+    /// What the first disk holds there.
     pub a: Side,
+    /// What the second disk holds there.
     pub b: Side,
 }
 
@@ -54,7 +58,9 @@ pub struct Diff {
     pub ranges: Vec<Range>,
     /// More ranges follow: the walk stopped at the limit.
     pub truncated: bool,
+    /// Virtual size of the first disk.
     pub size_a: u64,
+    /// Virtual size of the second disk.
     pub size_b: u64,
 }
 
