@@ -11,12 +11,11 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
 use cowimg_formats::qcow2::compress::CompressionType;
 use cowimg_formats::{qcow2, qed, Details, Format};
 
-use crate::chain::{open_image, os_text, Layer};
+use crate::chain::{open_image, Layer};
 use crate::error::{Error, Result};
 use crate::lock::Access;
 use crate::output::{Output, Spec};

@@ -142,7 +142,7 @@ impl Qcow2 {
     /// `[offset, offset + len)` will take (see [`crate::Image::reserve`]): tables first, then
     /// data, as a write allocates them in qemu.
     pub(super) fn reserve_impl(&self, offset: u64, len: u64) -> Result<()> {
-        let end = offset.saturating_add(len).min(self.size);
+        let end = offset.saturating_add(len).min(self.size());
         if offset >= end {
             return Ok(());
         }
