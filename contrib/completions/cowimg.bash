@@ -22,6 +22,9 @@ _cowimg() {
             cowimg,check)
                 cmd="cowimg__subcmd__check"
                 ;;
+            cowimg,checksum)
+                cmd="cowimg__subcmd__checksum"
+                ;;
             cowimg,commit)
                 cmd="cowimg__subcmd__commit"
                 ;;
@@ -49,6 +52,9 @@ _cowimg() {
             cowimg,rebase)
                 cmd="cowimg__subcmd__rebase"
                 ;;
+            cowimg,reset)
+                cmd="cowimg__subcmd__reset"
+                ;;
             cowimg,resize)
                 cmd="cowimg__subcmd__resize"
                 ;;
@@ -60,6 +66,9 @@ _cowimg() {
                 ;;
             cowimg__subcmd__help,check)
                 cmd="cowimg__subcmd__help__subcmd__check"
+                ;;
+            cowimg__subcmd__help,checksum)
+                cmd="cowimg__subcmd__help__subcmd__checksum"
                 ;;
             cowimg__subcmd__help,commit)
                 cmd="cowimg__subcmd__help__subcmd__commit"
@@ -88,6 +97,9 @@ _cowimg() {
             cowimg__subcmd__help,rebase)
                 cmd="cowimg__subcmd__help__subcmd__rebase"
                 ;;
+            cowimg__subcmd__help,reset)
+                cmd="cowimg__subcmd__help__subcmd__reset"
+                ;;
             cowimg__subcmd__help,resize)
                 cmd="cowimg__subcmd__help__subcmd__resize"
                 ;;
@@ -101,7 +113,7 @@ _cowimg() {
 
     case "${cmd}" in
         cowimg)
-            opts="-h -V --help --version create info check map compare stream rebase commit resize measure amend convert help"
+            opts="-h -V --help --version create info check map compare checksum stream rebase commit resize measure amend reset convert help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -174,6 +186,44 @@ _cowimg() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        cowimg__subcmd__checksum)
+            opts="-f -a -p -U -h --format --algorithm --jobs --output --force-share --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --format)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -f)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --algorithm)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -a)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --jobs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output)
+                    COMPREPLY=($(compgen -W "human json" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         cowimg__subcmd__commit)
             opts="-f -b -d -r -p -q -h --format --base --drop --speed --jobs --progress --output --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -225,7 +275,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__compare)
-            opts="-f -F -s -q -U -h --force-share --copy-on-read --no-copy-on-read --help"
+            opts="-f -F -s -q -U -h --force-share --copy-on-read --no-copy-on-read --diff --max --output --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -237,6 +287,14 @@ _cowimg() {
                     ;;
                 -F)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output)
+                    COMPREPLY=($(compgen -W "human json" -- "${cur}"))
                     return 0
                     ;;
                 *)
@@ -331,7 +389,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__help)
-            opts="create info check map compare stream rebase commit resize measure amend convert help"
+            opts="create info check map compare checksum stream rebase commit resize measure amend reset convert help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -359,6 +417,20 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__help__subcmd__check)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__help__subcmd__checksum)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -485,6 +557,20 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__help__subcmd__rebase)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__help__subcmd__reset)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -669,6 +755,28 @@ _cowimg() {
                     ;;
                 --output)
                     COMPREPLY=($(compgen -W "human json" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__reset)
+            opts="-f -h --format --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --format)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -f)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)

@@ -31,12 +31,14 @@ complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "info" -d 'Show an ima
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "check" -d 'Check an image\'s metadata for errors and leaks, optionally repairing them'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "map" -d 'Show where each guest range of an image comes from'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "compare" -d 'Compare the guest contents of two images'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "checksum" -d 'Print a digest of each image\'s guest disk: the same for raw, qcow2 and QED images holding the same bytes, whatever their layout; blksum computes the same digest'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "stream" -d 'Copy into FILE what its backing chain provides above BASE, then make BASE its backing file (none without --base). Safe to interrupt; running it again resumes'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "rebase" -d 'Point an image at a new backing file. Safe by default: data that would read differently is copied into the image first (parallel, resumable); -u only changes the pointer'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "commit" -d 'Write TOP\'s data into its backing file (or BASE further down), then empty TOP (qcow2), as qemu-img commit. The chain above reads the same throughout; safe to interrupt, and running it again finishes'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "resize" -d 'Change an image\'s virtual size, as qemu-img resize: SIZE, +SIZE or -SIZE. Shrinking needs --shrink and drops the data past the new end'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "amend" -d 'Change options of an existing image in place (crash-safe)'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "reset" -d 'Empty an overlay so it reads as its backing file again, keeping its options (atomic)'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s f -l format -d 'Image format: qcow2, qed or raw' -r
@@ -71,12 +73,24 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand map" -s U -l force-share -
 complete -c cowimg -n "__fish_cowimg_using_subcommand map" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s f -d 'Format of A (qcow2, qed or raw); probed when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s F -d 'Format of B (qcow2, qed or raw); probed when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -l max -d 'With --diff: stop after this many ranges' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -l output -d 'With --diff: output format, human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
+json\t'One JSON document on stdout, with qemu-img\'s keys'"
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s s -d 'Strict: sizes and allocation must match too'
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s q -d 'Print nothing; the exit status tells (0 identical, 1 different, 2 error)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s U -l force-share -d 'Read even if another process is writing the images (force share)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -l copy-on-read -d 'Copy what each image\'s backing chain provides into it as it is read (opens it read-write). Without it both images are only read, flagged copy-on-read or not'
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -l no-copy-on-read -d 'Accepted for compatibility and does nothing: reading never copies without --copy-on-read'
-complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s h -l help -d 'Print help'
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -l diff -d 'List every differing range (offset, length, what each side holds), not only the first offset'
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -s f -l format -d 'Format of the images (qcow2, qed or raw); probed from each one\'s contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -s a -l algorithm -d 'Digest algorithm: sha1, sha224, sha256, sha384, sha512, sha512-224, sha512-256' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -l jobs -d 'Hashing threads (default: number of cores)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -l output -d 'Output format: human (DIGEST  FILENAME lines) or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
+json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -s p -d 'Show a progress bar even when stderr is not a terminal'
+complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -s U -l force-share -d 'Read even if another process is writing the images (force share)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s b -l base -d 'The backing file to keep (matched by resolved path); default: none' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l speed -d 'Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited)' -r
@@ -134,6 +148,8 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -s f -l format -d '
 complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -l copy-on-read -d 'Set or clear cowimg\'s copy-on-read flag (qcow2, qed)' -r -f -a "on\t''
 off\t''"
 complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -s h -l help -d 'Print help'
+complete -c cowimg -n "__fish_cowimg_using_subcommand reset" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand reset" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s f -d 'Format of SRC (qcow2, qed or raw); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s O -d 'Output format: raw, qcow2 or qed' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s o -d 'Options of the output format, as for create: cluster_size=2M,compression_type=zstd,...' -r
@@ -146,16 +162,18 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l no-copy-on-rea
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s c -d 'Compress clusters where they shrink (qcow2 output; -o compression_type=zlib|zstd)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s n -d 'Write into the existing DST in place, creating nothing: DST must be an image of the -O format at least as large as SRC (bytes past SRC\'s size are kept)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s h -l help -d 'Print help'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "create" -d 'Create a new image, optionally over a backing file'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "info" -d 'Show an image\'s format, size, backing file and format-specific facts'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "check" -d 'Check an image\'s metadata for errors and leaks, optionally repairing them'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "map" -d 'Show where each guest range of an image comes from'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "compare" -d 'Compare the guest contents of two images'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "stream" -d 'Copy into FILE what its backing chain provides above BASE, then make BASE its backing file (none without --base). Safe to interrupt; running it again resumes'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "rebase" -d 'Point an image at a new backing file. Safe by default: data that would read differently is copied into the image first (parallel, resumable); -u only changes the pointer'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "commit" -d 'Write TOP\'s data into its backing file (or BASE further down), then empty TOP (qcow2), as qemu-img commit. The chain above reads the same throughout; safe to interrupt, and running it again finishes'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "resize" -d 'Change an image\'s virtual size, as qemu-img resize: SIZE, +SIZE or -SIZE. Shrinking needs --shrink and drops the data past the new end'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "amend" -d 'Change options of an existing image in place (crash-safe)'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare stream rebase commit resize measure amend convert help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "create" -d 'Create a new image, optionally over a backing file'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "info" -d 'Show an image\'s format, size, backing file and format-specific facts'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "check" -d 'Check an image\'s metadata for errors and leaks, optionally repairing them'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "map" -d 'Show where each guest range of an image comes from'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "compare" -d 'Compare the guest contents of two images'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "checksum" -d 'Print a digest of each image\'s guest disk: the same for raw, qcow2 and QED images holding the same bytes, whatever their layout; blksum computes the same digest'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "stream" -d 'Copy into FILE what its backing chain provides above BASE, then make BASE its backing file (none without --base). Safe to interrupt; running it again resumes'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "rebase" -d 'Point an image at a new backing file. Safe by default: data that would read differently is copied into the image first (parallel, resumable); -u only changes the pointer'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "commit" -d 'Write TOP\'s data into its backing file (or BASE further down), then empty TOP (qcow2), as qemu-img commit. The chain above reads the same throughout; safe to interrupt, and running it again finishes'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "resize" -d 'Change an image\'s virtual size, as qemu-img resize: SIZE, +SIZE or -SIZE. Shrinking needs --shrink and drops the data past the new end'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "amend" -d 'Change options of an existing image in place (crash-safe)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "reset" -d 'Empty an overlay so it reads as its backing file again, keeping its options (atomic)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream rebase commit resize measure amend reset convert help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
