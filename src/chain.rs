@@ -20,6 +20,7 @@ use cowimg_formats::{Alloc, FileStorage, Format, Image, ReadBelow, Storage};
 
 use crate::error::{BackingProblem, Error, Result};
 use crate::lock::{self, Access};
+use crate::remote::NbdStorage;
 
 /// The most images a chain may have (the top included). qemu has no fixed limit: it opens
 /// layers until the process runs out of file descriptors (under the default soft limit of
@@ -156,11 +157,21 @@ pub fn open_image_for(
     access: Access,
     repair: bool,
 ) -> Result<Layer> {
+    if let Some(target) = cowimg_nbd::Target::parse(filename) {
+        let target = target.map_err(|e| Error::open(filename, Error::Msg(e)))?;
+        // Not locked: NBD has no locks; the server decides who may write.
+        let storage = NbdStorage::open(&target, access.writable())
+            .map_err(|e| Error::open(filename, Error::Msg(e.to_string())))?;
+        // qemu shows an export by its canonical name.
+        let name = target.to_string();
+        return open_layer(Arc::new(storage), &name, format, access.writable(), repair)
+            .map_err(|e| rename_open_error(e, &name, filename));
+    }
     if has_protocol(filename) {
         return Err(Error::open(
             filename,
             Error::Msg(
-                "protocols (nbd:, http:, json:...) are not supported; name a local file".into(),
+                "protocols other than NBD (http:, json:...) are not supported; name a local file or an nbd:// export".into(),
             ),
         ));
     }
@@ -196,6 +207,17 @@ pub fn open_image_for(
     lock::lock(&file, filename, access).map_err(|e| Error::open(filename, e))?;
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file, filename));
     open_layer(storage, filename, format, access.writable(), repair)
+}
+
+/// An open error names the image as the user gave it, not by its canonical name.
+fn rename_open_error(e: Error, canonical: &str, given: &str) -> Error {
+    match e {
+        Error::Open { path, reason } if path == canonical => Error::Open {
+            path: given.to_string(),
+            reason,
+        },
+        e => e,
+    }
 }
 
 /// Opens an image held by any [`Storage`] (tests put recording or failing storage under the

@@ -96,6 +96,7 @@ pub mod lock;
 pub mod output;
 pub mod progress;
 pub mod ratelimit;
+pub mod remote;
 pub mod resize;
 pub mod size;
 pub mod stream;

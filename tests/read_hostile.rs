@@ -591,7 +591,13 @@ fn a_missing_data_file_is_refused() {
 #[test]
 fn protocols_are_refused() {
     let s = Scratch::new();
-    all_refuse(&s, "nbd://localhost:1/x", &["protocols", "not supported"]);
+    all_refuse(&s, "http://localhost:1/x", &["protocols", "not supported"]);
+    // NBD is supported: an export nobody serves is an error naming the server.
+    all_refuse(
+        &s,
+        "nbd://localhost:1/x",
+        &["localhost port 1", "Connection refused"],
+    );
     // As a backing file name, also from an image in another directory (a protocol name is
     // not relative to the image's directory).
     std::fs::create_dir(s.path("d")).unwrap();
@@ -611,7 +617,10 @@ fn protocols_are_refused() {
     chain_refused(
         &s,
         "d/ov.qcow2",
-        &["'nbd://localhost:1/x'", "protocols", "not supported"],
+        &[
+            "'nbd://localhost:1/x'",
+            "cannot connect to localhost port 1",
+        ],
         &[],
     );
 }

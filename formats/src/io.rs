@@ -29,6 +29,10 @@ pub trait Storage: Send + Sync + Debug {
     fn allocated_bytes(&self) -> io::Result<u64>;
     /// The path the storage was opened from, for messages.
     fn path(&self) -> &Path;
+    /// The qemu protocol driver this storage stands for (`info`'s "protocol type").
+    fn protocol(&self) -> &'static str {
+        "file"
+    }
     /// The ranges of `[start, end)` that hold data; the rest are holes that read as zeros.
     /// Storage that cannot tell reports everything as data.
     fn data_extents(&self, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {

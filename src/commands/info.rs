@@ -25,7 +25,10 @@ struct Facts<'a> {
     /// The format of the backing file when it had to be probed (only known with the chain).
     probed_backing: Option<Format>,
     file_length: u64,
-    actual_size: u64,
+    /// Space the file takes; `None` where the protocol cannot tell (NBD).
+    actual_size: Option<u64>,
+    /// The protocol driver under the format (`file`, `nbd`).
+    storage_protocol: &'static str,
     /// The layer was opened as the protocol driver its overlay names as its format (`file`,
     /// `host_device`): qemu shows it as that protocol node, without a child.
     protocol: Option<String>,
@@ -46,7 +49,11 @@ pub fn run(a: &Args) -> Result<i32> {
                 None => probe_backing(layer),
             },
             file_length: storage.len().map_err(err)?,
-            actual_size: storage.allocated_bytes().map_err(err)?,
+            actual_size: match storage.allocated_bytes() {
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => None,
+                r => Some(r.map_err(err)?),
+            },
+            storage_protocol: storage.protocol(),
             protocol: i
                 .checked_sub(1)
                 .and_then(|up| chain.layers[up].image.backing())
@@ -106,21 +113,26 @@ fn to_json(f: &Facts) -> Value {
     }
     let img = &f.layer.image;
     let mut m = Map::new();
-    m.insert(
-        "children".into(),
-        json!([{
-            "name": "file",
-            "info": {
-                "children": [],
-                "virtual-size": f.file_length.div_ceil(512) * 512,
-                "filename": f.layer.filename,
-                "format": "file",
-                "actual-size": f.actual_size,
-                "format-specific": {"type": "file", "data": {}},
-                "dirty-flag": false
-            }
-        }]),
-    );
+    let child = if f.storage_protocol == "file" {
+        json!({
+            "children": [],
+            "virtual-size": f.file_length.div_ceil(512) * 512,
+            "filename": f.layer.filename,
+            "format": "file",
+            "actual-size": f.actual_size,
+            "format-specific": {"type": "file", "data": {}},
+            "dirty-flag": false
+        })
+    } else {
+        // qemu's network protocols report neither space used nor format-specific facts.
+        json!({
+            "children": [],
+            "virtual-size": f.file_length,
+            "filename": f.layer.filename,
+            "format": f.storage_protocol
+        })
+    };
+    m.insert("children".into(), json!([{"name": "file", "info": child}]));
     if let Details::Qcow2(d) = img.details() {
         if !d.snapshots.is_empty() {
             let snaps: Vec<Value> = d
@@ -160,7 +172,9 @@ fn to_json(f: &Facts) -> Value {
         m.insert("cluster-size".into(), json!(cs));
     }
     m.insert("format".into(), json!(f.layer.format.name()));
-    m.insert("actual-size".into(), json!(f.actual_size));
+    if let Some(a) = f.actual_size {
+        m.insert("actual-size".into(), json!(a));
+    }
     if let Details::Qcow2(d) = img.details() {
         m.insert(
             "format-specific".into(),
@@ -177,7 +191,11 @@ fn to_json(f: &Facts) -> Value {
             m.insert("probed-backing-filename-format".into(), json!(p.name()));
         }
     }
-    m.insert("dirty-flag".into(), json!(img.is_dirty()));
+    // qemu learns the dirty flag from the format's own information, which raw has only
+    // through a local file.
+    if f.storage_protocol == "file" || f.layer.format != Format::Raw {
+        m.insert("dirty-flag".into(), json!(img.is_dirty()));
+    }
     m.insert("copy-on-read".into(), json!(img.copy_on_read()));
     Value::Object(m)
 }
@@ -231,12 +249,12 @@ fn to_human(f: &Facts) -> String {
     if let Some(driver) = &f.protocol {
         o += &format!("file format: {driver}\n");
         o += &format!("virtual size: {} ({size} bytes)\n", size_to_str(size));
-        o += &format!("disk size: {}\n", size_to_str(f.actual_size));
+        o += &format!("disk size: {}\n", disk_size(f.actual_size));
         return o;
     }
     o += &format!("file format: {}\n", f.layer.format);
     o += &format!("virtual size: {} ({size} bytes)\n", size_to_str(size));
-    o += &format!("disk size: {}\n", size_to_str(f.actual_size));
+    o += &format!("disk size: {}\n", disk_size(f.actual_size));
     if let Some(cs) = img.cluster_size() {
         o += &format!("cluster_size: {cs}\n");
     }
@@ -294,11 +312,20 @@ fn to_human(f: &Facts) -> String {
     }
     o += "Child node '/file':\n";
     o += &format!("    filename: {}\n", f.layer.filename);
-    o += "    protocol type: file\n";
-    let len = f.file_length.div_ceil(512) * 512;
+    o += &format!("    protocol type: {}\n", f.storage_protocol);
+    let len = if f.storage_protocol == "file" {
+        f.file_length.div_ceil(512) * 512
+    } else {
+        f.file_length
+    };
     o += &format!("    file length: {} ({len} bytes)\n", size_to_str(len));
-    o += &format!("    disk size: {}\n", size_to_str(f.actual_size));
+    o += &format!("    disk size: {}\n", disk_size(f.actual_size));
     o
+}
+
+/// The disk size as qemu shows it: "unavailable" where the protocol cannot tell.
+fn disk_size(actual: Option<u64>) -> String {
+    actual.map_or_else(|| "unavailable".into(), size_to_str)
 }
 
 fn qcow2_human(d: &Qcow2Details) -> String {
