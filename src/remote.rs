@@ -6,14 +6,15 @@
 //! * Holes are found with NBD block status (`base:allocation`): ranges the server reports as
 //!   zero are never read. A server without block status reads as all data.
 //! * Reads are cut into [`PIECE`]-sized requests pipelined on the connection; when the
-//!   server advertises multi-conn, up to [`CONNECTIONS`] connections share them, so the copy
-//!   workers keep many requests in flight.
+//!   server advertises multi-conn, up to [`CONNECTIONS`] connections (opened in the
+//!   background) share them, so the copy workers keep many requests in flight.
 //! * Remote layers are not locked: NBD has no locks, the server decides who may write. A
 //!   layer opened read-only never sends a write.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use cowimg_formats::Storage;
 use cowimg_nbd::client::{self, read_across, Client};
@@ -33,10 +34,18 @@ const STATUS_REQUEST: u64 = 0xffff_0000;
 pub struct NbdStorage {
     /// The canonical name (qemu's), shown as the layer's file name.
     name: PathBuf,
-    conns: Vec<Client>,
+    pool: Arc<Pool>,
     next: AtomicUsize,
     writable: bool,
     size: u64,
+}
+
+/// The connections to the export; more join in the background.
+#[derive(Debug)]
+struct Pool {
+    conns: RwLock<Vec<Client>>,
+    /// Set when the storage is dropped: connections still being opened are not added.
+    closed: AtomicBool,
 }
 
 fn io_error(e: client::Error) -> io::Error {
@@ -44,7 +53,10 @@ fn io_error(e: client::Error) -> io::Error {
 }
 
 impl NbdStorage {
-    /// Connects to `target`; with `writable`, a read-only export is refused.
+    /// Connects to `target`; with `writable`, a read-only export is refused. When the export
+    /// allows multi-conn, more connections are opened in the background: a server that takes
+    /// one client at a time (qemu-nbd's default `--shared=1`) must not delay the open, and
+    /// serves this one connection.
     pub fn open(target: &Target, writable: bool) -> Result<NbdStorage, client::Error> {
         let first = Client::connect(target)?;
         let info = first.info().clone();
@@ -53,31 +65,55 @@ impl NbdStorage {
                 "the export is read-only, and this command writes into the image".into(),
             ));
         }
-        let mut conns = vec![first];
+        let pool = Arc::new(Pool {
+            conns: RwLock::new(vec![first]),
+            closed: AtomicBool::new(false),
+        });
         if info.has(tflags::CAN_MULTI_CONN) {
-            while conns.len() < CONNECTIONS {
-                let c = Client::connect(target)?;
-                if c.info().size != info.size || c.info().flags != info.flags {
-                    return Err(client::Error::Invalid(format!(
-                        "the export changed between two connections (size {} then {})",
-                        info.size,
-                        c.info().size
-                    )));
-                }
-                conns.push(c);
-            }
+            let (pool, target, info) = (Arc::clone(&pool), target.clone(), info.clone());
+            // Best effort: a connection that fails or differs is simply not used.
+            let _ = std::thread::Builder::new()
+                .name("nbd-connect".into())
+                .spawn(move || {
+                    for _ in 1..CONNECTIONS {
+                        let Ok(c) = Client::connect(&target) else {
+                            return;
+                        };
+                        // The export is pinned: a connection seeing another one is not used.
+                        if pool.closed.load(Ordering::SeqCst) || *c.info() != info {
+                            return;
+                        }
+                        pool.conns
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(c);
+                    }
+                });
         }
         Ok(NbdStorage {
             name: PathBuf::from(target.to_string()),
-            conns,
+            pool,
             next: AtomicUsize::new(0),
             writable,
             size: info.size,
         })
     }
 
-    fn conn(&self) -> &Client {
-        &self.conns[self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len()]
+    fn conns(&self) -> RwLockReadGuard<'_, Vec<Client>> {
+        self.pool.conns.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the next connection, round-robin.
+    fn with_conn<T>(&self, f: impl FnOnce(&Client) -> client::Result<T>) -> io::Result<T> {
+        let conns = self.conns();
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % conns.len();
+        f(&conns[i]).map_err(io_error)
+    }
+}
+
+impl Drop for NbdStorage {
+    fn drop(&mut self) {
+        self.pool.closed.store(true, Ordering::SeqCst);
     }
 }
 
@@ -90,9 +126,10 @@ impl Storage for NbdStorage {
         if head.is_empty() {
             return Ok(());
         }
-        let conns: Vec<&Client> = self.conns.iter().collect();
+        let conns = self.conns();
+        let refs: Vec<&Client> = conns.iter().collect();
         let first = self.next.fetch_add(1, Ordering::Relaxed);
-        read_across(&conns, first, offset, head, PIECE).map_err(io_error)
+        read_across(&refs, first, offset, head, PIECE).map_err(io_error)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -105,7 +142,7 @@ impl Storage for NbdStorage {
                 "an NBD export cannot grow past its size",
             ));
         }
-        self.conn().write(offset, buf, false).map_err(io_error)
+        self.with_conn(|c| c.write(offset, buf, false))
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -114,7 +151,7 @@ impl Storage for NbdStorage {
         }
         // Without multi-conn a flush covers only its own connection's writes; there is only
         // one connection then. With it, one flush covers all, but each is cheap and certain.
-        self.conns
+        self.conns()
             .iter()
             .try_for_each(|c| c.flush())
             .map_err(io_error)
@@ -155,7 +192,7 @@ impl Storage for NbdStorage {
         let mut pos = start;
         while pos < end {
             let len = (end - pos).min(STATUS_REQUEST) as u32;
-            let Some(extents) = self.conn().block_status(pos, len).map_err(io_error)? else {
+            let Some(extents) = self.with_conn(|c| c.block_status(pos, len))? else {
                 // No block status: all data.
                 out.push((pos, end));
                 break;

@@ -238,3 +238,4 @@ pub fn last_event(stderr: &str) -> serde_json::Value {
         .last()
         .unwrap_or_else(|| panic!("no JSON event in: {stderr}"))
 }
+pub mod peers;

@@ -1,0 +1,234 @@
+//! NBD exports as images and backing files, against real servers started here (nbdkit,
+//! qemu-nbd; Unix sockets and loopback). qemu-img reads the same URLs and is the oracle: data
+//! is compared with `cmp` against its `convert` output, maps against its `map`.
+
+mod common;
+
+use common::peers::Server;
+use common::Scratch;
+use cowimg_nbd::client::Client;
+use cowimg_nbd::codec::state;
+use cowimg_nbd::Target;
+
+/// A 32 MiB sparse raw file: random data at 0 (1 MiB), a pattern at 8 MiB (512 KiB), a
+/// written run of zeros at 16 MiB, and holes elsewhere.
+fn sparse_source(s: &Scratch, name: &str) {
+    s.qemu_img(&["create", "-q", "-f", "raw", name, "32M"]);
+    let mut data = vec![0u8; 1 << 20];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i.wrapping_mul(2654435761) >> 13) as u8;
+    }
+    s.write_file("rnd.bin", &data);
+    s.qemu(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -s rnd.bin 0 1M",
+            "-c",
+            "write -P 0xcd 8M 512k",
+            "-c",
+            "write -P 0 16M 64k",
+            name,
+        ],
+    );
+}
+
+/// cowimg's and qemu-img's raw conversions of `url` (with `fmt`) are byte-identical, and
+/// equal to `expect` when given.
+fn converts_like_qemu(s: &Scratch, url: &str, fmt: &str, expect: Option<&str>) {
+    s.cowimg_ok(&["convert", "-f", fmt, "-O", "raw", url, "ours.raw"]);
+    s.qemu_img(&["convert", "-f", fmt, "-O", "raw", url, "qemus.raw"]);
+    assert_eq!(
+        s.read_file("ours.raw"),
+        s.read_file("qemus.raw"),
+        "convert of {url}"
+    );
+    if let Some(e) = expect {
+        assert_eq!(s.read_file("ours.raw"), s.read_file(e), "{url} vs {e}");
+    }
+}
+
+/// `map --output=json` of `image` says what qemu-img map says.
+fn maps_like_qemu(s: &Scratch, image: &str, fmt: &[&str]) {
+    let mut args = vec!["map", "--output=json"];
+    args.extend_from_slice(fmt);
+    args.push(image);
+    assert_eq!(s.cowimg_ok(&args), s.qemu_img(&args), "map of {image}");
+}
+
+#[test]
+fn client_operations_against_nbdkit_memory() {
+    let s = Scratch::new();
+    let srv = Server::nbdkit(s.dir.path(), &[], &["memory", "8M"]);
+    let t = Target::parse(&srv.url).unwrap().unwrap();
+    let c = Client::connect(&t).unwrap();
+    let info = c.info().clone();
+    assert_eq!(info.size, 8 << 20);
+    assert!(
+        info.structured && info.base_allocation.is_some(),
+        "{info:?}"
+    );
+    let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+    // Unaligned to anything, larger than one request piece: split and pipelined.
+    c.write(1000, &data, true).unwrap();
+    c.write_zeroes(1 << 20, 64 << 10, true, true).unwrap();
+    c.trim(6 << 20, 1 << 20).unwrap();
+    c.flush().unwrap();
+    let mut back = vec![0u8; 4 << 20];
+    c.read(0, &mut back).unwrap();
+    let mut want = vec![0u8; 4 << 20];
+    want[1000..1000 + data.len()].copy_from_slice(&data);
+    want[1 << 20..(1 << 20) + (64 << 10)].fill(0);
+    assert!(back == want, "read back what was written");
+    // The memory plugin reports what was never written as hole+zero.
+    let ext = c.block_status(4 << 20, 4 << 20).unwrap().unwrap();
+    assert_eq!(ext.iter().map(|e| u64::from(e.len)).sum::<u64>(), 4 << 20);
+    assert!(ext.iter().all(|e| e.flags & state::ZERO != 0), "{ext:?}");
+    drop(c);
+    // qemu-img reads what the client wrote.
+    s.qemu_img(&["convert", "-f", "raw", "-O", "raw", &srv.url, "q.raw"]);
+    assert!(s.read_file("q.raw")[..4 << 20] == want[..]);
+}
+
+#[test]
+fn raw_exports_read_map_and_compare_as_in_qemu() {
+    let s = Scratch::new();
+    sparse_source(&s, "src.raw");
+    let src = s.path("src.raw");
+    for options in [&[][..], &["--filter=noextents"][..], &["--no-sr"][..]] {
+        let srv = Server::nbdkit(s.dir.path(), options, &["file", src.to_str().unwrap()]);
+        converts_like_qemu(&s, &srv.url, "raw", Some("src.raw"));
+        maps_like_qemu(&s, &srv.url, &["-f", "raw"]);
+        assert_eq!(
+            s.cowimg(&["compare", &srv.url, "src.raw"]).stdout,
+            "Images are identical.\n"
+        );
+        let info = s.cowimg_ok(&["info", &srv.url]);
+        assert!(info.contains("protocol type: nbd") && info.contains("disk size: unavailable"));
+    }
+}
+
+#[test]
+fn qemu_nbd_exports_of_qcow2_over_tcp_and_unix_in_every_url_form() {
+    let s = Scratch::new();
+    sparse_source(&s, "src.raw");
+    s.qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "src.raw",
+        "base.qcow2",
+    ]);
+    let base = s.path("base.qcow2");
+    // qemu-nbd opens the qcow2 and exports guest bytes (raw for the client).
+    let (tcp, port) = Server::qemu_nbd_tcp("base", &["-r", "-t", "-f", "qcow2"], &base);
+    let unix = Server::qemu_nbd_unix(s.dir.path(), "base", &["-r", "-t", "-f", "qcow2"], &base);
+    let sock = unix.socket.clone().unwrap();
+    for url in [
+        tcp.url.clone(),
+        format!("nbd:127.0.0.1:{port}:exportname=base"),
+        unix.url.clone(),
+        format!("nbd:unix:{}:exportname=base", sock.display()),
+    ] {
+        converts_like_qemu(&s, &url, "raw", Some("src.raw"));
+        maps_like_qemu(&s, &url, &["-f", "raw"]);
+    }
+    // A missing export is refused by the server, and the message says so.
+    let r = s.cowimg(&["info", &format!("nbd://127.0.0.1:{port}/nosuch")]);
+    assert!(r.stderr.contains("export not found"), "{}", r.stderr);
+
+    // The qcow2 file's own bytes as the export: a remote qcow2, read with -f qcow2.
+    let file = Server::qemu_nbd_unix(s.dir.path(), "", &["-r", "-t", "-f", "raw"], &base);
+    converts_like_qemu(&s, &file.url, "qcow2", Some("src.raw"));
+    let ours = s.cowimg_ok(&["info", "-f", "qcow2", &file.url]);
+    let qemus = s.qemu_img(&["info", "-f", "qcow2", &file.url]);
+    assert_eq!(ours, qemus);
+}
+
+#[test]
+fn overlays_on_an_nbd_backing_read_map_and_stream_without_writing_the_base() {
+    let s = Scratch::new();
+    sparse_source(&s, "src.raw");
+    let log = s.path("nbdkit.log");
+    let logfile = format!("logfile={}", log.display());
+    let srv = Server::nbdkit(
+        s.dir.path(),
+        &["--filter=log"],
+        &["file", s.path("src.raw").to_str().unwrap(), &logfile],
+    );
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &srv.url, "-F", "raw", "ov.qcow2",
+    ]);
+    s.qemu_io("ov.qcow2", &["write -P 0x11 4M 64k"]);
+    assert_eq!(
+        s.cowimg_ok(&["info", "--backing-chain", "ov.qcow2"]),
+        s.qemu_img(&["info", "--backing-chain", "ov.qcow2"])
+    );
+    maps_like_qemu(&s, "ov.qcow2", &[]);
+    converts_like_qemu(&s, "ov.qcow2", "qcow2", None);
+    s.qemu_img(&["convert", "-O", "raw", "ov.qcow2", "before.raw"]);
+    let r = s.cowimg_ok(&["stream", "ov.qcow2"]);
+    assert!(r.contains("standalone"), "{r}");
+    s.assert_clean("ov.qcow2");
+    assert!(s.qemu_info("ov.qcow2").get("backing-filename").is_none());
+    s.qemu_img(&["convert", "-O", "raw", "ov.qcow2", "after.raw"]);
+    assert_eq!(s.read_file("before.raw"), s.read_file("after.raw"));
+    drop(srv);
+    // Only reads, block status and the like reached the server: the base is never written.
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains(" Read ") && log.contains(" Extents "), "{log}");
+    for w in [" Write ", " Zero ", " Trim ", " Flush "] {
+        assert!(!log.contains(w), "{w} in {log}");
+    }
+}
+
+#[test]
+fn latency_and_faults() {
+    let s = Scratch::new();
+    sparse_source(&s, "src.raw");
+    let src = s.path("src.raw");
+    let slow = Server::nbdkit(
+        s.dir.path(),
+        &["--filter=delay"],
+        &["file", src.to_str().unwrap(), "rdelay=2ms"],
+    );
+    converts_like_qemu(&s, &slow.url, "raw", Some("src.raw"));
+    drop(slow);
+    // Every read fails: a clean error naming the export and the cause; no output left.
+    let bad = Server::nbdkit(
+        s.dir.path(),
+        &["--filter=error"],
+        &[
+            "file",
+            src.to_str().unwrap(),
+            "error=EIO",
+            "error-pread-rate=1",
+        ],
+    );
+    let r = s.cowimg(&["convert", "-O", "raw", &bad.url, "out.raw"]);
+    assert_eq!(r.status, 1, "{}", r.show());
+    assert!(
+        r.stderr.contains(&bad.url) && r.stderr.contains("EIO"),
+        "{}",
+        r.stderr
+    );
+    assert!(!s.path("out.raw").exists());
+    // A server that goes away: the error says the connection is gone, and names the export.
+    let srv = Server::nbdkit(s.dir.path(), &[], &["file", src.to_str().unwrap()]);
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &srv.url, "-F", "raw", "ov.qcow2",
+    ]);
+    let url = srv.url.clone();
+    drop(srv);
+    let r = s.cowimg(&["map", "ov.qcow2"]);
+    assert_eq!(r.status, 1, "{}", r.show());
+    assert!(
+        r.stderr.contains(&url) && r.stderr.contains("cannot connect"),
+        "{}",
+        r.stderr
+    );
+}
