@@ -86,6 +86,32 @@ fn client_operations_against_nbdkit_memory() {
     let ext = c.block_status(4 << 20, 4 << 20).unwrap().unwrap();
     assert_eq!(ext.iter().map(|e| u64::from(e.len)).sum::<u64>(), 4 << 20);
     assert!(ext.iter().all(|e| e.flags & state::ZERO != 0), "{ext:?}");
+    // The whole map as nbdinfo (libnbd) reads it: "OFFSET LENGTH FLAGS DESCRIPTION" lines.
+    let mut ours = Vec::new();
+    let mut pos = 0u64;
+    while pos < info.size {
+        for e in c
+            .block_status(pos, (info.size - pos) as u32)
+            .unwrap()
+            .unwrap()
+        {
+            ours.push((pos, u64::from(e.len), e.flags));
+            pos += u64::from(e.len);
+        }
+    }
+    let theirs: Vec<(u64, u64, u32)> = s
+        .qemu("nbdinfo", &["--map", &srv.url])
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ours, theirs);
     drop(c);
     // qemu-img reads what the client wrote.
     s.qemu_img(&["convert", "-f", "raw", "-O", "raw", &srv.url, "q.raw"]);
@@ -144,9 +170,15 @@ fn qemu_nbd_exports_of_qcow2_over_tcp_and_unix_in_every_url_form() {
     // The qcow2 file's own bytes as the export: a remote qcow2, read with -f qcow2.
     let file = Server::qemu_nbd_unix(s.dir.path(), "", &["-r", "-t", "-f", "raw"], &base);
     converts_like_qemu(&s, &file.url, "qcow2", Some("src.raw"));
-    let ours = s.cowimg_ok(&["info", "-f", "qcow2", &file.url]);
-    let qemus = s.qemu_img(&["info", "-f", "qcow2", &file.url]);
-    assert_eq!(ours, qemus);
+    for cmd in [
+        &["info", "-f", "qcow2"][..],
+        &["check", "-f", "qcow2"],
+        &["measure", "-f", "qcow2", "-O", "qcow2"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push(&file.url);
+        assert_eq!(s.cowimg_ok(&args), s.qemu_img(&args), "{args:?}");
+    }
 }
 
 #[test]
