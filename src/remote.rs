@@ -11,10 +11,11 @@
 //! * Remote layers are not locked: NBD has no locks, the server decides who may write. A
 //!   layer opened read-only never sends a write.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use cowimg_formats::Storage;
 use cowimg_nbd::client::{self, read_across, Client};
@@ -26,6 +27,8 @@ pub const CONNECTIONS: usize = 4;
 /// The size of one read request: large enough to amortise a round trip, small enough that
 /// one copy chunk (2 MiB) is several requests in flight.
 pub const PIECE: u32 = 512 << 10;
+/// Block status runs kept per export at most.
+const MAX_CACHED_RUNS: usize = 1 << 20;
 /// The largest block status request (the 32-bit length, aligned down to 64 KiB).
 const STATUS_REQUEST: u64 = 0xffff_0000;
 
@@ -38,6 +41,8 @@ pub struct NbdStorage {
     next: AtomicUsize,
     writable: bool,
     size: u64,
+    /// Block status answers of a read-only export (start -> end, data), disjoint.
+    status: Mutex<BTreeMap<u64, (u64, bool)>>,
 }
 
 /// The connections to the export; more join in the background.
@@ -96,6 +101,7 @@ impl NbdStorage {
             next: AtomicUsize::new(0),
             writable,
             size: info.size,
+            status: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -108,6 +114,52 @@ impl NbdStorage {
         let conns = self.conns();
         let i = self.next.fetch_add(1, Ordering::Relaxed) % conns.len();
         f(&conns[i]).map_err(io_error)
+    }
+}
+
+impl NbdStorage {
+    /// The cached run holding `pos` (start, end, data).
+    fn cached(&self, pos: u64) -> Option<(u64, u64, bool)> {
+        let cache = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let (&s, &(e, data)) = cache.range(..=pos).next_back()?;
+        (e > pos).then_some((s, e, data))
+    }
+
+    /// Asks the server for the status from `pos`: runs of (start, end, data) back to back.
+    /// A read-only export cannot change under this client, so its answers are kept, and the
+    /// server is asked about everything up to the export's end (it answers as much as it
+    /// likes): the reads that follow a map then cost no round trip of their own.
+    fn fetch_status(&self, pos: u64, end: u64) -> io::Result<Vec<(u64, u64, bool)>> {
+        let until = if self.writable { end } else { self.size };
+        let len = (until - pos).min(STATUS_REQUEST) as u32;
+        let runs: Vec<(u64, u64, bool)> = match self.with_conn(|c| c.block_status(pos, len))? {
+            // No block status: all data.
+            None => vec![(pos, until, true)],
+            Some(extents) => {
+                let mut at = pos;
+                extents
+                    .iter()
+                    .map(|e| {
+                        let s = at;
+                        at += u64::from(e.len);
+                        // Ranges that read as zeros are holes; "hole" without "zero" has
+                        // undefined contents, which must be read like data.
+                        (s, at, e.flags & state::ZERO == 0)
+                    })
+                    .collect()
+            }
+        };
+        if !self.writable {
+            let mut cache = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            // A server answering in tiny extents must not grow the cache without bound.
+            if cache.len() + runs.len() > MAX_CACHED_RUNS {
+                cache.clear();
+            }
+            for &(s, e, data) in &runs {
+                cache.insert(s, (e, data));
+            }
+        }
+        Ok(runs)
     }
 }
 
@@ -191,23 +243,22 @@ impl Storage for NbdStorage {
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut pos = start;
         while pos < end {
-            let len = (end - pos).min(STATUS_REQUEST) as u32;
-            let Some(extents) = self.with_conn(|c| c.block_status(pos, len))? else {
-                // No block status: all data.
-                out.push((pos, end));
-                break;
+            let runs = match self.cached(pos) {
+                Some(run) => vec![run],
+                None => self.fetch_status(pos, end)?,
             };
-            for e in extents {
-                let e_end = pos + u64::from(e.len);
-                // Ranges that read as zeros are holes; "hole" without "zero" has undefined
-                // contents, which must be read like data.
-                if e.flags & state::ZERO == 0 {
+            for (s, e, data) in runs {
+                let (s, e) = (s.max(pos), e.min(end));
+                if s >= e {
+                    continue;
+                }
+                if data {
                     match out.last_mut() {
-                        Some(last) if last.1 == pos => last.1 = e_end,
-                        _ => out.push((pos, e_end)),
+                        Some(last) if last.1 == s => last.1 = e,
+                        _ => out.push((s, e)),
                     }
                 }
-                pos = e_end;
+                pos = e;
             }
         }
         Ok(out)

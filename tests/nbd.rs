@@ -264,3 +264,37 @@ fn latency_and_faults() {
         r.stderr
     );
 }
+
+#[test]
+fn holes_are_not_read_and_block_status_is_asked_once() {
+    let s = Scratch::new();
+    sparse_source(&s, "src.raw");
+    let log = s.path("nbdkit.log");
+    let logfile = format!("logfile={}", log.display());
+    let srv = Server::nbdkit(
+        s.dir.path(),
+        &["--filter=log"],
+        &["file", s.path("src.raw").to_str().unwrap(), &logfile],
+    );
+    s.cowimg_ok(&["convert", "-O", "raw", &srv.url, "out.raw"]);
+    drop(srv);
+    assert_eq!(s.read_file("out.raw"), s.read_file("src.raw"));
+    let log = std::fs::read_to_string(&log).unwrap();
+    // Each line: "connection=N Read id=I offset=0x... count=0x... ...".
+    let read: u64 = log
+        .lines()
+        .filter(|l| l.contains(" Read "))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("count=0x"))
+        })
+        .map(|c| u64::from_str_radix(c, 16).unwrap())
+        .sum();
+    // The data (1.56 MiB of 32 MiB) plus the format probe, cut into whole requests.
+    assert!(read > 0 && read <= 2 << 20, "{read} bytes read:\n{log}");
+    let status = log.lines().filter(|l| l.contains(" Extents ")).count();
+    assert!(
+        (1..=2).contains(&status),
+        "{status} block status requests:\n{log}"
+    );
+}
