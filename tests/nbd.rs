@@ -35,6 +35,19 @@ fn sparse_source(s: &Scratch, name: &str) {
     );
 }
 
+/// nbdkit serving [`sparse_source`] "src.raw" with its log filter: the server and the log.
+fn logged_sparse_export(s: &Scratch) -> (Server, std::path::PathBuf) {
+    sparse_source(s, "src.raw");
+    let log = s.path("nbdkit.log");
+    let logfile = format!("logfile={}", log.display());
+    let srv = Server::nbdkit(
+        s.dir.path(),
+        &["--filter=log"],
+        &["file", s.path("src.raw").to_str().unwrap(), &logfile],
+    );
+    (srv, log)
+}
+
 /// cowimg's and qemu-img's raw conversions of `url` (with `fmt`) are byte-identical, and
 /// equal to `expect` when given.
 fn converts_like_qemu(s: &Scratch, url: &str, fmt: &str, expect: Option<&str>) {
@@ -184,14 +197,7 @@ fn qemu_nbd_exports_of_qcow2_over_tcp_and_unix_in_every_url_form() {
 #[test]
 fn overlays_on_an_nbd_backing_read_map_and_stream_without_writing_the_base() {
     let s = Scratch::new();
-    sparse_source(&s, "src.raw");
-    let log = s.path("nbdkit.log");
-    let logfile = format!("logfile={}", log.display());
-    let srv = Server::nbdkit(
-        s.dir.path(),
-        &["--filter=log"],
-        &["file", s.path("src.raw").to_str().unwrap(), &logfile],
-    );
+    let (srv, log) = logged_sparse_export(&s);
     s.qemu_img(&[
         "create", "-q", "-f", "qcow2", "-b", &srv.url, "-F", "raw", "ov.qcow2",
     ]);
@@ -268,14 +274,7 @@ fn latency_and_faults() {
 #[test]
 fn holes_are_not_read_and_block_status_is_asked_once() {
     let s = Scratch::new();
-    sparse_source(&s, "src.raw");
-    let log = s.path("nbdkit.log");
-    let logfile = format!("logfile={}", log.display());
-    let srv = Server::nbdkit(
-        s.dir.path(),
-        &["--filter=log"],
-        &["file", s.path("src.raw").to_str().unwrap(), &logfile],
-    );
+    let (srv, log) = logged_sparse_export(&s);
     s.cowimg_ok(&["convert", "-O", "raw", &srv.url, "out.raw"]);
     drop(srv);
     assert_eq!(s.read_file("out.raw"), s.read_file("src.raw"));
