@@ -189,10 +189,10 @@ impl Storage for NbdStorage {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         }
         if offset.saturating_add(buf.len() as u64) > self.size {
-            return Err(io::Error::new(
-                io::ErrorKind::StorageFull,
-                "an NBD export cannot grow past its size",
-            ));
+            return Err(io::Error::other(format!(
+                "an NBD export cannot grow past its size ({} bytes)",
+                self.size
+            )));
         }
         self.with_conn(|c| c.write(offset, buf, false))
     }
