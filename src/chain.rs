@@ -592,8 +592,13 @@ impl Chain {
         }
     }
 
-    /// The layer whose image file is `path` (compared by resolved path).
+    /// The layer whose image file is `path` (compared by resolved path; an NBD name by the
+    /// export it designates, whichever form names it).
     pub fn find(&self, path: &str) -> Option<usize> {
+        if let Some(target) = cowimg_nbd::Target::parse(path) {
+            let name = target.ok()?.to_string();
+            return self.layers.iter().position(|l| l.filename == name);
+        }
         let want = canonical(path)?;
         self.layers
             .iter()

@@ -297,3 +297,44 @@ fn holes_are_not_read_and_block_status_is_asked_once() {
         "{status} block status requests:\n{log}"
     );
 }
+
+#[test]
+fn stream_down_to_an_nbd_base_named_in_another_form() {
+    let s = Scratch::new();
+    sparse_source(&s, "src.raw");
+    let srv = Server::nbdkit(
+        s.dir.path(),
+        &[],
+        &["file", s.path("src.raw").to_str().unwrap()],
+    );
+    let sock = srv.socket.clone().unwrap();
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &srv.url,
+        "-F",
+        "raw",
+        "mid.qcow2",
+    ]);
+    s.qemu_io("mid.qcow2", &["write -P 0x22 2M 1M"]);
+    s.qcow2_overlay("mid.qcow2", "top.qcow2");
+    s.qemu_io("top.qcow2", &["write -P 0x33 2560k 64k"]);
+    s.qemu_img(&["convert", "-O", "raw", "top.qcow2", "before.raw"]);
+    // The base as the legacy form of the same export.
+    let legacy = format!("nbd:unix:{}", sock.display());
+    s.cowimg_ok(&["stream", "--base", &legacy, "top.qcow2"]);
+    s.assert_clean("top.qcow2");
+    let info = s.qemu_info("top.qcow2");
+    // The base is recorded by its canonical name, as qemu's stream job records it.
+    let canonical = Target::parse(&srv.url).unwrap().unwrap().to_string();
+    assert_eq!(
+        info["backing-filename"],
+        serde_json::json!(canonical),
+        "{info}"
+    );
+    s.qemu_img(&["convert", "-O", "raw", "top.qcow2", "after.raw"]);
+    assert_eq!(s.read_file("before.raw"), s.read_file("after.raw"));
+}

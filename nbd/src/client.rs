@@ -582,7 +582,7 @@ impl Shared {
     fn complete(&self, p: Pending) {
         {
             let mut st = lock(&self.state);
-            st.in_flight_bytes -= p.cost;
+            st.in_flight_bytes = st.in_flight_bytes.saturating_sub(p.cost);
         }
         self.room.notify_all();
         p.finish(self.info.structured);
