@@ -497,12 +497,9 @@ impl Chain {
                 }
                 let mut data = vec![0u8; (e0 - s0) as usize];
                 self.read_from(1, s0, &mut data)?;
-                if cowimg_formats::is_zero(&data) {
-                    top.image.write_zeroes(s0, e0 - s0, &below).map_err(err)?;
-                } else {
-                    top.image.write(s0, &data, &below).map_err(err)?;
-                }
-                *staged += e0 - s0;
+                // Conditional: a client write (serve) may have allocated part of the range
+                // since the map above; the fill must never replace its data.
+                *staged += top.image.fill_unallocated(s0, &data, &below).map_err(err)?;
             }
         }
         if *staged >= COR_COMMIT_BYTES {

@@ -251,6 +251,26 @@ pub(crate) fn status_ahead_by_table(
     Ok(out)
 }
 
+/// The body of [`Image::fill_unallocated`] once the caller holds the clusters of the range:
+/// `write` gets each unallocated run of `[offset, offset + data.len())` with its part of
+/// `data`. Returns the bytes written.
+pub(crate) fn fill_runs(
+    image: &dyn Image,
+    offset: u64,
+    data: &[u8],
+    mut write: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<u64> {
+    let mut filled = 0;
+    for run in image.map(offset, data.len() as u64)? {
+        if run.alloc == Alloc::Unallocated {
+            let at = (run.start - offset) as usize;
+            write(run.start, &data[at..at + run.len as usize])?;
+            filled += run.len;
+        }
+    }
+    Ok(filled)
+}
+
 /// Reads guest data from whatever lies below a layer (its backing chain). Used to fill the
 /// untouched part of a cluster when a partial write allocates it.
 pub trait ReadBelow: Sync {
@@ -399,6 +419,15 @@ pub trait Image: Send + Sync {
         let _ = (offset, compressed);
         Ok(false)
     }
+    /// Copy-on-read fill: writes `data` (what the layers below read at `offset`) into the
+    /// units of `[offset, offset + data.len())` that are still unallocated in this layer, and
+    /// leaves allocated ones alone. The allocation is decided while the clusters are held
+    /// (see [`clusters`]), so a fill racing a [`Image::write`] of the same range never
+    /// replaces the newer data with the older: the write either allocated first (the fill
+    /// skips it) or waits for the fill and lands on top. Returns the bytes filled. `offset`
+    /// and the length should be multiples of [`Image::allocation_unit`] (or end at the
+    /// image's end); a partial unit is completed from `below`.
+    fn fill_unallocated(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<u64>;
     /// Makes `[offset, offset + len)` read as zeros, hiding the backing file, with zero
     /// clusters where the format has them (whole units) and written zeros elsewhere.
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()>;
@@ -463,5 +492,126 @@ pub trait Image: Send + Sync {
             log(&line);
         }
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod fill_tests {
+    use super::*;
+
+    /// A backing chain's stand-in: every byte below reads as `0xbb`.
+    struct Old;
+
+    impl ReadBelow for Old {
+        fn read_below(&self, _offset: u64, buf: &mut [u8]) -> Result<()> {
+            buf.fill(0xbb);
+            Ok(())
+        }
+    }
+
+    const CS: u64 = 65536;
+
+    fn images() -> Vec<Arc<dyn Image>> {
+        let backing = Some(BackingRef {
+            name: "base.raw".into(),
+            format: Some("raw".into()),
+        });
+        let q: Arc<dyn Storage> = Arc::new(MemStorage::new(Vec::new(), "t.qcow2"));
+        qcow2::create::create(
+            &*q,
+            &qcow2::create::Options {
+                size: 64 * CS,
+                backing: backing.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let e: Arc<dyn Storage> = Arc::new(MemStorage::new(Vec::new(), "t.qed"));
+        qed::create::create(
+            &*e,
+            &qed::create::Options {
+                size: 64 * CS,
+                backing,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let opts = qcow2::OpenOptions {
+            writable: true,
+            data_file: None,
+            repair: false,
+        };
+        vec![
+            Arc::new(qcow2::Qcow2::open(q, opts).unwrap()),
+            Arc::new(qed::Qed::open(e, true).unwrap()),
+        ]
+    }
+
+    fn read(img: &dyn Image, offset: u64, len: u64) -> Vec<u8> {
+        let mut out = vec![0xbb; len as usize];
+        for r in img.map(offset, len).unwrap() {
+            let at = (r.start - offset) as usize;
+            if let Alloc::Data { host } = r.alloc {
+                img.read_host(host, &mut out[at..at + r.len as usize])
+                    .unwrap();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_fill_leaves_allocated_clusters_alone() {
+        for img in images() {
+            img.write(CS + 100, &[0xaa; 10], &Old).unwrap();
+            let filled = img
+                .fill_unallocated(0, &[0xbb; 4 * CS as usize], &Old)
+                .unwrap();
+            assert_eq!(filled, 3 * CS, "{}", img.format());
+            let got = read(&*img, 0, 4 * CS);
+            let mut want = vec![0xbb; 4 * CS as usize];
+            want[CS as usize + 100..CS as usize + 110].fill(0xaa);
+            assert!(got == want, "{}: the write survives the fill", img.format());
+            assert!(img
+                .map(0, 4 * CS)
+                .unwrap()
+                .iter()
+                .all(|r| r.alloc != Alloc::Unallocated));
+            assert_eq!(
+                img.fill_unallocated(0, &[0; 4 * CS as usize], &Old)
+                    .unwrap(),
+                0
+            );
+            img.commit().unwrap();
+            let report = img.check(CheckMode::ReadOnly).unwrap();
+            assert_eq!(
+                (report.corruptions, report.leaks),
+                (0, 0),
+                "{}",
+                img.format()
+            );
+        }
+    }
+
+    #[test]
+    fn a_fill_racing_a_write_never_replaces_the_newer_data() {
+        for img in images() {
+            for round in 0..64u64 {
+                let c = round;
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        img.fill_unallocated(c * CS, &[0xbb; CS as usize], &Old)
+                            .unwrap()
+                    });
+                    s.spawn(|| img.write(c * CS + 512, &[0xaa; 512], &Old).unwrap());
+                });
+                let got = read(&*img, c * CS + 512, 512);
+                assert!(
+                    got.iter().all(|&b| b == 0xaa),
+                    "{} round {round}",
+                    img.format()
+                );
+            }
+            img.commit().unwrap();
+        }
     }
 }

@@ -528,7 +528,7 @@ impl Image for Qcow2 {
     }
 
     fn write(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
-        self.write_impl(offset, data, below)
+        self.write_impl(offset, data, below, false).map(|_| ())
     }
 
     fn reserve(&self, offset: u64, len: u64) -> Result<()> {
@@ -537,6 +537,10 @@ impl Image for Qcow2 {
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()> {
         self.write_zeroes_impl(offset, len, below)
+    }
+
+    fn fill_unallocated(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<u64> {
+        self.write_impl(offset, data, below, true)
     }
 
     fn compress_cluster(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {

@@ -43,7 +43,17 @@ enum Source {
 }
 
 impl Qcow2 {
-    pub(super) fn write_impl(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
+    /// A guest write; with `only_unallocated`, a copy-on-read fill
+    /// ([`crate::Image::fill_unallocated`]): the allocation is then read under the held
+    /// clusters, so a client write that allocated a unit first is never overwritten. Returns
+    /// the bytes written.
+    pub(super) fn write_impl(
+        &self,
+        offset: u64,
+        data: &[u8],
+        below: &dyn ReadBelow,
+        only_unallocated: bool,
+    ) -> Result<u64> {
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|&e| e <= self.size())
@@ -54,11 +64,22 @@ impl Qcow2 {
                 ))
             })?;
         if data.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let cs = self.geo.cluster_size();
         let _held = self.clusters.hold(offset / cs, end.div_ceil(cs));
+        if only_unallocated {
+            return crate::fill_runs(self, offset, data, |start, part| {
+                self.write_held(start, start + part.len() as u64, part, below)
+            });
+        }
+        self.write_held(offset, end, data, below)?;
+        Ok(data.len() as u64)
+    }
+
+    /// A write of `data` to `[offset, end)` whose clusters the caller holds.
+    fn write_held(&self, offset: u64, end: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
         let plans = {
             let mut m = self.meta();
             self.prepare_write(&mut m)?;
@@ -407,7 +428,7 @@ impl Qcow2 {
             let mut pos = a;
             while pos < b {
                 let n = (b - pos).min(zeros.len() as u64);
-                self.write_impl(pos, &zeros[..n as usize], below)?;
+                self.write_impl(pos, &zeros[..n as usize], below, false)?;
                 pos += n;
             }
         }

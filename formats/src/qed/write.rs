@@ -205,7 +205,17 @@ impl Qed {
         Ok(())
     }
 
-    pub(super) fn write_impl(&self, offset: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
+    /// A guest write; with `only_unallocated`, a copy-on-read fill
+    /// ([`crate::Image::fill_unallocated`]): the allocation is then read under the held
+    /// clusters, so a client write that allocated a cluster first is never overwritten. Returns
+    /// the bytes written.
+    pub(super) fn write_impl(
+        &self,
+        offset: u64,
+        data: &[u8],
+        below: &dyn ReadBelow,
+        only_unallocated: bool,
+    ) -> Result<u64> {
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let (cs, size) = {
             let m = self.meta();
@@ -221,8 +231,20 @@ impl Qed {
                 ))
             })?;
         let _held = self.clusters.hold(offset / cs, end.div_ceil(cs));
+        if only_unallocated {
+            return crate::fill_runs(self, offset, data, |start, part| {
+                self.write_held(start, start + part.len() as u64, part, below)
+            });
+        }
+        self.write_held(offset, end, data, below)?;
+        Ok(data.len() as u64)
+    }
+
+    /// A write of `data` to `[offset, end)` whose clusters the caller holds.
+    fn write_held(&self, offset: u64, end: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
         let plans = {
             let mut m = self.meta();
+            let cs = m.header.cluster_size;
             self.prepare_write(&mut m)?;
             let mut plans = Vec::new();
             let mut cluster = align_down(offset, cs);
@@ -369,7 +391,7 @@ impl Qed {
             let mut pos = a;
             while pos < b {
                 let n = (b - pos).min(zeros.len() as u64);
-                self.write_impl(pos, &zeros[..n as usize], below)?;
+                self.write_impl(pos, &zeros[..n as usize], below, false)?;
                 pos += n;
             }
         }
