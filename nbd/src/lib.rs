@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod server;
 pub mod url;
 
 pub use client::{Client, ExportInfo};
