@@ -444,6 +444,21 @@ impl Chain {
         self.read_from(0, offset, buf)
     }
 
+    /// Copies what the backing chain provides for `[offset, offset + len)` into the top
+    /// without reading it out (NBD_CMD_CACHE), when reads copy on read; else nothing to do.
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        // In pieces: a fill holds one piece of backing data in memory at a time.
+        const PIECE: u64 = 4 << 20;
+        let end = offset.saturating_add(len).min(self.size());
+        let mut pos = offset;
+        while pos < end {
+            let next = end.min(pos + PIECE);
+            self.copy_on_read(pos, next)?;
+            pos = next;
+        }
+        Ok(())
+    }
+
     /// Whether reads copy backing data into the top.
     pub fn copies_on_read(&self) -> bool {
         self.cor.is_some()

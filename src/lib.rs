@@ -98,6 +98,7 @@ pub mod progress;
 pub mod ratelimit;
 pub mod remote;
 pub mod resize;
+pub mod serve;
 pub mod size;
 pub mod stream;
 

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cowimg::chain::parse_format;
 use cowimg::commands::{
     amend, check, checksum, commit, compare, convert, create, info, map, measure, rebase, reset,
-    resize, stream,
+    resize, serve, stream,
 };
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
@@ -270,6 +270,53 @@ enum Command {
         compress: bool,
         /// The image to fill (any image of the chain; images above it read the same).
         file: String,
+    },
+    /// Export an image over NBD (qemu-nbd's options), copying what clients read from the
+    /// backing chain into the image when it has the copy-on-read flag (or --copy-on-read).
+    /// SIGINT/SIGTERM: stop accepting, finish requests in flight, commit, exit 0.
+    #[command(after_help = "Examples:
+  cowimg serve -k /tmp/disk.sock overlay.qcow2        # nbd+unix:///?socket=/tmp/disk.sock
+  cowimg serve -b 127.0.0.1 -p 10809 -x disk -t -r --copy-on-read overlay.qcow2
+  qemu-img info 'nbd+unix:///?socket=/tmp/disk.sock'")]
+    Serve {
+        /// Format of IMAGE; probed from its contents when absent.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Listen on this Unix socket (instead of TCP).
+        #[arg(short = 'k', long = "socket", conflicts_with_all = ["bind", "port"])]
+        socket: Option<String>,
+        /// Address to listen on (TCP).
+        #[arg(short = 'b', long = "bind", default_value = "0.0.0.0")]
+        bind: String,
+        /// TCP port to listen on.
+        #[arg(short = 'p', long = "port", default_value = "10809")]
+        port: u16,
+        /// The export's name (clients asking for the empty name get it too).
+        #[arg(short = 'x', long = "export-name", default_value = "")]
+        export: String,
+        /// Description shown to clients (nbdinfo).
+        #[arg(short = 'D', long = "description", default_value = "")]
+        description: String,
+        /// Refuse client writes (copy-on-read still fills the image).
+        #[arg(short = 'r', long = "read-only")]
+        read_only: bool,
+        /// Copy what clients read from the backing chain into IMAGE, whatever its flag says.
+        #[arg(long, conflicts_with = "no_copy_on_read")]
+        copy_on_read: bool,
+        /// Never copy on read, whatever the image's flag says.
+        #[arg(long)]
+        no_copy_on_read: bool,
+        /// Clients served at once (more wait to be accepted).
+        #[arg(short = 'e', long = "shared", default_value = "16")]
+        shared: usize,
+        /// Keep serving after the last client disconnects (until SIGINT/SIGTERM).
+        #[arg(short = 't', long = "persistent")]
+        persistent: bool,
+        /// Write the server's process id to this file once it listens.
+        #[arg(long = "pid-file")]
+        pid_file: Option<String>,
+        /// The image to export.
+        image: String,
     },
     /// Point an image at a new backing file. Safe by default: data that would read
     /// differently is copied into the image first (parallel, resumable); -u only changes
@@ -753,6 +800,47 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                             .map(|s| size_arg("length (--length)", "--length", s))
                             .transpose()?,
                         compress,
+                    },
+                    cancel,
+                )
+            })();
+            (r, 1)
+        }
+        Command::Serve {
+            format,
+            socket,
+            bind,
+            port,
+            export,
+            description,
+            read_only,
+            copy_on_read,
+            no_copy_on_read,
+            shared,
+            persistent,
+            pid_file,
+            image,
+        } => {
+            let r = (|| {
+                serve::run(
+                    &serve::Args {
+                        image,
+                        format: fmt_opt(&format)?,
+                        listen: match socket {
+                            Some(path) => serve::Listen::Unix(path),
+                            None => serve::Listen::Tcp { host: bind, port },
+                        },
+                        export,
+                        description,
+                        read_only,
+                        copy_on_read: match (copy_on_read, no_copy_on_read) {
+                            (true, _) => Some(true),
+                            (_, true) => Some(false),
+                            _ => None,
+                        },
+                        shared,
+                        persistent,
+                        pid_file,
                     },
                     cancel,
                 )

@@ -13,9 +13,9 @@ pub mod job;
 pub mod map;
 pub mod measure;
 pub mod rebase;
-pub mod resize;
-
 pub mod reset;
+pub mod resize;
+pub mod serve;
 pub mod stream;
 
 use serde::Serialize;

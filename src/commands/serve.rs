@@ -1,0 +1,247 @@
+//! `cowimg serve`: exports an image over NBD until SIGINT/SIGTERM (or, without
+//! `--persistent`, until its last client leaves), then commits and exits 0.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cowimg_formats::Format;
+use cowimg_nbd::server::{Export, Server};
+
+use crate::chain::{open_image, Chain, OpenOptions};
+use crate::error::{Error, Result};
+use crate::lock::Access;
+use crate::serve::ImageBackend;
+
+/// Where to listen.
+pub enum Listen {
+    Unix(String),
+    Tcp { host: String, port: u16 },
+}
+
+pub struct Args {
+    pub image: String,
+    pub format: Option<Format>,
+    pub listen: Listen,
+    pub export: String,
+    pub description: String,
+    pub read_only: bool,
+    /// `--copy-on-read` / `--no-copy-on-read`; `None` follows the image's flag.
+    pub copy_on_read: Option<bool>,
+    /// Clients served at once; more wait to be accepted.
+    pub shared: usize,
+    pub persistent: bool,
+    pub pid_file: Option<String>,
+}
+
+/// How often the accept loop looks at the stop flag.
+const POLL: Duration = Duration::from_millis(20);
+
+/// One accepted connection, of either kind.
+enum Sock {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Sock {
+    fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown_read(&self) {
+        // Wakes the connection's blocking read; it fails only when the peer is gone already.
+        let _ = match self {
+            Sock::Unix(s) => s.shutdown(Shutdown::Read),
+            Sock::Tcp(s) => s.shutdown(Shutdown::Read),
+        };
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.read(buf),
+            Sock::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.write(buf),
+            Sock::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.flush(),
+            Sock::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn bind(l: &Listen) -> Result<Listener> {
+        let failed =
+            |what: String, e: io::Error| Error::Msg(format!("cannot listen on {what}: {e}"));
+        let listener = match l {
+            Listen::Unix(path) => Listener::Unix(UnixListener::bind(path).map_err(|e| {
+                failed(
+                    format!("'{path}'"),
+                    if e.kind() == io::ErrorKind::AddrInUse {
+                        io::Error::new(e.kind(), "the path exists (remove a stale socket first)")
+                    } else {
+                        e
+                    },
+                )
+            })?),
+            Listen::Tcp { host, port } => Listener::Tcp(
+                TcpListener::bind((host.as_str(), *port))
+                    .map_err(|e| failed(format!("{host}:{port}"), e))?,
+            ),
+        };
+        // Non-blocking, so that the accept loop can notice a stop request.
+        match &listener {
+            Listener::Unix(u) => u.set_nonblocking(true),
+            Listener::Tcp(t) => t.set_nonblocking(true),
+        }
+        .map_err(|e| Error::Msg(format!("cannot listen: {e}")))?;
+        Ok(listener)
+    }
+
+    fn accept(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Listener::Unix(u) => {
+                let (s, _) = u.accept()?;
+                s.set_nonblocking(false)?;
+                Sock::Unix(s)
+            }
+            Listener::Tcp(t) => {
+                let (s, _) = t.accept()?;
+                s.set_nonblocking(false)?;
+                // Replies are small and latency-bound: send them at once.
+                s.set_nodelay(true)?;
+                Sock::Tcp(s)
+            }
+        })
+    }
+}
+
+/// Opens the chain as `serve` needs it: writable when clients may write or reads copy.
+fn open(a: &Args) -> Result<(Chain, bool)> {
+    let cor = match a.copy_on_read {
+        Some(on) => on,
+        // A shared, read-only look at the flag, before the real open takes its locks.
+        None => open_image(&a.image, a.format, Access::ReadShared)?
+            .image
+            .copy_on_read(),
+    };
+    let mut opts = if a.read_only && !cor {
+        OpenOptions::read(a.format, false)
+    } else {
+        OpenOptions::write(a.format)
+    };
+    opts.copy_on_read = cor;
+    let chain = Chain::open(&a.image, opts)?;
+    Ok((chain, cor))
+}
+
+pub fn run(a: &Args, stop: &AtomicBool) -> Result<i32> {
+    if a.shared == 0 {
+        return Err(Error::Usage("--shared must be at least 1".into()));
+    }
+    let (chain, _cor) = open(a)?;
+    let backend = Arc::new(ImageBackend::new(chain, !a.read_only));
+    let server = Arc::new(Server::new(vec![Export {
+        name: a.export.clone(),
+        description: a.description.clone(),
+        backend: backend.clone(),
+    }]));
+    let listener = Listener::bind(&a.listen)?;
+    if let Some(p) = &a.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| Error::Msg(format!("cannot write the pid file '{p}': {e}")))?;
+    }
+    // Open connections, by number: their sockets, to wake them at shutdown.
+    let open_conns: Arc<Mutex<HashMap<u64, Sock>>> = Arc::default();
+    let mut threads = Vec::new();
+    let mut next = 0u64;
+    let mut served = false;
+    while !stop.load(Ordering::SeqCst) {
+        let active = open_conns.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if !a.persistent && served && active == 0 {
+            break;
+        }
+        if active >= a.shared {
+            std::thread::sleep(POLL);
+            continue;
+        }
+        let sock = match listener.accept() {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!("cowimg serve: accepting a connection failed: {e}");
+                std::thread::sleep(POLL);
+                continue;
+            }
+        };
+        let (id, reader, waker) = match (sock.try_clone(), sock.try_clone()) {
+            (Ok(r), Ok(w)) => (next, r, w),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("cowimg serve: a connection could not be set up: {e}");
+                continue;
+            }
+        };
+        next += 1;
+        served = true;
+        open_conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, waker);
+        let (server, conns) = (server.clone(), open_conns.clone());
+        threads.push(std::thread::spawn(move || {
+            if let Err(e) = server.handle(reader, sock) {
+                eprintln!("cowimg serve: connection {id}: {e}");
+            }
+            conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        }));
+        threads.retain(|t| !t.is_finished());
+    }
+    // Stop: no new connections; each open one finishes the request it is serving.
+    drop(listener);
+    for s in open_conns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+    {
+        s.shutdown_read();
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    if let Listen::Unix(path) = &a.listen {
+        let _ = std::fs::remove_file(path);
+    }
+    let result = backend.finish();
+    if let Some(p) = &a.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    result.map(|_| 0)
+}
