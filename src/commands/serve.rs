@@ -95,6 +95,9 @@ enum Listener {
 
 impl Listener {
     fn bind(l: &Listen) -> Result<Listener> {
+        if let Listen::Unix(path) = l {
+            remove_stale_socket(path);
+        }
         let failed =
             |what: String, e: io::Error| Error::Msg(format!("cannot listen on {what}: {e}"));
         let listener = match l {
@@ -102,7 +105,7 @@ impl Listener {
                 failed(
                     format!("'{path}'"),
                     if e.kind() == io::ErrorKind::AddrInUse {
-                        io::Error::new(e.kind(), "the path exists (remove a stale socket first)")
+                        io::Error::new(e.kind(), "the path exists and is not a stale socket")
                     } else {
                         e
                     },
@@ -137,6 +140,19 @@ impl Listener {
                 Sock::Tcp(s)
             }
         })
+    }
+}
+
+/// Removes a socket left by a server that died (kill -9), as qemu-nbd does: only a socket,
+/// and only when nothing answers on it. Anything else at the path makes the bind fail with
+/// its own message.
+fn remove_stale_socket(path: &str) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket
+        && UnixStream::connect(path).is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused)
+    {
+        let _ = std::fs::remove_file(path);
     }
 }
 

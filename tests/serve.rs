@@ -1,0 +1,526 @@
+//! `cowimg serve` with real NBD clients: qemu-img, qemu-io, nbdinfo, nbdsh and nbdcopy over a
+//! Unix socket, hostile bytes, copy-on-read through the server, concurrent clients against a
+//! shadow of their acknowledged writes, and kill -9 during writes. Every server is bounded
+//! in time (`timeout`) and killed by PID when its test ends; a missing client fails the test.
+
+mod common;
+use common::Scratch;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cowimg_nbd::codec::{self, cmd, errno, opt, rep, Request};
+use cowimg_nbd::{Address, Client, Target};
+
+/// A running `cowimg serve -t -k SOCKET`, killed (by PID) when dropped.
+struct Served {
+    child: Option<Child>,
+    pid_file: std::path::PathBuf,
+    socket: std::path::PathBuf,
+}
+
+impl Served {
+    fn start(s: &Scratch, image: &str, extra: &[&str]) -> Served {
+        let socket = s.path(&format!("{image}.sock"));
+        let pid_file = s.path(&format!("{image}.pid"));
+        let _ = std::fs::remove_file(&pid_file);
+        let child = Command::new("timeout")
+            .args([
+                "-s",
+                "KILL",
+                "300",
+                env!("CARGO_BIN_EXE_cowimg"),
+                "serve",
+                "-t",
+                "-k",
+            ])
+            .arg(&socket)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .args(extra)
+            .arg(image)
+            .current_dir(s.dir.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cowimg serve (and timeout from coreutils)");
+        let mut srv = Served {
+            child: Some(child),
+            pid_file,
+            socket,
+        };
+        let t = Instant::now();
+        while !srv.pid_file.exists() {
+            let c = srv.child.as_mut().expect("running");
+            if c.try_wait().expect("wait").is_some() {
+                let out = srv
+                    .child
+                    .take()
+                    .expect("running")
+                    .wait_with_output()
+                    .expect("wait");
+                panic!(
+                    "the server exited: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        srv
+    }
+
+    fn url(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            address: Address::Unix(self.socket.clone()),
+            export: String::new(),
+        }
+    }
+
+    /// The server's own PID (not timeout's).
+    fn pid(&self) -> i32 {
+        std::fs::read_to_string(&self.pid_file)
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("a pid")
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(st.success());
+    }
+
+    /// SIGTERM, then the server's exit status and stderr.
+    fn stop(mut self) -> (i32, String) {
+        self.signal("-TERM");
+        let out = self
+            .child
+            .take()
+            .expect("running")
+            .wait_with_output()
+            .expect("wait");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// kill -9 of the server, then waits for it.
+    fn kill9(mut self) {
+        let pid = self.pid().to_string();
+        self.signal("-KILL");
+        wait_gone(&pid);
+        let _ = self.child.take().expect("running").wait();
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Ok(p) = std::fs::read_to_string(&self.pid_file) {
+                let _ = Command::new("kill").args(["-KILL", p.trim()]).status();
+                wait_gone(p.trim());
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits (up to 10 s) until process `pid` is gone: the server is timeout's child, not ours.
+fn wait_gone(pid: &str) {
+    let t = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && t.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// base.qcow2 (16 MiB: 0xab at 0..4M, 0xcd at 9M..10M) under ov.qcow2; `cor` sets the
+/// overlay's copy-on-read flag.
+fn chain(s: &Scratch, cor: bool) {
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
+    s.qemu_io(
+        "base.qcow2",
+        &["write -q -P 0xab 0 4M", "write -q -P 0xcd 9M 1M"],
+    );
+    let mut args = vec![
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+    ];
+    if cor {
+        args.push("--copy-on-read");
+    }
+    args.push("ov.qcow2");
+    s.cowimg_ok(&args);
+}
+
+/// `qemu-img compare -U`: the served image is locked by the server.
+fn same_shared(s: &Scratch, a: &str, b: &str) -> bool {
+    let r = s.run("qemu-img", &["compare", "-U", a, b]);
+    assert!(r.status <= 1, "compare {a} {b}: {}{}", r.stdout, r.stderr);
+    r.status == 0
+}
+
+fn run_ok(s: &Scratch, program: &str, args: &[&str]) -> String {
+    let r = s.run(program, args);
+    assert_eq!(r.status, 0, "{program} {args:?}: {}{}", r.stdout, r.stderr);
+    r.stdout
+}
+
+/// (start, length, data, zero) of a qemu-img map, merged where equal.
+fn map_shape(json: &str) -> Vec<(u64, u64, bool, bool)> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let mut out: Vec<(u64, u64, bool, bool)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let (data, zero) = (e["data"] == true, e["zero"] == true);
+        match out.last_mut() {
+            Some(l) if l.2 == data && l.3 == zero => l.1 += len,
+            _ => out.push((start, len, data, zero)),
+        }
+    }
+    out
+}
+
+#[test]
+fn qemu_img_and_qemu_io_over_nbd_unix() {
+    let s = Scratch::new();
+    chain(&s, false);
+    s.qemu_io("ov.qcow2", &["write -q -P 0x11 1M 64k"]);
+    let srv = Served::start(&s, "ov.qcow2", &[]);
+    let url = srv.url();
+    let info: serde_json::Value =
+        serde_json::from_str(&s.qemu_img(&["info", "--output=json", &url])).unwrap();
+    assert_eq!(info["virtual-size"], 16 << 20);
+    // The map through the server has the chain's data and zero ranges.
+    let remote = map_shape(&s.qemu_img(&["map", "--output=json", &url]));
+    let local = map_shape(&s.qemu_img(&["map", "-U", "--output=json", "ov.qcow2"]));
+    assert_eq!(remote, local);
+    s.qemu_img(&["convert", "-O", "raw", &url, "out.raw"]);
+    assert!(same_shared(&s, "out.raw", "ov.qcow2"));
+    let r = s.run("qemu-img", &["compare", &url, "base.qcow2"]);
+    assert_eq!(r.status, 1, "the overlay's own write differs: {}", r.stdout);
+    run_ok(
+        &s,
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 5M 64k",
+            "-c",
+            "write -P 0x5b 6M 100",
+            "-c",
+            "write -z 0 128k",
+            "-c",
+            "write -z 7M 1000",
+            "-c",
+            "discard 9M 64k",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x5a 5M 64k",
+            "-c",
+            "read -P 0x5b 6M 100",
+            "-c",
+            "read -P 0 0 128k",
+            "-c",
+            "read -P 0xab 128k 64k",
+            "-c",
+            "read -P 0 7M 1000",
+            // A discard may do nothing; it must never expose older data or lose newer.
+            "-c",
+            "read -P 0xcd 9M 64k",
+            &url,
+        ],
+    );
+    let (status, stderr) = srv.stop();
+    assert_eq!(status, 0, "SIGTERM exits 0: {stderr}");
+    s.assert_clean("ov.qcow2");
+    s.qemu_io(
+        "ov.qcow2",
+        &[
+            "read -q -P 0x5a 5M 64k",
+            "read -q -P 0 0 128k",
+            "read -q -P 0x11 1M 64k",
+            "read -q -P 0xab 128k 64k",
+        ],
+    );
+}
+
+#[test]
+fn nbdinfo_and_nbdcopy() {
+    let s = Scratch::new();
+    chain(&s, false);
+    let srv = Served::start(&s, "ov.qcow2", &["-x", "disk", "-D", "the test disk"]);
+    let url = format!("nbd+unix:///disk?socket={}", srv.socket.display());
+    let list = run_ok(&s, "nbdinfo", &["--list", &url]);
+    assert!(list.contains("export=\"disk\""), "{list}");
+    assert!(list.contains("the test disk"), "{list}");
+    assert!(list.contains("qemu:allocation-depth"), "{list}");
+    for can in [
+        "multi-conn",
+        "fast-zero",
+        "cache",
+        "trim",
+        "zero",
+        "fua",
+        "flush",
+        "write",
+    ] {
+        let r = s.run("nbdinfo", &["--can", can, &url]);
+        assert_eq!(r.status, 0, "can {can}: {}", r.stderr);
+    }
+    let map = run_ok(&s, "nbdinfo", &["--map", &url]);
+    let lines: Vec<&str> = map.lines().map(|l| l.trim()).collect();
+    assert!(lines[0].starts_with("0     4194304    0  data"), "{map}");
+    assert!(lines[1].contains("3  hole,zero"), "{map}");
+    let depth = run_ok(&s, "nbdinfo", &["--map=qemu:allocation-depth", &url]);
+    assert!(depth.contains("backing depth 2"), "{depth}");
+    assert!(depth.contains("absent"), "{depth}");
+    // nbdcopy uses several connections when the server allows it.
+    run_ok(&s, "nbdcopy", &["--connections=4", &url, "copy.raw"]);
+    assert!(same_shared(&s, "copy.raw", "ov.qcow2"));
+    assert_eq!(srv.stop().0, 0);
+    // Read-only: writes are not offered.
+    let ro = Served::start(&s, "ov.qcow2", &["-r"]);
+    let r = s.run("nbdinfo", &["--can", "write", &ro.url()]);
+    assert_eq!(r.status, 2, "read-only: {}{}", r.stdout, r.stderr);
+    let (status, _) = ro.stop();
+    assert_eq!(status, 0);
+}
+
+#[test]
+fn nbdsh_req_one_fast_zero_cache_and_errors() {
+    let s = Scratch::new();
+    chain(&s, false);
+    let srv = Served::start(&s, "ov.qcow2", &["--copy-on-read"]);
+    let script = r#"
+import errno
+h.set_strict_mode(0)
+def depth_at(off, n):
+    got = []
+    def cb(meta, off, entries, err):
+        if meta == "qemu:allocation-depth":
+            got.extend(entries)
+    h.block_status(n, off, cb)
+    return got
+def one(off, n):
+    got = []
+    def cb(meta, off, entries, err):
+        if meta == "base:allocation":
+            got.extend(entries)
+    h.block_status(n, off, cb, flags=nbd.CMD_FLAG_REQ_ONE)
+    return got
+# REQ_ONE: exactly one extent, no longer than asked.
+e = one(0, 8 << 20)
+assert e == [4 << 20, 0], e
+e = one(4 << 20, 1 << 20)
+assert e == [1 << 20, 3], e
+# Without: several extents.
+assert len(depth_at(0, 16 << 20)) >= 6
+# CACHE copies 2 MiB of backing data into the overlay: depth 2 -> 1.
+assert depth_at(0, 2 << 20)[:2] == [2 << 20, 2], depth_at(0, 2 << 20)
+h.cache(2 << 20, 0)
+assert depth_at(0, 2 << 20)[:2] == [2 << 20, 1], depth_at(0, 2 << 20)
+# FAST_ZERO: whole clusters are fast; a partial one is ENOTSUP.
+h.zero(65536, 4 << 20, nbd.CMD_FLAG_FAST_ZERO)
+try:
+    h.zero(100, 5 << 20, nbd.CMD_FLAG_FAST_ZERO)
+    raise AssertionError("a partial fast zero succeeded")
+except nbd.Error as ex:
+    assert ex.errnum == errno.ENOTSUP, ex
+assert h.pread(100, 5 << 20) == bytes(100)
+# Errors: out of range, too large; the connection survives them.
+for f in (lambda: h.pread(2, (16 << 20) - 1), lambda: h.pwrite(b"xy", (16 << 20) - 1)):
+    try:
+        f()
+        raise AssertionError("out of range accepted")
+    except nbd.Error as ex:
+        assert ex.errnum == errno.EINVAL, ex
+try:
+    h.pread(64 << 20, 0)
+    raise AssertionError("a 64 MiB read accepted")
+except nbd.Error as ex:
+    assert ex.errnum in (errno.EINVAL, errno.ERANGE), ex
+assert h.pread(4, 9 << 20) == b"\xcd" * 4
+h.pwrite(b"z" * 10, 0, nbd.CMD_FLAG_FUA)
+assert h.pread(10, 0) == b"z" * 10
+h.flush()
+print("ok")
+"#;
+    // nbdsh runs `python3` from PATH: the system one has libnbd's module (python3-libnbd).
+    let connect = format!(
+        "h.add_meta_context('base:allocation')\nh.add_meta_context('qemu:allocation-depth')\nh.connect_uri('{}')\n",
+        srv.url()
+    );
+    let out = Command::new("nbdsh")
+        .args(["-c", &(connect + script)])
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .output()
+        .expect("run nbdsh (libnbd-bin, python3-libnbd)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "nbdsh: {text}");
+    assert_eq!(text.trim(), "ok");
+    let (status, stderr) = srv.stop();
+    assert_eq!(status, 0, "{stderr}");
+    s.assert_clean("ov.qcow2");
+    s.qemu_io("ov.qcow2", &["read -q -P 0x7a 0 10", "read -q -P 0 4M 64k"]);
+}
+
+fn handshake(sock: &std::path::Path) -> UnixStream {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    codec::decode_greeting(&g).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let go = codec::GoRequest {
+        export: String::new(),
+        infos: vec![],
+    };
+    s.write_all(
+        &codec::OptionRequest {
+            code: opt::GO,
+            data: go.encode(),
+        }
+        .encode(),
+    )
+    .unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let h = codec::OptionReplyHeader::decode(&h).unwrap();
+        std::io::copy(&mut (&mut s).take(h.len as u64), &mut std::io::sink()).unwrap();
+        if h.reply == rep::ACK {
+            return s;
+        }
+    }
+}
+
+fn request(s: &mut UnixStream, kind: u16, offset: u64, len: u32) -> u32 {
+    let r = Request {
+        flags: 0,
+        kind,
+        cookie: 42,
+        offset,
+        len,
+    };
+    s.write_all(&r.encode()).unwrap();
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    match codec::ReplyHeader::decode(&h).unwrap() {
+        Some((codec::ReplyHeader::Simple { error, cookie: 42 }, 16)) => error,
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+#[test]
+fn hostile_requests_do_not_take_the_server_down() {
+    let s = Scratch::new();
+    chain(&s, false);
+    let srv = Served::start(&s, "ov.qcow2", &[]);
+    let mut c = handshake(&srv.socket);
+    assert_eq!(request(&mut c, cmd::READ, 16 << 20, 1), errno::EINVAL);
+    assert_eq!(request(&mut c, cmd::READ, u64::MAX - 1, 4), errno::EINVAL);
+    assert_eq!(request(&mut c, cmd::READ, 0, u32::MAX), errno::EINVAL);
+    assert_eq!(request(&mut c, cmd::CACHE, u64::MAX, 1), errno::EINVAL);
+    assert_eq!(
+        request(&mut c, cmd::WRITE_ZEROES, (16 << 20) - 1, 2),
+        errno::EINVAL
+    );
+    assert_eq!(request(&mut c, 1000, 0, 0), errno::EINVAL);
+    // A 4 GiB write cannot be answered without reading its data: a hang-up, nothing
+    // allocated.
+    let huge = Request {
+        flags: 0,
+        kind: cmd::WRITE,
+        cookie: 1,
+        offset: 0,
+        len: u32::MAX,
+    };
+    c.write_all(&huge.encode()).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(c.read(&mut b).unwrap_or(0), 0, "hung up");
+    let mut c = handshake(&srv.socket);
+    c.write_all(&[0x55; 28]).unwrap();
+    assert_eq!(c.read(&mut b).unwrap_or(0), 0, "bad magic: hung up");
+    // Garbage instead of a handshake, and a client that leaves mid-request.
+    let mut g = UnixStream::connect(&srv.socket).unwrap();
+    g.write_all(&[0xff; 64]).unwrap();
+    drop(g);
+    let mut c = handshake(&srv.socket);
+    c.write_all(&huge.encode()[..10]).unwrap();
+    drop(c);
+    // Still serving, and nothing was written.
+    let info = s.qemu_img(&["info", &srv.url()]);
+    assert!(info.contains("16 MiB"), "{info}");
+    let (status, stderr) = srv.stop();
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stderr.contains("broke the NBD protocol"), "{stderr}");
+    s.assert_clean("ov.qcow2");
+    assert!(s.same("ov.qcow2", "base.qcow2"));
+}
+
+/// Guest bytes the overlay itself holds (depth 0 data), from qemu-img map.
+fn own_data(s: &Scratch, image: &str) -> u64 {
+    let map: serde_json::Value =
+        serde_json::from_str(&s.qemu_img(&["map", "--output=json", image])).unwrap();
+    map.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn reads_through_serve_fill_the_overlay_by_its_flag() {
+    let s = Scratch::new();
+    chain(&s, true);
+    // --no-copy-on-read overrides the flag: reads leave the overlay empty.
+    let srv = Served::start(&s, "ov.qcow2", &["--no-copy-on-read", "-r"]);
+    s.qemu_img(&["convert", "-O", "raw", &srv.url(), "a.raw"]);
+    assert_eq!(srv.stop().0, 0);
+    assert_eq!(own_data(&s, "ov.qcow2"), 0);
+    // The flag: every byte read from the base is copied, and the overlay then equals it.
+    let srv = Served::start(&s, "ov.qcow2", &["-r"]);
+    s.qemu_img(&["convert", "-O", "raw", &srv.url(), "b.raw"]);
+    let (status, stderr) = srv.stop();
+    assert_eq!(status, 0, "{stderr}");
+    s.assert_clean("ov.qcow2");
+    assert_eq!(
+        own_data(&s, "ov.qcow2"),
+        5 << 20,
+        "the base's data, in the overlay"
+    );
+    assert!(s.same("ov.qcow2", "base.qcow2"));
+    assert!(s.same("b.raw", "base.qcow2"));
+    // The overlay holds it all: without its base it still reads the same.
+    s.qemu_img(&["rebase", "-u", "-b", "", "ov.qcow2"]);
+    assert!(s.same("ov.qcow2", "base.qcow2"));
+}
