@@ -139,20 +139,9 @@ pub(super) fn negotiate<'a, R: Read, W: Write>(
                 reply(c, code, rep::ACK, &[])?;
             }
             opt::INFO | opt::GO => {
-                let req = match GoRequest::decode(&data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        refuse(c, code, rep::ERR_INVALID, &e.0)?;
-                        continue;
-                    }
-                };
-                let Some(export) = server.find(&req.export) else {
-                    refuse(
-                        c,
-                        code,
-                        rep::ERR_UNKNOWN,
-                        &format!("no export named '{}'", req.export),
-                    )?;
+                let Some((req, export)) =
+                    decode_for(server, c, code, GoRequest::decode(&data), |r| &r.export)?
+                else {
                     continue;
                 };
                 let flags = transmission_flags(export, structured);
@@ -207,20 +196,11 @@ pub(super) fn negotiate<'a, R: Read, W: Write>(
                     )?;
                     continue;
                 }
-                let req = match MetaContextRequest::decode(&data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        refuse(c, code, rep::ERR_INVALID, &e.0)?;
-                        continue;
-                    }
-                };
-                let Some(export) = server.find(&req.export) else {
-                    refuse(
-                        c,
-                        code,
-                        rep::ERR_UNKNOWN,
-                        &format!("no export named '{}'", req.export),
-                    )?;
+                let Some((req, export)) =
+                    decode_for(server, c, code, MetaContextRequest::decode(&data), |r| {
+                        &r.export
+                    })?
+                else {
                     continue;
                 };
                 let chosen = choose(
@@ -251,6 +231,32 @@ pub(super) fn negotiate<'a, R: Read, W: Write>(
             }
         }
         c.writer.flush()?;
+    }
+}
+
+/// An option's decoded data and the export it names; `None` once the option has been refused
+/// (its data is malformed, or no export has that name).
+fn decode_for<'a, T, R: Read, W: Write>(
+    server: &'a Server,
+    c: &mut Conn<R, W>,
+    code: u32,
+    decoded: std::result::Result<T, ProtocolError>,
+    name: impl Fn(&T) -> &String,
+) -> Result<Option<(T, &'a Export)>> {
+    let req = match decoded {
+        Ok(r) => r,
+        Err(e) => {
+            refuse(c, code, rep::ERR_INVALID, &e.0)?;
+            return Ok(None);
+        }
+    };
+    match server.find(name(&req)) {
+        Some(export) => Ok(Some((req, export))),
+        None => {
+            let why = format!("no export named '{}'", name(&req));
+            refuse(c, code, rep::ERR_UNKNOWN, &why)?;
+            Ok(None)
+        }
     }
 }
 
