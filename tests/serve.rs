@@ -713,3 +713,22 @@ fn kill_9_during_writes_keeps_the_image_clean_and_flushed_writes() {
     s.write_file("base.raw", &base_bytes());
     assert!(s.same("base.qcow2", "base.raw"));
 }
+
+#[test]
+fn sigterm_with_a_client_connected_commits_its_writes_and_exits_0() {
+    let s = Scratch::new();
+    chain(&s, false);
+    let srv = Served::start(&s, "ov.qcow2", &[]);
+    let c = Client::connect(&srv.target()).expect("connect");
+    // Acknowledged but never flushed: the shutdown commits it.
+    c.write(3 << 20, &[0x71; 70_000], false).expect("write");
+    let (status, stderr) = srv.stop();
+    assert_eq!(status, 0, "{stderr}");
+    assert!(c.read(0, &mut [0; 1]).is_err(), "the connection was closed");
+    s.assert_clean("ov.qcow2");
+    s.qemu_io(
+        "ov.qcow2",
+        &["read -q -P 0x71 3M 70000", "read -q -P 0xab 0 3M"],
+    );
+    assert!(!s.path("ov.qcow2.sock").exists(), "the socket is removed");
+}
