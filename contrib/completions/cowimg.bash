@@ -58,6 +58,9 @@ _cowimg() {
             cowimg,resize)
                 cmd="cowimg__subcmd__resize"
                 ;;
+            cowimg,serve)
+                cmd="cowimg__subcmd__serve"
+                ;;
             cowimg,stream)
                 cmd="cowimg__subcmd__stream"
                 ;;
@@ -103,6 +106,9 @@ _cowimg() {
             cowimg__subcmd__help,resize)
                 cmd="cowimg__subcmd__help__subcmd__resize"
                 ;;
+            cowimg__subcmd__help,serve)
+                cmd="cowimg__subcmd__help__subcmd__serve"
+                ;;
             cowimg__subcmd__help,stream)
                 cmd="cowimg__subcmd__help__subcmd__stream"
                 ;;
@@ -113,7 +119,7 @@ _cowimg() {
 
     case "${cmd}" in
         cowimg)
-            opts="-h -V --help --version create info check map compare checksum stream rebase commit resize measure amend reset convert help"
+            opts="-h -V --help --version create info check map compare checksum stream serve rebase commit resize measure amend reset convert help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -389,7 +395,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__help)
-            opts="create info check map compare checksum stream rebase commit resize measure amend reset convert help"
+            opts="create info check map compare checksum stream serve rebase commit resize measure amend reset convert help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -585,6 +591,20 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__help__subcmd__resize)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__help__subcmd__serve)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -803,6 +823,80 @@ _cowimg() {
                     ;;
                 --preallocation)
                     COMPREPLY=($(compgen -W "off metadata falloc full" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__serve)
+            opts="-f -k -b -p -x -D -r -e -t -h --format --socket --bind --port --export-name --description --read-only --copy-on-read --no-copy-on-read --shared --persistent --pid-file --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --format)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -f)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -k)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --bind)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -b)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -p)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --export-name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -x)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --description)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -D)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shared)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -e)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --pid-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)
