@@ -38,6 +38,7 @@
 //!     unsafe_backing: false,
 //!     force: false,
 //!     quiet: true,
+//!     retry: String::new(),
 //! })?;
 //!
 //! // The test writes through the overlay; the golden file is never modified.

@@ -378,8 +378,8 @@ enum Command {
         #[arg(short = 'b', long)]
         base: Option<String>,
         /// Keep TOP's data (do not empty it after the commit).
-        #[arg(short = 'd', long = "drop")]
-        drop: bool,
+        #[arg(short = 'd')]
+        keep_top: bool,
         /// Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited).
         #[arg(short = 'r', long, default_value = "0")]
         speed: String,
@@ -886,7 +886,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
         Command::Commit {
             format,
             base,
-            drop,
+            keep_top,
             speed,
             jobs: j,
             progress,
@@ -902,7 +902,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         file,
                         format: fmt_opt(&format)?,
                         base,
-                        drop,
+                        keep_top,
                         speed: size_arg("rate limit (-r/--speed)", "--speed", &speed)?,
                         jobs: jobs(j)?,
                         progress: Mode::choose(json, progress, true),

@@ -19,7 +19,7 @@ pub struct Args {
     /// `-b`: the image to commit into (by resolved path); default: TOP's backing file.
     pub base: Option<String>,
     /// `-d`: keep TOP's data after the commit.
-    pub drop: bool,
+    pub keep_top: bool,
     pub speed: u64,
     pub jobs: usize,
     pub progress: Mode,
@@ -44,7 +44,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     // As qemu: committing further down leaves the images in between reading the base's new
     // data where they do not mask it, so TOP, which still masks everything it held, is kept
     // whole and the chain above the base keeps reading the same.
-    let keep_top = a.drop || a.base.is_some();
+    let keep_top = a.keep_top || a.base.is_some();
     commit::open_base_for_writing(&mut chain, base)?;
     let grown = commit::grow_base(&chain, base)?;
     let plan = stream::plan_commit(&chain, base)?;
