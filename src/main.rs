@@ -377,11 +377,11 @@ enum Command {
         /// Implies -d; the images between BASE and TOP no longer read as before.
         #[arg(short = 'b', long)]
         base: Option<String>,
-        /// Keep TOP's data (do not empty it after the commit).
-        #[arg(short = 'd')]
+        /// Keep TOP's data: skip emptying it after the commit (qemu-img's -d, --drop).
+        #[arg(short = 'd', long = "drop")]
         keep_top: bool,
         /// Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited).
-        #[arg(short = 'r', long, default_value = "0")]
+        #[arg(short = 'r', long, alias = "rate", default_value = "0")]
         speed: String,
         /// Copy workers (default: number of cores).
         #[arg(long)]

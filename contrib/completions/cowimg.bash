@@ -231,7 +231,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__commit)
-            opts="-f -b -d -r -p -q -h --format --base --speed --jobs --progress --output --help"
+            opts="-f -b -d -r -p -q -h --format --base --drop --speed --jobs --progress --output --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

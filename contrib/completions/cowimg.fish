@@ -137,7 +137,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l jobs -d 'Copy w
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l progress -d 'Progress as JSON lines on stderr: --progress json' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l output -d 'Output format of the result: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
 json\t'One JSON document on stdout, with qemu-img\'s keys'"
-complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s d -d 'Keep TOP\'s data (do not empty it after the commit)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s d -l drop -d 'Keep TOP\'s data: skip emptying it after the commit (qemu-img\'s -d, --drop)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s p -d 'Show a progress bar'
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s q -d 'Print nothing on success'
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s h -l help -d 'Print help (see more with \'--help\')'
