@@ -267,3 +267,74 @@ fn create_outputs_are_the_same_on_every_run() {
         }
     }
 }
+
+/// `commit` writes TOP's data into its backing file and empties TOP: both files must come out
+/// the same whatever the run and `--jobs`, and the chain above must read as before.
+#[test]
+fn commit_outputs_are_the_same_whatever_the_run_and_jobs() {
+    for (fmt, opts) in [
+        ("qcow2", ""),
+        ("qcow2", "extended_l2=on,cluster_size=32k"),
+        ("qed", ""),
+    ] {
+        let template = chain(fmt, opts);
+        let (b, c) = (format!("B.{fmt}"), format!("C.{fmt}"));
+        template.qemu_img(&["convert", "-O", "raw", &c, "pristine.raw"]);
+        let kept = Scratch::new();
+        for batch in BATCHES {
+            let (mut bs, mut cs) = (Vec::new(), Vec::new());
+            for (i, jobs) in JOBS.iter().enumerate() {
+                let s = copy_of(&template);
+                cowimg(&s, &["commit", "--jobs", jobs, &c], batch);
+                if i == 0 {
+                    assert!(
+                        s.same("pristine.raw", &c),
+                        "{fmt} {opts}: commit changed C's data"
+                    );
+                    assert!(s.same("pristine.raw", &b), "{fmt} {opts}: B lacks C's data");
+                    s.assert_clean(&b);
+                    s.assert_clean(&c);
+                }
+                bs.push(keep(&kept, &s.path(&b), format!("{i}-{b}")));
+                cs.push(keep(&kept, &s.path(&c), format!("{i}-{c}")));
+            }
+            let what = format!("{fmt} {opts}: commit (batch {batch:?})");
+            assert_identical(&format!("{what}, the base"), &bs);
+            assert_identical(&format!("{what}, the top"), &cs);
+            for o in bs.into_iter().chain(cs) {
+                std::fs::remove_file(o).unwrap();
+            }
+        }
+    }
+}
+
+/// `resize` (growing, with each preallocation mode, and shrinking qcow2) gives the same file
+/// on every run.
+#[test]
+fn resize_outputs_are_the_same_on_every_run() {
+    for fmt in ["qcow2", "qed"] {
+        let template = chain(fmt, "");
+        let c = format!("C.{fmt}");
+        let kept = Scratch::new();
+        let mut cases: Vec<Vec<&str>> = vec![vec!["resize", &c, "+40M"]];
+        // QED cannot shrink (qemu refuses as well).
+        if fmt == "qcow2" {
+            cases.push(vec!["resize", "--shrink", &c, "20M"]);
+            cases.push(vec!["resize", "--preallocation=metadata", &c, "+8M"]);
+            cases.push(vec!["resize", "--preallocation=full", &c, "+8M"]);
+        }
+        for case in cases {
+            let outs: Vec<PathBuf> = (0..3)
+                .map(|i| {
+                    let s = copy_of(&template);
+                    cowimg(&s, &case, None);
+                    if i == 0 {
+                        s.assert_clean(&c);
+                    }
+                    keep(&kept, &s.path(&c), format!("{i}-{c}"))
+                })
+                .collect();
+            assert_identical(&format!("{fmt}: {case:?}"), &outs);
+        }
+    }
+}
