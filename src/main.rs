@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cowimg::chain::parse_format;
 use cowimg::commands::{
     amend, check, checksum, commit, compare, convert, create, info, map, measure, rebase, reset,
-    resize, serve, stream,
+    resize, serve, snapshot, stream,
 };
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
@@ -468,6 +468,26 @@ enum Command {
         #[arg(long, value_enum, value_name = "on|off")]
         copy_on_read: Option<OnOff>,
         /// The image to change in place.
+        file: String,
+    },
+    /// List a qcow2 image's internal snapshots (`-l`), as qemu-img snapshot -l prints them.
+    #[command(after_help = "Examples:
+  cowimg snapshot -l vm.qcow2
+  cowimg snapshot -l -U running-vm.qcow2
+
+Creating, applying and deleting snapshots (qemu-img snapshot -c/-a/-d) are not in cowimg yet.
+An image without snapshots, and QED and raw images, list nothing, as in qemu-img.")]
+    Snapshot {
+        /// List the snapshots (the only action so far; required, as in qemu-img).
+        #[arg(short = 'l', long = "list", required = true)]
+        list: bool,
+        /// Format of FILE (qcow2, qed or raw); probed from its contents when absent.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Read even if another process is writing the image (force share).
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// The image whose snapshots to list.
         file: String,
     },
     /// Empty an overlay so it reads as its backing file again, keeping its options (atomic).
@@ -959,6 +979,21 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     force_share,
                 })
             })();
+            (r, 1)
+        }
+        Command::Snapshot {
+            list: _,
+            format,
+            force_share,
+            file,
+        } => {
+            let r = fmt_opt(&format).and_then(|format| {
+                snapshot::run(&snapshot::Args {
+                    file,
+                    format,
+                    force_share,
+                })
+            });
             (r, 1)
         }
         Command::Amend {

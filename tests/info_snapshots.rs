@@ -217,3 +217,64 @@ fn raw() {
 fn chain_dirs() {
     golden("chain_dirs");
 }
+
+/// `snapshot -l` prints what `qemu-img snapshot -l` prints, byte for byte, with the same exit
+/// status: qcow2 v3 and v2 with and without snapshots (names with spaces, a long one that
+/// overflows its column), a qcow2 whose backing file is missing, QED and raw (nothing listed).
+#[test]
+fn snapshot_list_matches_qemu_img() {
+    let s = Scratch::new();
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "none.qcow2", "16M"]);
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "v3.qcow2", "16M"]);
+    s.qemu_io("v3.qcow2", &["write -q -P 0x33 0 64k"]);
+    for name in ["first", "with spaces", "a-name-longer-than-sixteen-columns"] {
+        s.qemu_img(&["snapshot", "-c", name, "v3.qcow2"]);
+    }
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "v2.qcow2",
+        "16M",
+    ]);
+    s.qemu_img(&["snapshot", "-c", "old", "v2.qcow2"]);
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "v3.qcow2", "-F", "qcow2", "ov.qcow2",
+    ]);
+    s.qemu_img(&["snapshot", "-c", "over", "ov.qcow2"]);
+    s.qemu_img(&["create", "-q", "-f", "qed", "d.qed", "16M"]);
+    s.qemu_img(&["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    let mut listed = 0;
+    for img in [
+        "none.qcow2",
+        "v3.qcow2",
+        "v2.qcow2",
+        "ov.qcow2",
+        "d.qed",
+        "r.raw",
+    ] {
+        let want = s.run("qemu-img", &["snapshot", "-l", img]);
+        let got = s.cowimg(&["snapshot", "-l", img]);
+        assert_eq!(got.status, want.status, "{img}: {}", got.show());
+        assert_eq!(got.stdout, want.stdout, "{img}");
+        listed += want.stdout.lines().count();
+    }
+    // Three tables: 3 + 1 + 1 snapshots, each with two heading lines.
+    assert_eq!(
+        listed,
+        5 + 3 * 2,
+        "qemu-img listed other snapshots than made"
+    );
+    // The backing file of ov.qcow2 is not needed to list its own snapshots.
+    std::fs::remove_file(s.path("v3.qcow2")).unwrap();
+    let got = s.cowimg(&["snapshot", "-l", "ov.qcow2"]);
+    assert_eq!(got.status, 0, "{}", got.show());
+    assert!(got.stdout.contains(" over "), "{}", got.show());
+    // A missing image is an error naming it, exit 1 as in qemu-img.
+    let got = s.cowimg(&["snapshot", "-l", "nosuch.qcow2"]);
+    assert_eq!(got.status, 1, "{}", got.show());
+    assert!(got.stderr.contains("nosuch.qcow2"), "{}", got.show());
+}

@@ -61,6 +61,9 @@ _cowimg() {
             cowimg,serve)
                 cmd="cowimg__subcmd__serve"
                 ;;
+            cowimg,snapshot)
+                cmd="cowimg__subcmd__snapshot"
+                ;;
             cowimg,stream)
                 cmd="cowimg__subcmd__stream"
                 ;;
@@ -109,6 +112,9 @@ _cowimg() {
             cowimg__subcmd__help,serve)
                 cmd="cowimg__subcmd__help__subcmd__serve"
                 ;;
+            cowimg__subcmd__help,snapshot)
+                cmd="cowimg__subcmd__help__subcmd__snapshot"
+                ;;
             cowimg__subcmd__help,stream)
                 cmd="cowimg__subcmd__help__subcmd__stream"
                 ;;
@@ -119,7 +125,7 @@ _cowimg() {
 
     case "${cmd}" in
         cowimg)
-            opts="-h -V --help --version create info check map compare checksum stream serve rebase commit resize measure amend reset convert help"
+            opts="-h -V --help --version create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -395,7 +401,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__help)
-            opts="create info check map compare checksum stream serve rebase commit resize measure amend reset convert help"
+            opts="create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -605,6 +611,20 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__help__subcmd__serve)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__help__subcmd__snapshot)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -896,6 +916,28 @@ _cowimg() {
                     return 0
                     ;;
                 --pid-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        cowimg__subcmd__snapshot)
+            opts="-l -f -U -h --list --format --force-share --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --format)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -f)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -280,33 +280,7 @@ fn to_human(f: &Facts) -> String {
         o += "copy-on-read: on\n";
     }
     if let Details::Qcow2(d) = img.details() {
-        if !d.snapshots.is_empty() {
-            o += "Snapshot list:\n";
-            o += &format!(
-                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
-                "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-            );
-            for s in &d.snapshots {
-                let secs = s.vm_clock_nsec / 1_000_000_000;
-                let clock = format!(
-                    "{:04}:{:02}:{:02}.{:03}",
-                    secs / 3600,
-                    (secs / 60) % 60,
-                    secs % 60,
-                    (s.vm_clock_nsec / 1_000_000) % 1000
-                );
-                let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
-                o += &format!(
-                    "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
-                    s.id,
-                    s.name,
-                    size_to_str(s.vm_state_size),
-                    local_time(s.date_sec),
-                    clock,
-                    icount
-                );
-            }
-        }
+        o += &snapshot_table(&d.snapshots);
         o += "Format specific information:\n";
         o += &qcow2_human(&d);
     }
@@ -362,6 +336,40 @@ fn qcow2_human(d: &Qcow2Details) -> String {
         o += &format!(
             "    corrupt: {}\n    extended l2: {}\n",
             d.corrupt, d.extended_l2
+        );
+    }
+    o
+}
+
+/// qcow2's internal snapshots as `qemu-img info` and `qemu-img snapshot -l` list them, column
+/// for column; empty when there are none (qemu prints nothing then).
+pub(crate) fn snapshot_table(snapshots: &[cowimg_formats::qcow2::snapshot::Snapshot]) -> String {
+    if snapshots.is_empty() {
+        return String::new();
+    }
+    let mut o = String::from("Snapshot list:\n");
+    o += &format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for s in snapshots {
+        let secs = s.vm_clock_nsec / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            (s.vm_clock_nsec / 1_000_000) % 1000
+        );
+        let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
+        o += &format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            s.id,
+            s.name,
+            size_to_str(s.vm_state_size),
+            local_time(s.date_sec),
+            clock,
+            icount
         );
     }
     o

@@ -16,6 +16,7 @@ pub mod rebase;
 pub mod reset;
 pub mod resize;
 pub mod serve;
+pub mod snapshot;
 pub mod stream;
 
 use serde::Serialize;
