@@ -596,6 +596,14 @@ impl Chain {
         Ok(())
     }
 
+    /// A reader of the whole chain: what an overlay of its top reads where it holds nothing.
+    pub fn whole(&self) -> Below<'_> {
+        Below {
+            chain: self,
+            from: 0,
+        }
+    }
+
     /// A reader of what lies below layer `i`.
     pub fn below(&self, i: usize) -> Below<'_> {
         Below {

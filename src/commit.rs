@@ -55,6 +55,8 @@ pub fn copy(chain: &Chain, base: usize, plan: &Plan, s: &Settings) -> Result<()>
         jobs: s.jobs,
         compare: None,
         compress: false,
+        shift: 0,
+        sparse: Some(0),
     };
     copier.run(&plan.extents)
 }

@@ -101,6 +101,13 @@ pub struct Copier<'a> {
     pub compare: Option<&'a Chain>,
     /// Store clusters compressed where they shrink (qcow2; whole clusters).
     pub compress: bool,
+    /// Where the source's byte 0 lands in the target: extents are in target offsets and the
+    /// source is read `shift` bytes lower (convert writes several sources one after another).
+    pub shift: u64,
+    /// Zero detection in copied data: `Some(n)`: zero units are zeros (see `zero_data`) where
+    /// they run at least `n` bytes, shorter runs are written as data (convert's `-S`);
+    /// `None`: every byte is written as data.
+    pub sparse: Option<u64>,
 }
 
 /// Splits sorted extents at multiples of `window`; the pieces of one window form one piece of
@@ -256,7 +263,9 @@ impl Copier<'_> {
         // touch one cluster (with extended L2 the unit is a subcluster, but a cluster is
         // allocated and its bitmap updated as one).
         let cluster = self.target.cluster_size().unwrap_or(unit).max(unit);
-        let window = CHUNK.div_ceil(cluster).max(1) * cluster;
+        // A window holds at least the shortest zero run left as a hole, which is found
+        // within one window.
+        let window = CHUNK.max(self.sparse.unwrap_or(0)).div_ceil(cluster).max(1) * cluster;
         let chunks = windows(extents, window);
         let chunk = window;
         let pool = rayon::ThreadPoolBuilder::new()
@@ -380,12 +389,12 @@ impl Copier<'_> {
             return Ok(p);
         }
         let mut buf = vec![0u8; c.len as usize];
+        let from = c.start - self.shift;
         if self.source_layer == 0 {
             // Reading the named image: its copy-on-read flag applies.
-            self.source.read(c.start, &mut buf)?;
+            self.source.read(from, &mut buf)?;
         } else {
-            self.source
-                .read_from(self.source_layer, c.start, &mut buf)?;
+            self.source.read_from(self.source_layer, from, &mut buf)?;
         }
         let new = match self.compare {
             Some(other) => {
@@ -402,18 +411,24 @@ impl Copier<'_> {
             let r = p..unit_end(p);
             if new.as_ref().is_some_and(|n| n[r.clone()] == buf[r.clone()]) {
                 Unit::Same
-            } else if is_zero(&buf[r]) {
+            } else if self.sparse.is_some() && is_zero(&buf[r]) {
                 Unit::Zero
             } else {
                 Unit::Data
             }
         };
+        let min_zeros = self.sparse.unwrap_or(0) as usize;
         let mut pos = 0usize;
         while pos < buf.len() {
-            let k = kind(pos);
+            let mut k = kind(pos);
             let mut end = unit_end(pos);
             while end < buf.len() && kind(end) == k {
                 end = unit_end(end);
+            }
+            // A zero run too short to be a hole (`-S`) is data, as qemu-img writes it: inside
+            // a piece, not at either end of it.
+            if k == Unit::Zero && end - pos < min_zeros && pos > 0 && end < buf.len() {
+                k = Unit::Data;
             }
             match k {
                 Unit::Data if self.compress => {

@@ -548,11 +548,45 @@ file or with internal snapshots, persistent bitmaps or an external data file.")]
         /// the -O format at least as large as SRC (bytes past SRC's size are kept).
         #[arg(short = 'n')]
         no_create: bool,
-        /// The image to read (through its backing chain).
-        src: String,
-        /// The new image; an existing file is replaced once the copy is complete (through
-        /// symlinks, keeping owner and mode); a device is written in place.
-        dst: String,
+        /// Make DST an overlay of BACKING holding only what SRC's top layer holds (as
+        /// qemu-img: SRC's own backing chain is assumed to read as BACKING does).
+        #[arg(short = 'B', long = "backing", value_name = "BACKING")]
+        backing: Option<String>,
+        /// Format of BACKING (required with -B, as qemu-img requires it).
+        #[arg(short = 'F', long = "backing-format", requires = "backing")]
+        backing_format: Option<String>,
+        /// Zeros must run this long (a multiple of 512, up to 16M) to be left as holes;
+        /// 0 writes every byte (a fully allocated DST). Default: every zero allocation unit.
+        #[arg(short = 'S', long = "sparse-size", value_name = "SIZE")]
+        sparse_size: Option<String>,
+        /// Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited).
+        #[arg(short = 'r', long, alias = "rate", default_value = "0")]
+        speed: String,
+        /// Parallel requests, as qemu-img's coroutines (1 to 16): the copy workers, unless
+        /// --jobs is given.
+        #[arg(short = 'm', long = "parallel", value_name = "N")]
+        parallel: Option<String>,
+        /// Accepted for qemu-img compatibility: cowimg's workers always write out of order
+        /// (the output is consistent only once it is complete, and appears then).
+        #[arg(short = 'W', long = "oob-writes")]
+        oob_writes: bool,
+        /// Accepted for qemu-img compatibility (none, writeback, writethrough, directsync,
+        /// unsafe): cowimg writes through the page cache and syncs DST before exit 0 whatever
+        /// the mode.
+        #[arg(short = 't', long = "target-cache", value_name = "CACHE")]
+        target_cache: Option<String>,
+        /// Accepted for qemu-img compatibility (as -t): sources are read through the page cache.
+        #[arg(short = 'T', long = "source-cache", value_name = "CACHE")]
+        source_cache: Option<String>,
+        /// No progress bar, even with -p.
+        #[arg(short = 'q', long = "quiet")]
+        quiet: bool,
+        /// The images to read (each through its backing chain), then DST: several sources
+        /// are written one after the other, as qemu-img concatenates them. DST is the new
+        /// image; an existing file is replaced once the copy is complete (through symlinks,
+        /// keeping owner and mode); a device is written in place.
+        #[arg(required = true, num_args = 2.., value_name = "SRC... DST")]
+        files: Vec<String>,
     },
 }
 
@@ -609,6 +643,42 @@ fn jobs(j: Option<usize>) -> Result<usize> {
         Some(n) => Err(Error::Usage(format!(
             "--jobs must be between 1 and {MAX_JOBS}, not {n}"
         ))),
+    }
+}
+
+/// Checks a qemu cache mode (`-t`/`-T`): cowimg accepts qemu's names; none changes how it
+/// writes (it always syncs before exit 0), so the value is only validated.
+fn cache_mode(mode: Option<&str>, what: &str) -> Result<()> {
+    match mode {
+        None | Some("none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe") => {
+            Ok(())
+        }
+        Some(m) => Err(Error::Msg(format!("{what}: {m}"))),
+    }
+}
+
+/// convert's `-m`, qemu-img's number of coroutines, with its bounds and message.
+fn parallel_arg(m: &str) -> Result<usize> {
+    let digits = m.strip_prefix('-').unwrap_or(m);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::Msg(format!(
+            "Invalid number of coroutines specified: '{m}'."
+        )));
+    }
+    match m.parse::<usize>() {
+        Ok(n) if (1..=16).contains(&n) => Ok(n),
+        _ => Err(Error::Msg(
+            "Invalid number of coroutines specified. Must be between 1 and 16.".into(),
+        )),
+    }
+}
+
+/// convert's `-S`: a multiple of 512 up to 16 MiB, or 0; qemu-img's message otherwise.
+fn sparse_arg(s: &str) -> Result<u64> {
+    const INVALID: &str = "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).";
+    match size_arg("sparse size (-S)", "-S", s) {
+        Ok(n) if n % 512 == 0 && n <= 16 << 20 => Ok(n),
+        _ => Err(Error::Msg(INVALID.into())),
     }
 }
 
@@ -1031,24 +1101,49 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             no_copy_on_read: _,
             compress,
             no_create,
-            src,
-            dst,
+            backing,
+            backing_format,
+            sparse_size,
+            speed,
+            parallel,
+            oob_writes: _,
+            target_cache,
+            source_cache,
+            quiet,
+            mut files,
         } => {
             let r = (|| {
                 let json = progress_json(progress_format.as_deref())?;
+                // qemu-img checks the source cache mode first, the target's after opening.
+                cache_mode(source_cache.as_deref(), "Invalid source cache option")?;
+                cache_mode(target_cache.as_deref(), "Invalid cache option")?;
+                let jobs = match (j, parallel) {
+                    (None, Some(m)) => parallel_arg(&m)?,
+                    (j, m) => {
+                        if let Some(m) = m {
+                            parallel_arg(&m)?;
+                        }
+                        jobs(j)?
+                    }
+                };
+                let sparse = sparse_size.as_deref().map(sparse_arg).transpose()?;
+                let dst = files.pop().unwrap_or_default();
                 convert::run(
                     &convert::Args {
-                        src,
+                        srcs: files,
                         dst,
                         format: fmt_opt(&format)?,
                         out_format: parse_format(&out_format)?,
                         options,
-                        progress: Mode::choose(json, progress, !progress),
-                        jobs: jobs(j)?,
+                        progress: Mode::choose(json, progress && !quiet, !progress || quiet),
+                        jobs,
                         force_share,
                         copy_on_read,
                         compress,
                         no_create,
+                        backing: backing.map(|name| (name, backing_format)),
+                        sparse,
+                        speed: size_arg("rate limit (-r/--speed)", "--speed", &speed)?,
                     },
                     cancel,
                 )
@@ -1064,7 +1159,10 @@ fn after_interrupt(cmd: &Command) -> String {
         // Written in place (-n, a device), DST holds part of the copy; otherwise the output is
         // a temporary file until complete, removed when stopped (see output.rs). Either way
         // a rerun copies everything again.
-        Command::Convert { dst, no_create, .. } => {
+        Command::Convert {
+            files, no_create, ..
+        } => {
+            let dst = files.last().map_or("", String::as_str);
             if *no_create || is_device(dst) {
                 format!("'{dst}' was being written in place and holds a partial copy: run the same command again to write it whole")
             } else {

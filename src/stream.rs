@@ -311,6 +311,8 @@ pub fn copy(
         jobs: s.jobs,
         compare,
         compress: s.compress,
+        shift: 0,
+        sparse: Some(0),
     };
     if s.compress && top.format != cowimg_formats::Format::Qcow2 {
         return Err(Error::Usage(format!(

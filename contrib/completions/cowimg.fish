@@ -174,12 +174,21 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s O -d 'Output f
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s o -d 'Options of the output format, as for create: cluster_size=2M,compression_type=zstd,...' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l progress -d 'Progress as JSON lines on stderr: --progress json' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l jobs -d 'Copy workers (default: number of cores)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s B -l backing -d 'Make DST an overlay of BACKING holding only what SRC\'s top layer holds (as qemu-img: SRC\'s own backing chain is assumed to read as BACKING does)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s F -l backing-format -d 'Format of BACKING (required with -B, as qemu-img requires it)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s S -l sparse-size -d 'Zeros must run this long (a multiple of 512, up to 16M) to be left as holes; 0 writes every byte (a fully allocated DST). Default: every zero allocation unit' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s r -l speed -d 'Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s m -l parallel -d 'Parallel requests, as qemu-img\'s coroutines (1 to 16): the copy workers, unless --jobs is given' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s t -l target-cache -d 'Accepted for qemu-img compatibility (none, writeback, writethrough, directsync, unsafe): cowimg writes through the page cache and syncs DST before exit 0 whatever the mode' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s T -l source-cache -d 'Accepted for qemu-img compatibility (as -t): sources are read through the page cache' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s p -d 'Show a progress bar'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s U -l force-share -d 'Read even if another process is writing SRC (force share)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l copy-on-read -d 'Copy what the source\'s backing chain provides into the source as it is read (opens it read-write). Without it the source is only read, flagged or not'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l no-copy-on-read -d 'Accepted for compatibility and does nothing: reading never copies without --copy-on-read'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s c -d 'Compress clusters where they shrink (qcow2 output; -o compression_type=zlib|zstd)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s n -d 'Write into the existing DST in place, creating nothing: DST must be an image of the -O format at least as large as SRC (bytes past SRC\'s size are kept)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s W -l oob-writes -d 'Accepted for qemu-img compatibility: cowimg\'s workers always write out of order (the output is consistent only once it is complete, and appears then)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s q -l quiet -d 'No progress bar, even with -p'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help" -f -a "create" -d 'Create a new image, optionally over a backing file'
 complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help" -f -a "info" -d 'Show an image\'s format, size, backing file and format-specific facts'

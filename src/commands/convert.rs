@@ -5,9 +5,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use cowimg_formats::{Format, ReadBelow, ZerosBelow};
+use cowimg_formats::{BackingRef, Format, ReadBelow, ZerosBelow};
 
-use crate::chain::{Chain, Layer, OpenOptions};
+use crate::chain::{combine, Chain, Layer, OpenOptions};
 use crate::commands::create::ImageOptions;
 use crate::commands::map::entries;
 use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
@@ -17,7 +17,8 @@ use crate::progress::{Mode, Reporter};
 use crate::ratelimit::RateLimiter;
 
 pub struct Args {
-    pub src: String,
+    /// The images to read, written one after the other (qemu-img concatenates them).
+    pub srcs: Vec<String>,
     pub dst: String,
     pub format: Option<Format>,
     pub out_format: Format,
@@ -32,13 +33,38 @@ pub struct Args {
     pub compress: bool,
     /// Write into the existing DST in place (`-n`) instead of creating a new image.
     pub no_create: bool,
+    /// `-B NAME [-F FMT]`: DST is an overlay of NAME and receives only what the source's top
+    /// layer holds.
+    pub backing: Option<(String, Option<String>)>,
+    /// `-S`: the shortest zero run left as a hole (0: write everything); `None`: qemu-img's
+    /// default, where every zero allocation unit of the output is a hole.
+    pub sparse: Option<u64>,
+    /// Cap in bytes per second (0 = unlimited).
+    pub speed: u64,
 }
 
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let mut opts = OpenOptions::read(a.format, a.force_share);
     opts.copy_on_read = a.copy_on_read;
-    let chain = Chain::open(&a.src, opts)?;
-    let size = chain.size();
+    if a.backing.is_some() && a.srcs.len() > 1 {
+        return Err(Error::Msg(
+            "Having a backing file for the target makes no sense when concatenating multiple input images".into(),
+        ));
+    }
+    let sources = a
+        .srcs
+        .iter()
+        .map(|s| Chain::open(s, opts))
+        .collect::<Result<Vec<_>>>()?;
+    let size = sources
+        .iter()
+        .try_fold(0u64, |sum, c| sum.checked_add(c.size()))
+        .ok_or_else(|| {
+            Error::Msg(
+                "the sources' sizes add up to more than 2^64 bytes: convert them one at a time"
+                    .into(),
+            )
+        })?;
     let mut o = ImageOptions::default();
     for list in &a.options {
         o.apply(a.out_format, list)?;
@@ -48,9 +74,13 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
             "Compression not supported for this file format".into(),
         ));
     }
+    let how = How {
+        top_only: a.backing.is_some(),
+        sparse: a.sparse,
+    };
     // The destination: a new image (a device is written in place), or with -n the existing
     // image, opened with its own backing chain, which must not show through.
-    let dest = if a.no_create {
+    if a.no_create {
         if !a.options.is_empty() {
             return Err(Error::Usage(
                 "-o has no effect when skipping image creation".into(),
@@ -68,60 +98,96 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
                 "output file is smaller than input file: '{}' holds {} bytes, '{}' needs {size}",
                 a.dst,
                 t.size(),
-                a.src
+                a.srcs.join("' + '")
             )));
         }
-        Dest::Existing(t)
-    } else {
-        let spec = o.spec(a.out_format, size, None, false)?;
-        spec.validate()?;
-        // qemu-img convert replaces an existing destination; cowimg does too, atomically.
-        let out = Output::begin(&a.dst, Existing::Replace)?;
-        out.create(&spec)?;
-        Dest::New(out)
-    };
-    match dest {
-        Dest::Existing(t) => copy(a, &chain, t.top(), &t.below(0), true, cancel)?,
-        Dest::New(out) => {
-            // The image is closed before its file is renamed into place.
-            let target = out.open(a.out_format)?;
-            copy(a, &chain, &target, &ZerosBelow, out.in_place(), cancel)?;
-            drop(target);
-            out.persist()?;
-        }
+        return copy(a, &sources, how, t.top(), &t.below(0), true, cancel).map(|()| 0);
     }
+    let backing = match &a.backing {
+        None => None,
+        Some((name, format)) => Some(open_backing(a, name, format.as_deref())?),
+    };
+    let spec = o.spec(
+        a.out_format,
+        size,
+        backing.as_ref().map(|b| b.0.clone()),
+        false,
+    )?;
+    spec.validate()?;
+    // qemu-img convert replaces an existing destination; cowimg does too, atomically.
+    let out = Output::begin(&a.dst, Existing::Replace)?;
+    out.create(&spec)?;
+    // The image is closed before its file is renamed into place.
+    let target = out.open(a.out_format)?;
+    match &backing {
+        // Over a backing file, zeros must hide it and partial clusters complete from it.
+        Some((_, chain)) => copy(a, &sources, how, &target, &chain.whole(), true, cancel)?,
+        None => copy(
+            a,
+            &sources,
+            how,
+            &target,
+            &ZerosBelow,
+            out.in_place(),
+            cancel,
+        )?,
+    }
+    drop(target);
+    out.persist()?;
     Ok(0)
 }
 
-/// Where convert writes.
-enum Dest {
-    /// A new image (see [`Output`]).
-    New(Output),
-    /// The existing image DST names (`-n`), with its backing chain.
-    Existing(Chain),
+/// What of the sources convert writes.
+#[derive(Clone, Copy)]
+struct How {
+    /// Only what each source's top layer holds (`-B`): the rest is left to DST's backing file.
+    top_only: bool,
+    /// See [`Args::sparse`].
+    sparse: Option<u64>,
 }
 
-/// Copies what `chain` reads into `target`. Ranges that read as zero stay unallocated in a new
-/// image; written `in_place`, they are overwritten with zeros, hiding what the destination
-/// (or its backing chain, `below`) held.
+/// Checks `-B NAME -F FMT` as qemu-img does and opens NAME (resolved against DST, as the new
+/// image will resolve it) to complete partial clusters.
+fn open_backing(a: &Args, name: &str, format: Option<&str>) -> Result<(BackingRef, Chain)> {
+    if a.out_format == Format::Raw {
+        return Err(Error::Msg(format!(
+            "Backing file not supported for file format '{}'",
+            a.out_format
+        )));
+    }
+    let Some(format) = format else {
+        return Err(Error::Msg(
+            "Use of backing file requires explicit backing format".into(),
+        ));
+    };
+    let fmt = crate::chain::parse_format(format)?;
+    let chain =
+        Chain::open(&combine(&a.dst, name), OpenOptions::read(Some(fmt), true)).map_err(|e| {
+            Error::Msg(format!(
+                "Could not open '{}': Could not open backing file: {e}",
+                a.dst
+            ))
+        })?;
+    let r = BackingRef {
+        name: name.to_string(),
+        format: Some(format.to_string()),
+    };
+    Ok((r, chain))
+}
+
+/// Copies what the `sources` read, one after the other, into `target`. Ranges that read as
+/// zero stay unallocated in a new image; written `in_place` (or over a backing file), they
+/// are overwritten with zeros, hiding what the destination (or its backing chain, `below`)
+/// held.
 fn copy(
     a: &Args,
-    chain: &Chain,
+    sources: &[Chain],
+    how: How,
     target: &Layer,
     below: &dyn ReadBelow,
     in_place: bool,
     cancel: &AtomicBool,
 ) -> Result<()> {
-    let size = chain.size();
-    let extents: Vec<Extent> = entries(chain, 0, size)?
-        .into_iter()
-        .filter(|e| !e.zero)
-        .map(|e| Extent {
-            start: e.start,
-            len: e.length,
-            action: Action::Copy,
-        })
-        .collect();
     // Whole units of the output (whole clusters when compressing), so that no cluster is
     // written in pieces: the widened parts read as zeros, as they are.
     let unit = if a.compress {
@@ -129,46 +195,106 @@ fn copy(
     } else {
         target.image.allocation_unit()
     };
-    let mut extents = widen(extents, unit, size);
-    if in_place {
-        extents = with_zero_gaps(extents, size);
+    let mut plans = Vec::with_capacity(sources.len());
+    let mut shift = 0;
+    for chain in sources {
+        let end = shift + chain.size();
+        plans.push((shift, plan(chain, how, unit, shift, end, in_place)?));
+        shift = end;
     }
+    let size = shift;
     let counters = Arc::new(Counters::default());
     // Ranges that need nothing count as done from the start (as stream's progress counts
     // them), so that a finished convert reports offset == len.
-    let to_copy: u64 = extents.iter().map(|e| e.len).sum();
+    let to_copy: u64 = plans.iter().flat_map(|p| &p.1).map(|e| e.len).sum();
     counters
         .done
         .store(size.saturating_sub(to_copy), Ordering::Relaxed);
-    let limiter = RateLimiter::new(0);
-    let reporter = Reporter::start(a.progress, size, 0, counters.clone());
-    let copier = Copier {
-        source: chain,
-        source_layer: 0,
-        target: &*target.image,
-        target_name: &a.dst,
-        below,
-        zero_data: if in_place {
-            ZeroData::Mark
-        } else {
-            ZeroData::Skip
-        },
-        limiter: &limiter,
-        cancel,
-        counters: &counters,
-        jobs: a.jobs,
-        compare: None,
-        compress: a.compress,
-    };
-    let result = copier.run(&extents).and_then(|()| chain.finish());
+    let limiter = RateLimiter::new(a.speed);
+    let reporter = Reporter::start(a.progress, size, a.speed, counters.clone());
+    let result = (|| -> Result<()> {
+        for (chain, (shift, extents)) in sources.iter().zip(&plans) {
+            let copier = Copier {
+                source: chain,
+                source_layer: 0,
+                target: &*target.image,
+                target_name: &a.dst,
+                below,
+                zero_data: if in_place {
+                    ZeroData::Mark
+                } else {
+                    ZeroData::Skip
+                },
+                limiter: &limiter,
+                cancel,
+                counters: &counters,
+                jobs: a.jobs,
+                compare: None,
+                compress: a.compress,
+                shift: *shift,
+                sparse: match how.sparse {
+                    None => Some(0),
+                    Some(0) => None,
+                    Some(n) => Some(n),
+                },
+            };
+            copier.run(extents)?;
+            chain.finish()?;
+        }
+        Ok(())
+    })();
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
     result
 }
 
-/// Adds `Zero` extents over what sorted, disjoint `extents` leave of `[0, size)`.
-fn with_zero_gaps(extents: Vec<Extent>, size: u64) -> Vec<Extent> {
+/// The extents of one source placed at `[start, end)` of the target, in target offsets,
+/// widened to whole `unit`s of the target (within the source's place).
+fn plan(
+    chain: &Chain,
+    how: How,
+    unit: u64,
+    start: u64,
+    end: u64,
+    in_place: bool,
+) -> Result<Vec<Extent>> {
+    let everything = how.sparse == Some(0);
+    let extents: Vec<Extent> = entries(chain, 0, end - start)?
+        .into_iter()
+        .filter_map(|e| {
+            // With -B, what the top holds is copied, zero clusters too (they hide the
+            // backing file: read as zeros, they are marked zero in DST); the rest is left
+            // to DST's backing file. Copied, not zeroed, so that the parts widening adds
+            // are the backing file's data.
+            let wanted = if how.top_only {
+                e.depth == 0
+            } else {
+                !e.zero || everything
+            };
+            wanted.then(|| Extent {
+                start: start + e.start,
+                len: e.length,
+                action: Action::Copy,
+            })
+        })
+        .collect();
+    let mut extents = widen(extents, unit, end);
+    if let Some(first) = extents.first_mut() {
+        // Widening must not reach into the previous source's place.
+        if first.start < start {
+            first.len -= start - first.start;
+            first.start = start;
+        }
+    }
+    if in_place && !how.top_only {
+        extents = with_zero_gaps(extents, start, end);
+    }
+    Ok(extents)
+}
+
+/// Adds `Zero` extents over what sorted, disjoint `extents` leave of `[start, end)`.
+fn with_zero_gaps(extents: Vec<Extent>, start: u64, end: u64) -> Vec<Extent> {
     let mut out = Vec::with_capacity(extents.len() * 2 + 1);
-    let mut pos = 0;
+    let mut pos = start;
     let zero = |start, end| Extent {
         start,
         len: end - start,
@@ -181,8 +307,8 @@ fn with_zero_gaps(extents: Vec<Extent>, size: u64) -> Vec<Extent> {
         pos = e.start + e.len;
         out.push(e);
     }
-    if pos < size {
-        out.push(zero(pos, size));
+    if pos < end {
+        out.push(zero(pos, end));
     }
     out
 }
