@@ -119,7 +119,14 @@ impl Error {
                 "to repair it: cowimg check -r all {} (what the missing metadata mapped is lost; the image then reads as qemu reads it)",
                 shell_word(path)
             )],
-            Error::Open { reason, .. } => reason.hints(),
+            Error::Image {
+                path,
+                source: cowimg_formats::Error::NeedsRepair(_),
+            } => vec![repair_hint(path)],
+            Error::Open { path, reason } => match &**reason {
+                Error::Format(cowimg_formats::Error::NeedsRepair(_)) => vec![repair_hint(path)],
+                reason => reason.hints(),
+            },
             Error::In { source, .. } => source.hints(),
             _ => Vec::new(),
         }
@@ -158,6 +165,11 @@ impl Error {
             reason: Box::new(reason),
         }
     }
+}
+
+/// How to repair an image whose metadata a write found inconsistent (or marked corrupt).
+fn repair_hint(path: &str) -> String {
+    format!("to repair it: cowimg check -r all {}", shell_word(path))
 }
 
 /// `s` as one word of a shell command line: as it is when it is made of safe characters,

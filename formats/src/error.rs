@@ -37,7 +37,13 @@ pub enum Error {
         offset: u64,
         file_len: u64,
     },
-    /// An operation was refused (read-only image, corrupt bit, option conflict...).
+    /// The image is marked corrupt, or its metadata was found inconsistent, in a way that a
+    /// check with [`crate::CheckMode::RepairAll`] repairs; nothing was written. The text says
+    /// what is wrong; a program using the library decides how to offer the repair (the
+    /// cowimg CLI names its command).
+    #[error("{0}")]
+    NeedsRepair(String),
+    /// An operation was refused (read-only image, option conflict...).
     #[error("{0}")]
     Refused(String),
     /// The operation was stopped on request (signal) before it finished.

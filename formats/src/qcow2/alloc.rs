@@ -81,9 +81,8 @@ fn last_in_use(
             continue;
         }
         if offset % cs != 0 || offset + cs > file_len {
-            return Err(Error::Corrupt(format!(
-                "refcount block {bi} at {offset:#x} is misaligned or past the end of the file; \
-                 repair the image with `cowimg check -r all`"
+            return Err(Error::NeedsRepair(format!(
+                "image is corrupt: refcount block {bi} at {offset:#x} is misaligned or past the end of the file"
             )));
         }
         let mut block = vec![0u8; cs as usize];
@@ -228,9 +227,8 @@ impl Allocator {
                 )));
             }
             if offset % self.cluster_size != 0 || offset + self.cluster_size > file_len {
-                return Err(Error::Corrupt(format!(
-                    "refcount block {bi} at {offset:#x} is misaligned or past the end of the file; \
-                     repair the image with `cowimg check -r all`"
+                return Err(Error::NeedsRepair(format!(
+                    "image is corrupt: refcount block {bi} at {offset:#x} is misaligned or past the end of the file"
                 )));
             }
             let mut data = vec![0u8; self.cluster_size as usize];
@@ -270,9 +268,8 @@ impl Allocator {
             }
             1 if old == 0 => 1,
             1 => {
-                return Err(Error::Corrupt(format!(
-                    "cluster {cluster} is about to be allocated but its refcount is already {old}; \
-                     repair the image with `cowimg check -r all`"
+                return Err(Error::NeedsRepair(format!(
+                    "image is corrupt: cluster {cluster} is about to be allocated but its refcount is already {old}"
                 )))
             }
             _ if old == 0 => {
@@ -506,8 +503,8 @@ impl Qcow2 {
             ));
         }
         if m.header.incompatible_features & super::header::INCOMPAT_CORRUPT != 0 {
-            return Err(Error::Refused(
-                "qcow2: Image is corrupt; repair it with `cowimg check -r all` before writing to it".into(),
+            return Err(Error::NeedsRepair(
+                "qcow2: Image is corrupt; refusing to write to it".into(),
             ));
         }
         if m.header.incompatible_features & super::header::INCOMPAT_DIRTY != 0 {

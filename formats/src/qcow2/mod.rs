@@ -121,8 +121,8 @@ impl Qcow2 {
             && !opts.repair
             && header.incompatible_features & header::INCOMPAT_CORRUPT != 0
         {
-            return Err(Error::Refused(
-                "qcow2: Image is corrupt; cannot be opened read/write (repair it with `cowimg check -r all`)".into(),
+            return Err(Error::NeedsRepair(
+                "qcow2: Image is corrupt; cannot be opened read/write".into(),
             ));
         }
         let data_file = match header.data_file_name() {

@@ -62,8 +62,8 @@ impl MetadataMap {
         for w in r.windows(2) {
             let ((a0, a1, what_a), (b0, _, what_b)) = (w[0], w[1]);
             if a1 > b0 {
-                return Err(Error::Corrupt(format!(
-                    "{what_b} at {b0:#x} overlaps {what_a} at {a0:#x}; refusing to write (repair the image with `cowimg check -r all`)"
+                return Err(Error::NeedsRepair(format!(
+                    "image is corrupt: {what_b} at {b0:#x} overlaps {what_a} at {a0:#x}; refusing to write"
                 )));
             }
         }
@@ -74,8 +74,8 @@ impl MetadataMap {
     pub fn check_data(&self, host: u64, len: u64) -> Result<()> {
         let i = self.ranges.partition_point(|&(_, end, _)| end <= host);
         match self.ranges.get(i) {
-            Some(&(start, _, what)) if start < host + len => Err(Error::Corrupt(format!(
-                "a data cluster at {host:#x} overlaps {what} at {start:#x}; refusing to write (repair the image with `cowimg check -r all`)"
+            Some(&(start, _, what)) if start < host + len => Err(Error::NeedsRepair(format!(
+                "image is corrupt: a data cluster at {host:#x} overlaps {what} at {start:#x}; refusing to write"
             ))),
             _ => Ok(()),
         }

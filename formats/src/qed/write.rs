@@ -114,8 +114,8 @@ impl Qed {
         let cs = h.cluster_size;
         let mut end = h.header_bytes().max(h.l1_table_offset + h.table_bytes());
         let corrupt = |what: &str, off: u64| {
-            Error::Corrupt(format!(
-                "{what} offset {off:#x} is invalid; repair the image with `cowimg check -r all`"
+            Error::NeedsRepair(format!(
+                "image is corrupt: {what} offset {off:#x} is invalid"
             ))
         };
         // The metadata must not overlap itself, nor any data cluster overlap it: writes through
@@ -131,9 +131,8 @@ impl Qed {
         }
         tables.sort_unstable();
         if let Some(w) = tables.windows(2).find(|w| w[0].1 > w[1].0) {
-            return Err(Error::Corrupt(format!(
-                "the table at {:#x} overlaps the header or another table at {:#x}; refusing to write \
-                 (repair the image with `cowimg check -r all`)",
+            return Err(Error::NeedsRepair(format!(
+                "image is corrupt: the table at {:#x} overlaps the header or another table at {:#x}; refusing to write",
                 w[1].0, w[0].0
             )));
         }
