@@ -25,6 +25,10 @@ const BATCH: u64 = 512 << 20;
 /// Longest a batch should take under a rate cap, so that an interruption loses little.
 const BATCH_TIME: Duration = Duration::from_secs(2);
 
+/// Largest range one zeroing request of [`Copier::zero`] covers (a raw target zeroes it
+/// in one go: one WRITE_ZEROES on an NBD export).
+const ZERO_PIECE: u64 = 1 << 30;
+
 /// Test hook for the crash tests: `COWIMG_TEST_ABORT_AFTER_CHUNKS=N` aborts the process (as a
 /// kill would) once N chunks have been written, whether or not their batch was committed.
 fn fault_hook() -> Option<u64> {
@@ -250,6 +254,44 @@ mod tests {
 }
 
 impl Copier<'_> {
+    /// Makes the `(start, end)` ranges of a raw target read as zeros, in large pieces spread
+    /// over the workers, then commits. A raw target has no clusters for workers to share, so
+    /// the pieces need not follow [`Copier::run`]'s windows; each is one request to the
+    /// storage (WRITE_ZEROES on an NBD export) instead of one per copy window.
+    pub fn zero(&self, ranges: &[(u64, u64)]) -> Result<()> {
+        let mut pieces = Vec::new();
+        for &(start, end) in ranges {
+            let mut pos = start;
+            while pos < end {
+                let n = (end - pos).min(ZERO_PIECE);
+                pieces.push((pos, n));
+                pos += n;
+            }
+        }
+        let pool = self.pool()?;
+        let zeroed = self.spread(&pool, pieces.len(), |i, _| {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let (at, n) = pieces[i];
+            self.target
+                .write_zeroes(at, n, self.below)
+                .map_err(|e| Error::image(self.target_name, e))?;
+            self.counters.done.fetch_add(n, Ordering::Relaxed);
+            Ok(())
+        });
+        let committed = self
+            .target
+            .commit()
+            .map_err(|e| Error::image(self.target_name, e));
+        zeroed?;
+        committed?;
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted(0));
+        }
+        Ok(())
+    }
+
     /// Copies `extents` (sorted, disjoint, aligned to the target's allocation unit except at
     /// the image's end). Everything copied is committed, also when stopped or failing.
     pub fn run(&self, extents: &[Extent]) -> Result<()> {
@@ -268,10 +310,7 @@ impl Copier<'_> {
         let window = CHUNK.max(self.sparse.unwrap_or(0)).div_ceil(cluster).max(1) * cluster;
         let chunks = windows(extents, window);
         let chunk = window;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(self.jobs.max(1))
-            .build()
-            .map_err(|e| Error::Msg(format!("starting worker threads: {e}")))?;
+        let pool = self.pool()?;
         let batch_bytes = if let Some(b) = test_batch_bytes() {
             b
         } else if self.limiter.unlimited() {
@@ -316,20 +355,38 @@ impl Copier<'_> {
     /// guest order, not the order in which workers finish: the same input gives the same
     /// file whatever `--jobs` is, and compressed clusters pack back to back as qemu packs them.
     fn run_batch(&self, pool: &rayon::ThreadPool, chunks: &[Vec<Extent>], unit: u64) -> Result<()> {
+        self.spread(pool, chunks.len(), |i, turn| {
+            let ticket = Ticket { turn, index: i };
+            self.copy_window(&chunks[i], unit, ticket)
+        })
+    }
+
+    /// The `jobs` workers.
+    fn pool(&self) -> Result<rayon::ThreadPool> {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(self.jobs.max(1))
+            .build()
+            .map_err(|e| Error::Msg(format!("starting worker threads: {e}")))
+    }
+
+    /// Runs `work(i, turn)` for every `i` in `0..n` on the workers, which take the indexes in
+    /// order; the first failure stops the rest and is the outcome.
+    fn spread(
+        &self,
+        pool: &rayon::ThreadPool,
+        n: usize,
+        work: impl Fn(usize, &Turn) -> Result<()> + Sync,
+    ) -> Result<()> {
         let next = AtomicUsize::new(0);
         let turn = Turn::default();
         pool.scope(|scope| {
             for _ in 0..self.jobs.max(1) {
                 scope.spawn(|_| loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= chunks.len() || turn.aborted() {
+                    if i >= n || turn.aborted() {
                         return;
                     }
-                    let ticket = Ticket {
-                        turn: &turn,
-                        index: i,
-                    };
-                    if let Err(e) = self.copy_window(&chunks[i], unit, ticket) {
+                    if let Err(e) = work(i, &turn) {
                         turn.fail(e);
                         return;
                     }

@@ -581,10 +581,15 @@ file or with internal snapshots, persistent bitmaps or an external data file.")]
         /// No progress bar, even with -p.
         #[arg(short = 'q', long = "quiet")]
         quiet: bool,
+        /// With -n: DST reads as zeros already (a new export, a fresh device), so SRC's zero
+        /// ranges are skipped instead of written.
+        #[arg(long)]
+        target_is_zero: bool,
         /// The images to read (each through its backing chain), then DST: several sources
         /// are written one after the other, as qemu-img concatenates them. DST is the new
         /// image; an existing file is replaced once the copy is complete (through symlinks,
-        /// keeping owner and mode); a device is written in place.
+        /// keeping owner and mode); a device or an NBD export (nbd://HOST:PORT/NAME,
+        /// nbd+unix:///NAME?socket=PATH, nbd:...) is written in place.
         #[arg(required = true, num_args = 2.., value_name = "SRC... DST")]
         files: Vec<String>,
     },
@@ -1110,6 +1115,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             target_cache,
             source_cache,
             quiet,
+            target_is_zero,
             mut files,
         } => {
             let r = (|| {
@@ -1144,6 +1150,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         backing: backing.map(|name| (name, backing_format)),
                         sparse,
                         speed: size_arg("rate limit (-r/--speed)", "--speed", &speed)?,
+                        target_is_zero,
                     },
                     cancel,
                 )
@@ -1163,7 +1170,7 @@ fn after_interrupt(cmd: &Command) -> String {
             files, no_create, ..
         } => {
             let dst = files.last().map_or("", String::as_str);
-            if *no_create || is_device(dst) {
+            if *no_create || is_device(dst) || cowimg::output::is_nbd(dst) {
                 format!("'{dst}' was being written in place and holds a partial copy: run the same command again to write it whole")
             } else {
                 format!("the partial output was removed and nothing changed at '{dst}': run the same command again to start over")

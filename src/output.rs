@@ -22,6 +22,28 @@ use crate::chain::{os_text, Layer};
 use crate::error::{Error, Result};
 use crate::lock::{self, Access};
 
+/// Whether `dst` names an NBD export (in any of qemu's four forms). An export exists and has
+/// a fixed size: it is written in place, never created or replaced.
+pub fn is_nbd(dst: &str) -> bool {
+    cowimg_nbd::Target::parse(dst).is_some()
+}
+
+/// Refuses a format cowimg cannot write into an NBD export. qcow2 and QED images grow at their
+/// end as clusters are allocated, and an export cannot grow: they are written only into files
+/// (as into devices). The export takes the disk's bytes (-O raw); the server on the other end
+/// may store them in any format (`qemu-nbd -f qcow2`).
+pub fn check_nbd_format(dst: &str, format: Format) -> Result<()> {
+    if format == Format::Raw {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "'{dst}' is an NBD export: cowimg writes {format} images only into regular files (they \
+         grow at their end, an export has a fixed size). Write the disk's bytes into the export \
+         with -O raw (a server such as `qemu-nbd -f qcow2 FILE` stores them as qcow2), or name \
+         a file."
+    )))
+}
+
 /// What to create.
 #[derive(Clone, Debug)]
 pub enum Spec {

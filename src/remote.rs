@@ -8,6 +8,10 @@
 //! * Reads are cut into [`PIECE`]-sized requests pipelined on the connection; when the
 //!   server advertises multi-conn, up to [`CONNECTIONS`] connections (opened in the
 //!   background) share them, so the copy workers keep many requests in flight.
+//! * Writes (a writable export: a convert destination, a raw layer written in place) are cut
+//!   into [`PIECE`]-sized WRITEs pipelined across the connections; zeros go as WRITE_ZEROES,
+//!   with FAST_ZERO when offered, falling back to a plain WRITE_ZEROES and then to writing
+//!   zeros when the server refuses (see [`ZeroMode`]).
 //! * Remote layers are not locked: NBD has no locks, the server decides who may write. A
 //!   layer opened read-only never sends a write.
 
@@ -18,8 +22,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use cowimg_formats::Storage;
-use cowimg_nbd::client::{self, read_across, Client};
-use cowimg_nbd::codec::{state, tflags};
+use std::sync::atomic::AtomicU8;
+
+use cowimg_nbd::client::{self, read_across, write_across, Client};
+use cowimg_nbd::codec::{errno, state, tflags};
 use cowimg_nbd::Target;
 
 /// Connections opened to an export that allows several (CAN_MULTI_CONN).
@@ -41,6 +47,8 @@ pub struct NbdStorage {
     next: AtomicUsize,
     writable: bool,
     size: u64,
+    /// How zeros are written ([`ZeroMode`] as a number): learnt from the server's refusals.
+    zero_mode: AtomicU8,
     /// Block status answers of a read-only export (start -> end, data), disjoint.
     status: Mutex<BTreeMap<u64, (u64, bool)>>,
 }
@@ -52,6 +60,49 @@ struct Pool {
     /// Set when the storage is dropped: connections still being opened are not added.
     closed: AtomicBool,
 }
+
+/// How a writable export is asked for zeros, from the best way down. A server that refuses
+/// one way (ENOTSUP, or EINVAL from a server that does not know the flag or command) moves
+/// every later request to the next: asking again would be refused again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum ZeroMode {
+    /// WRITE_ZEROES with FAST_ZERO: the server zeroes only when that is quicker than writing
+    /// (punching a hole, a zero cluster), and refuses otherwise.
+    Fast = 0,
+    /// A plain WRITE_ZEROES: the server zeroes however it can, but no zeros cross the wire.
+    Plain = 1,
+    /// WRITEs of zeros: the export offers no WRITE_ZEROES, or refused it.
+    Data = 2,
+}
+
+impl ZeroMode {
+    fn initial(info: &client::ExportInfo) -> ZeroMode {
+        if !info.has(tflags::SEND_WRITE_ZEROES) {
+            ZeroMode::Data
+        } else if info.has(tflags::SEND_FAST_ZERO) {
+            ZeroMode::Fast
+        } else {
+            ZeroMode::Plain
+        }
+    }
+
+    fn from_u8(v: u8) -> ZeroMode {
+        match v {
+            0 => ZeroMode::Fast,
+            1 => ZeroMode::Plain,
+            _ => ZeroMode::Data,
+        }
+    }
+}
+
+/// Whether the server refused a zeroing as a way of zeroing (not for a fault of the disk).
+fn refused(e: &client::Error) -> bool {
+    matches!(e, client::Error::Command { code, .. } if *code == errno::ENOTSUP || *code == errno::EINVAL)
+}
+
+/// Zeros written as data at a time (when the export will not zero by itself).
+const ZERO_DATA: usize = 4 << 20;
 
 fn io_error(e: client::Error) -> io::Error {
     io::Error::other(e.to_string())
@@ -101,6 +152,7 @@ impl NbdStorage {
             next: AtomicUsize::new(0),
             writable,
             size: info.size,
+            zero_mode: AtomicU8::new(ZeroMode::initial(&info) as u8),
             status: Mutex::new(BTreeMap::new()),
         })
     }
@@ -111,9 +163,14 @@ impl NbdStorage {
 
     /// Runs `f` on the next connection, round-robin.
     fn with_conn<T>(&self, f: impl FnOnce(&Client) -> client::Result<T>) -> io::Result<T> {
+        self.with_conn_raw(f).map_err(io_error)
+    }
+
+    /// As [`NbdStorage::with_conn`], keeping the client's error (to tell refusals apart).
+    fn with_conn_raw<T>(&self, f: impl FnOnce(&Client) -> client::Result<T>) -> client::Result<T> {
         let conns = self.conns();
         let i = self.next.fetch_add(1, Ordering::Relaxed) % conns.len();
-        f(&conns[i]).map_err(io_error)
+        f(&conns[i])
     }
 }
 
@@ -194,7 +251,51 @@ impl Storage for NbdStorage {
                 self.size
             )));
         }
-        self.with_conn(|c| c.write(offset, buf, false))
+        let conns = self.conns();
+        let refs: Vec<&Client> = conns.iter().collect();
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        write_across(&refs, first, offset, buf, PIECE, false).map_err(io_error)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        if offset.saturating_add(len) > self.size {
+            return Err(io::Error::other(format!(
+                "an NBD export cannot grow past its size ({} bytes)",
+                self.size
+            )));
+        }
+        loop {
+            let mode = ZeroMode::from_u8(self.zero_mode.load(Ordering::Relaxed));
+            let r = match mode {
+                ZeroMode::Fast => self.with_conn_raw(|c| c.write_zeroes(offset, len, true, true)),
+                ZeroMode::Plain => self.with_conn_raw(|c| c.write_zeroes(offset, len, false, true)),
+                ZeroMode::Data => {
+                    let zeros = vec![0u8; ZERO_DATA.min(len as usize)];
+                    let mut pos = offset;
+                    while pos < offset + len {
+                        let n = (offset + len - pos).min(zeros.len() as u64) as usize;
+                        self.write_at(&zeros[..n], pos)?;
+                        pos += n as u64;
+                    }
+                    return Ok(());
+                }
+            };
+            match r {
+                Err(e) if refused(&e) => {
+                    // The next way down, for this request and every later one.
+                    let next = if mode == ZeroMode::Fast {
+                        ZeroMode::Plain
+                    } else {
+                        ZeroMode::Data
+                    };
+                    self.zero_mode.fetch_max(next as u8, Ordering::Relaxed);
+                }
+                r => return r.map_err(io_error),
+            }
+        }
     }
 
     fn sync(&self) -> io::Result<()> {

@@ -317,7 +317,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__convert)
-            opts="-f -O -o -p -U -c -n -B -F -S -r -m -W -t -T -q -h --progress --jobs --force-share --copy-on-read --no-copy-on-read --backing --backing-format --sparse-size --speed --parallel --oob-writes --target-cache --source-cache --quiet --help"
+            opts="-f -O -o -p -U -c -n -B -F -S -r -m -W -t -T -q -h --progress --jobs --force-share --copy-on-read --no-copy-on-read --backing --backing-format --sparse-size --speed --parallel --oob-writes --target-cache --source-cache --quiet --target-is-zero --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -189,6 +189,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s c -d 'Compress
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s n -d 'Write into the existing DST in place, creating nothing: DST must be an image of the -O format at least as large as SRC (bytes past SRC\'s size are kept)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s W -l oob-writes -d 'Accepted for qemu-img compatibility: cowimg\'s workers always write out of order (the output is consistent only once it is complete, and appears then)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s q -l quiet -d 'No progress bar, even with -p'
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l target-is-zero -d 'With -n: DST reads as zeros already (a new export, a fresh device), so SRC\'s zero ranges are skipped instead of written'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help" -f -a "create" -d 'Create a new image, optionally over a backing file'
 complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help" -f -a "info" -d 'Show an image\'s format, size, backing file and format-specific facts'

@@ -19,6 +19,19 @@ pub trait Storage: Send + Sync + Debug {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, extending the storage if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes `[offset, offset + len)` read as zeros. Storage that has a cheaper way than
+    /// writing them (an NBD export's WRITE_ZEROES) says so by overriding this; the default
+    /// writes zeros, a piece at a time.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; ZERO_PIECE.min(len) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
     /// Current length in bytes.
@@ -43,6 +56,9 @@ pub trait Storage: Send + Sync + Debug {
         })
     }
 }
+
+/// The zeros [`Storage::write_zeroes`] writes at a time by default.
+const ZERO_PIECE: u64 = 1 << 20;
 
 /// Test hook for the crash tests (`tests/reliability_kill.rs`): with `COWIMG_TEST_KILL_AT_IO=N`
 /// the process kills itself (SIGKILL, as `kill -9` would) just before its Nth change to a file:
@@ -215,6 +231,9 @@ impl<S: Storage> Storage for Unsynced<S> {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.0.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes(offset, len)
     }
     fn sync(&self) -> io::Result<()> {
         Ok(())

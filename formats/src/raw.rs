@@ -109,15 +109,14 @@ impl Image for Raw {
         write_all(&*self.storage, data, offset, "guest data")
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn ReadBelow) -> Result<()> {
-        let zeros = vec![0u8; (1 << 20).min(len) as usize];
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (offset + len - pos).min(zeros.len() as u64) as usize;
-            self.write(pos, &zeros[..n], below)?;
-            pos += n as u64;
+    fn write_zeroes(&self, offset: u64, len: u64, _below: &dyn ReadBelow) -> Result<()> {
+        if !self.writable {
+            return Err(Error::Refused("the image is open read-only".into()));
         }
-        Ok(())
+        // The storage's own way: zeros written into a file, WRITE_ZEROES on an NBD export.
+        self.storage
+            .write_zeroes(offset, len)
+            .map_err(|e| Error::io(format!("writing zeros at offset {offset:#x}"), e))
     }
 
     fn fill_unallocated(&self, offset: u64, data: &[u8], _below: &dyn ReadBelow) -> Result<u64> {

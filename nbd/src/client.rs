@@ -789,6 +789,11 @@ impl Ticket {
             .unwrap_or_else(|_| Err(Error::Broken("the reply was lost".into())))
     }
 
+    /// Waits for the request's outcome (a write's, a zeroing's...).
+    pub fn done(self) -> Result<()> {
+        self.wait().map(|_| ())
+    }
+
     /// Waits for a read's data.
     pub fn data(self) -> Result<Vec<u8>> {
         match self.wait()? {
@@ -980,30 +985,31 @@ impl Client {
         Ok(())
     }
 
-    /// Writes `data` at `offset` (aligned to the minimum block size), in pipelined requests;
-    /// with `fua`, each is durable before it is answered (when the server offers FUA).
-    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+    /// Starts a write of `data` at `offset`, which must be aligned to the minimum block size
+    /// and at most [`ExportInfo::max_request`] long; with `fua`, it is durable before it is
+    /// answered (when the server offers FUA). The payload is sent before this returns.
+    pub fn start_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<Ticket> {
         self.writable("write")?;
         self.check_range("write", offset, data.len() as u64)?;
         self.check_aligned("write", offset, data.len() as u64)?;
+        if data.len() > self.info().max_request as usize {
+            return Err(Error::Invalid(format!(
+                "a write of {} bytes is larger than the server's maximum request",
+                data.len()
+            )));
+        }
         let flags = if fua && self.info().has(tflags::SEND_FUA) {
             cmd_flags::FUA
         } else {
             0
         };
-        let max = self.info().max_request as usize;
-        let mut queue = VecDeque::new();
-        for (i, piece) in data.chunks(max).enumerate() {
-            if queue.len() >= READ_DEPTH {
-                wait_front(&mut queue)?;
-            }
-            let at = offset + (i * max) as u64;
-            queue.push_back(self.submit(cmd::WRITE, flags, at, piece.len() as u32, piece)?);
-        }
-        while !queue.is_empty() {
-            wait_front(&mut queue)?;
-        }
-        Ok(())
+        self.submit(cmd::WRITE, flags, offset, data.len() as u32, data)
+    }
+
+    /// Writes `data` at `offset` (aligned to the minimum block size), in pipelined requests;
+    /// with `fua`, each is durable before it is answered (when the server offers FUA).
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        write_across(&[self], 0, offset, data, self.info().max_request, fua)
     }
 
     /// Requests over `[offset, offset + len)` without payload, cut at 32-bit lengths.
@@ -1160,6 +1166,38 @@ pub fn read_across(
     }
     while !queue.is_empty() {
         finish(&mut queue, buf)?;
+    }
+    Ok(())
+}
+
+/// Writes `data` at `offset` through `clients` (connections to one export; several when the
+/// server allows multi-conn), in pieces of at most `piece` bytes (aligned to the minimum block
+/// size) handed out round-robin from connection `first`, up to [`READ_DEPTH`] per connection
+/// in flight. Returns once every piece is answered: a FLUSH sent afterwards covers them all.
+pub fn write_across(
+    clients: &[&Client],
+    first: usize,
+    offset: u64,
+    data: &[u8],
+    piece: u32,
+    fua: bool,
+) -> Result<()> {
+    let Some(c0) = clients.first() else {
+        return Err(Error::Invalid("no connection to write through".into()));
+    };
+    let info = c0.info();
+    let m = info.min_block.max(1);
+    let piece = (piece.min(info.max_request).max(m) / m * m) as usize;
+    let mut queue = VecDeque::new();
+    for (i, part) in data.chunks(piece).enumerate() {
+        if queue.len() >= READ_DEPTH * clients.len() {
+            wait_front(&mut queue)?;
+        }
+        let c = clients[(first + i) % clients.len()];
+        queue.push_back(c.start_write(offset + (i * piece) as u64, part, fua)?);
+    }
+    while !queue.is_empty() {
+        wait_front(&mut queue)?;
     }
     Ok(())
 }

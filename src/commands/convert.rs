@@ -1,6 +1,6 @@
 //! `cowimg convert`: reads an image through its chain and writes a new standalone image,
 //! in parallel, skipping zeros; the output appears under its name only once complete. A
-//! device, and with `-n` an existing image, is written in place instead.
+//! device, an NBD export, and with `-n` an existing image, are written in place instead.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use std::sync::Arc;
 use cowimg_formats::{BackingRef, Format, ReadBelow, ZerosBelow};
 
 use crate::chain::{combine, Chain, Layer, OpenOptions};
+use crate::output;
 use crate::commands::create::ImageOptions;
 use crate::commands::map::entries;
 use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
@@ -33,6 +34,9 @@ pub struct Args {
     pub compress: bool,
     /// Write into the existing DST in place (`-n`) instead of creating a new image.
     pub no_create: bool,
+    /// The existing DST reads as zeros already (`--target-is-zero`, with `-n`): zero ranges
+    /// of SRC are skipped instead of written.
+    pub target_is_zero: bool,
     /// `-B NAME [-F FMT]`: DST is an overlay of NAME and receives only what the source's top
     /// layer holds.
     pub backing: Option<(String, Option<String>)>,
@@ -74,17 +78,35 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
             "Compression not supported for this file format".into(),
         ));
     }
+    if a.target_is_zero && !a.no_create {
+        // qemu-img's words: only an existing destination can be known to be zero.
+        return Err(Error::Usage(
+            "--target-is-zero requires use of -n flag".into(),
+        ));
+    }
     let how = How {
         top_only: a.backing.is_some(),
         sparse: a.sparse,
     };
-    // The destination: a new image (a device is written in place), or with -n the existing
-    // image, opened with its own backing chain, which must not show through.
-    if a.no_create {
+    // An NBD export exists already: it is written in place, with or without -n, as
+    // qemu-img writes it.
+    let nbd = output::is_nbd(&a.dst);
+    if nbd {
+        output::check_nbd_format(&a.dst, a.out_format)?;
+    }
+    // The destination: a new image (a device is written in place), or with -n (or an NBD
+    // export) the existing image, opened with its own backing chain, which must not show
+    // through.
+    if a.no_create || nbd {
         if !a.options.is_empty() {
-            return Err(Error::Usage(
-                "-o has no effect when skipping image creation".into(),
-            ));
+            return Err(Error::Usage(if a.no_create {
+                "-o has no effect when skipping image creation".into()
+            } else {
+                format!(
+                    "-o has no effect on '{}': an NBD export exists already, nothing is created",
+                    a.dst
+                )
+            }));
         }
         if a.compress {
             return Err(Error::Usage(
@@ -94,14 +116,25 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         }
         let t = Chain::open(&a.dst, OpenOptions::write(Some(a.out_format)))?;
         if t.size() < size {
+            // qemu-img's words (with -n, and without it for an export), then the sizes.
+            let what = if a.no_create {
+                "output file is smaller than input file".to_string()
+            } else {
+                format!(
+                    "{}: error while converting raw: Cannot grow NBD nodes",
+                    a.dst
+                )
+            };
             return Err(Error::Msg(format!(
-                "output file is smaller than input file: '{}' holds {} bytes, '{}' needs {size}",
+                "{what}: '{}' holds {} bytes, '{}' needs {size}",
                 a.dst,
                 t.size(),
                 a.srcs.join("' + '")
             )));
         }
-        return copy(a, &sources, how, t.top(), &t.below(0), true, cancel).map(|()| 0);
+        // Known to be zero, the destination needs SRC's zeros no more than a new image does.
+        let in_place = !a.target_is_zero;
+        return copy(a, &sources, how, t.top(), &t.below(0), in_place, cancel).map(|()| 0);
     }
     let backing = match &a.backing {
         None => None,
@@ -178,7 +211,8 @@ fn open_backing(a: &Args, name: &str, format: Option<&str>) -> Result<(BackingRe
 /// Copies what the `sources` read, one after the other, into `target`. Ranges that read as
 /// zero stay unallocated in a new image; written `in_place` (or over a backing file), they
 /// are overwritten with zeros, hiding what the destination (or its backing chain, `below`)
-/// held.
+/// held: a raw destination (a device, an NBD export) is zeroed first in large requests, an
+/// image's clusters are marked zero as they are copied.
 fn copy(
     a: &Args,
     sources: &[Chain],
@@ -195,25 +229,39 @@ fn copy(
     } else {
         target.image.allocation_unit()
     };
+    // Over a backing file (-B) only the top's ranges are written: the rest shows through.
+    let zero_gaps = in_place && !how.top_only;
+    let raw = target.image.format() == Format::Raw;
     let mut plans = Vec::with_capacity(sources.len());
     let mut shift = 0;
     for chain in sources {
         let end = shift + chain.size();
-        plans.push((shift, plan(chain, how, unit, shift, end, in_place)?));
+        let mut extents = plan(chain, how, unit, shift, end)?;
+        if zero_gaps && !raw {
+            extents = with_zero_gaps(extents, shift, end);
+        }
+        plans.push((shift, extents));
         shift = end;
     }
     let size = shift;
+    let zero_first = if zero_gaps && raw {
+        let all: Vec<Extent> = plans.iter().flat_map(|p| p.1.iter().copied()).collect();
+        gaps(&all, 0, size)
+    } else {
+        Vec::new()
+    };
     let counters = Arc::new(Counters::default());
     // Ranges that need nothing count as done from the start (as stream's progress counts
     // them), so that a finished convert reports offset == len.
-    let to_copy: u64 = plans.iter().flat_map(|p| &p.1).map(|e| e.len).sum();
+    let to_copy: u64 = plans.iter().flat_map(|p| &p.1).map(|e| e.len).sum::<u64>()
+        + zero_first.iter().map(|(s, e)| e - s).sum::<u64>();
     counters
         .done
         .store(size.saturating_sub(to_copy), Ordering::Relaxed);
     let limiter = RateLimiter::new(a.speed);
     let reporter = Reporter::start(a.progress, size, a.speed, counters.clone());
     let result = (|| -> Result<()> {
-        for (chain, (shift, extents)) in sources.iter().zip(&plans) {
+        for (i, (chain, (shift, extents))) in sources.iter().zip(&plans).enumerate() {
             let copier = Copier {
                 source: chain,
                 source_layer: 0,
@@ -238,6 +286,11 @@ fn copy(
                     Some(n) => Some(n),
                 },
             };
+            if i == 0 && zero_gaps && raw {
+                // Also when there is nothing to zero: the commit is the final FLUSH of an
+                // export.
+                copier.zero(&zero_first)?;
+            }
             copier.run(extents)?;
             chain.finish()?;
         }
@@ -249,14 +302,7 @@ fn copy(
 
 /// The extents of one source placed at `[start, end)` of the target, in target offsets,
 /// widened to whole `unit`s of the target (within the source's place).
-fn plan(
-    chain: &Chain,
-    how: How,
-    unit: u64,
-    start: u64,
-    end: u64,
-    in_place: bool,
-) -> Result<Vec<Extent>> {
+fn plan(chain: &Chain, how: How, unit: u64, start: u64, end: u64) -> Result<Vec<Extent>> {
     let everything = how.sparse == Some(0);
     let extents: Vec<Extent> = entries(chain, 0, end - start)?
         .into_iter()
@@ -285,31 +331,36 @@ fn plan(
             first.start = start;
         }
     }
-    if in_place && !how.top_only {
-        extents = with_zero_gaps(extents, start, end);
-    }
     Ok(extents)
+}
+
+/// The `(start, end)` ranges of `[start, end)` that sorted, disjoint `extents` leave.
+fn gaps(extents: &[Extent], start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::with_capacity(extents.len() + 1);
+    let mut pos = start;
+    for e in extents {
+        if e.start > pos {
+            out.push((pos, e.start));
+        }
+        pos = e.start + e.len;
+    }
+    if pos < end {
+        out.push((pos, end));
+    }
+    out
 }
 
 /// Adds `Zero` extents over what sorted, disjoint `extents` leave of `[start, end)`.
 fn with_zero_gaps(extents: Vec<Extent>, start: u64, end: u64) -> Vec<Extent> {
-    let mut out = Vec::with_capacity(extents.len() * 2 + 1);
-    let mut pos = start;
-    let zero = |start, end| Extent {
-        start,
-        len: end - start,
-        action: Action::Zero,
-    };
-    for e in extents {
-        if e.start > pos {
-            out.push(zero(pos, e.start));
-        }
-        pos = e.start + e.len;
-        out.push(e);
-    }
-    if pos < end {
-        out.push(zero(pos, end));
-    }
+    let zeros = gaps(&extents, start, end)
+        .into_iter()
+        .map(|(start, end)| Extent {
+            start,
+            len: end - start,
+            action: Action::Zero,
+        });
+    let mut out: Vec<Extent> = extents.into_iter().chain(zeros).collect();
+    out.sort_by_key(|e| e.start);
     out
 }
 
