@@ -164,8 +164,22 @@ pub fn open_image_for(
             .map_err(|e| Error::open(filename, Error::Msg(e.to_string())))?;
         // qemu shows an export by its canonical name.
         let name = target.to_string();
-        return open_layer(Arc::new(storage), &name, format, access.writable(), repair)
-            .map_err(|e| rename_open_error(e, &name, filename));
+        let layer = open_layer(Arc::new(storage), &name, format, access.writable(), repair)
+            .map_err(|e| rename_open_error(e, &name, filename))?;
+        if access.writable() && layer.format != Format::Raw {
+            // A write that allocates would fail halfway (qemu's fails the same way, later).
+            return Err(Error::open(
+                filename,
+                Error::Msg(format!(
+                    "cowimg writes {fmt} images only in files: they grow at their end as \
+                     clusters are allocated, and an NBD export has a fixed size. Serve the file \
+                     as {fmt} (`qemu-nbd -f {fmt} FILE`) and name the export as raw, or work on \
+                     the file itself",
+                    fmt = layer.format
+                )),
+            ));
+        }
+        return Ok(layer);
     }
     if has_protocol(filename) {
         return Err(Error::open(

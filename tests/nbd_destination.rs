@@ -398,3 +398,74 @@ fn read_only_small_and_qcow2_destinations_are_refused_as_qemu_img_refuses_them()
         q.stderr
     );
 }
+
+/// A raw base behind qemu-nbd (on a Unix socket) and `ov.qcow2` over it with some writes;
+/// the server and what the overlay reads (`want.raw`).
+fn overlay_on_served_raw_base(s: &Scratch, base: &str, ov: &str) -> Server {
+    s.qemu_img(&["create", "-q", "-f", "raw", base, "16M"]);
+    s.qemu_io(base, &["write -P 0x11 0 4M"]);
+    let srv = Server::qemu_nbd_unix(s.dir.path(), "base", &["-t", "-f", "raw"], &s.path(base));
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &srv.url, "-F", "raw", ov,
+    ]);
+    s.qemu_io(
+        ov,
+        &[
+            "write -P 0x22 1M 1M",
+            "write -z 2M 512k",
+            "write -P 0x33 8M 64k",
+        ],
+    );
+    srv
+}
+
+#[test]
+fn commit_into_an_nbd_base_writes_it_as_qemu_img_commit_does() {
+    let s = Scratch::new();
+    let srv = overlay_on_served_raw_base(&s, "base.raw", "ov.qcow2");
+    s.qemu_img(&["convert", "-O", "raw", "ov.qcow2", "want.raw"]);
+    s.cowimg_ok(&["commit", "ov.qcow2"]);
+    compares_equal(&s, "want.raw", &srv.url);
+    s.assert_clean("ov.qcow2");
+    drop(srv);
+    // The same chain committed by qemu-img leaves the same bytes in its base.
+    let srv = overlay_on_served_raw_base(&s, "qbase.raw", "qov.qcow2");
+    s.qemu_img(&["commit", "qov.qcow2"]);
+    drop(srv);
+    assert!(
+        s.read_file("base.raw") == s.read_file("want.raw"),
+        "cowimg's base"
+    );
+    assert!(
+        s.read_file("base.raw") == s.read_file("qbase.raw"),
+        "qemu-img's base"
+    );
+
+    // A qcow2 image inside an export cannot take allocating writes: refused before any.
+    s.qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "16M"]);
+    let srv = Server::qemu_nbd_unix(s.dir.path(), "b", &["-t", "-f", "raw"], &s.path("b.qcow2"));
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &srv.url,
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    s.qemu_io("top.qcow2", &["write -P 0x22 1M 1M"]);
+    let before = s.read_file("b.qcow2");
+    let r = s.cowimg(&["commit", "top.qcow2"]);
+    assert_eq!(r.status, 1, "{}", r.show());
+    assert!(
+        r.stderr.contains(&srv.url)
+            && r.stderr.contains("fixed size")
+            && r.stderr.contains("qemu-nbd -f qcow2"),
+        "{}",
+        r.stderr
+    );
+    drop(srv);
+    assert!(s.read_file("b.qcow2") == before, "the base was written");
+}
