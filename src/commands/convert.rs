@@ -8,11 +8,11 @@ use std::sync::Arc;
 use cowimg_formats::{BackingRef, Format, ReadBelow, ZerosBelow};
 
 use crate::chain::{combine, Chain, Layer, OpenOptions};
-use crate::output;
 use crate::commands::create::ImageOptions;
 use crate::commands::map::entries;
 use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
 use crate::error::{Error, Result};
+use crate::output;
 use crate::output::{Existing, Output};
 use crate::progress::{Mode, Reporter};
 use crate::ratelimit::RateLimiter;
