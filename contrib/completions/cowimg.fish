@@ -39,7 +39,7 @@ complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "commit" -d 'Write TOP
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "resize" -d 'Change an image\'s virtual size, as qemu-img resize: SIZE, +SIZE or -SIZE. Shrinking needs --shrink and drops the data past the new end'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "amend" -d 'Change options of an existing image in place (crash-safe)'
-complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "snapshot" -d 'List a qcow2 image\'s internal snapshots (`-l`), as qemu-img snapshot -l prints them'
+complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "snapshot" -d 'List, create, apply or delete a qcow2 image\'s internal snapshots, as qemu-img snapshot'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "reset" -d 'Empty an overlay so it reads as its backing file again, keeping its options (atomic)'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -163,9 +163,13 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -s f -l format -d '
 complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -l copy-on-read -d 'Set or clear cowimg\'s copy-on-read flag (qcow2, qed)' -r -f -a "on\t''
 off\t''"
 complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -s h -l help -d 'Print help'
+complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s c -d 'Create a snapshot of the current state named NAME' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s a -d 'Apply (revert to) the snapshot with this ID or name: data and size' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s d -d 'Delete the (first) snapshot with this name' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s f -l format -d 'Format of FILE (qcow2, qed or raw); probed from its contents when absent' -r
-complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s l -l list -d 'List the snapshots (the only action so far; required, as in qemu-img)'
-complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s U -l force-share -d 'Read even if another process is writing the image (force share)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s l -l list -d 'List the snapshots (the default)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s U -l force-share -d 'Read even if another process is writing the image (force share; -l only)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s q -d 'Quiet (accepted as in qemu-img; the changes print nothing anyway)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand reset" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand reset" -s h -l help -d 'Print help'
@@ -204,7 +208,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_
 complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help" -f -a "resize" -d 'Change an image\'s virtual size, as qemu-img resize: SIZE, +SIZE or -SIZE. Shrinking needs --shrink and drops the data past the new end'
 complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help" -f -a "measure" -d 'How big a new image made from FILE (or of --size) would be'
 complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help" -f -a "amend" -d 'Change options of an existing image in place (crash-safe)'
-complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help" -f -a "snapshot" -d 'List a qcow2 image\'s internal snapshots (`-l`), as qemu-img snapshot -l prints them'
+complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help" -f -a "snapshot" -d 'List, create, apply or delete a qcow2 image\'s internal snapshots, as qemu-img snapshot'
 complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help" -f -a "reset" -d 'Empty an overlay so it reads as its backing file again, keeping its options (atomic)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help" -f -a "convert" -d 'Write an image\'s guest contents (through its chain) to a new standalone image'
 complete -c cowimg -n "__fish_cowimg_using_subcommand help; and not __fish_seen_subcommand_from create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset convert help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -469,6 +469,35 @@ pub trait Image: Send + Sync {
             self.format()
         )))
     }
+    /// Creates an internal snapshot named `name` of the image's current state (qcow2;
+    /// crash-safe, the snapshot table switched by one header write). Formats without
+    /// internal snapshots (QED, raw, as in qemu) return [`Error::Unsupported`].
+    fn snapshot_create(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Err(Error::Unsupported(format!(
+            "internal snapshots in {} images",
+            self.format()
+        )))
+    }
+    /// Reverts the image to the internal snapshot with id (or else name) `id_or_name`, its
+    /// size included; false when there is none. Crash-safe: the active L1 table is switched
+    /// by one header write.
+    fn snapshot_apply(&self, id_or_name: &str) -> Result<bool> {
+        let _ = id_or_name;
+        Err(Error::Unsupported(format!(
+            "internal snapshots in {} images",
+            self.format()
+        )))
+    }
+    /// Deletes the (first) internal snapshot named `name`, freeing what only it used; false
+    /// when there is none. By name only, as qemu-img snapshot -d.
+    fn snapshot_delete(&self, name: &str) -> Result<bool> {
+        let _ = name;
+        Err(Error::Unsupported(format!(
+            "internal snapshots in {} images",
+            self.format()
+        )))
+    }
     /// Sets or clears cowimg's copy-on-read flag (header area; synced).
     fn set_copy_on_read(&self, on: bool) -> Result<()> {
         let _ = on;

@@ -210,6 +210,32 @@ impl Allocator {
         }
     }
 
+    /// Schedules one more reference to each host cluster covering `[host, host + len)`
+    /// (a cluster a snapshot comes to share), counted at the next commit before anything
+    /// else is written.
+    pub fn add_refs(&mut self, host: u64, len: u64) {
+        let cs = self.cluster_size;
+        let mut c = host / cs * cs;
+        while c < host + len {
+            self.extra_refs.push(c);
+            c += cs;
+        }
+    }
+
+    /// The refcount of the host cluster at `host`, as it stands in memory (changes of the
+    /// last commit included).
+    pub fn refcount(&mut self, storage: &dyn Storage, host: u64, file_len: u64) -> Result<u64> {
+        let (bi, idx) = self.rgeo.locate(host / self.cluster_size);
+        if reftable_block(self.table.get(bi as usize).copied().unwrap_or(0)) == 0
+            && !self.blocks.contains_key(&bi)
+        {
+            return Ok(0);
+        }
+        let rgeo = self.rgeo;
+        let block = self.block(storage, bi, file_len.max(self.end))?;
+        Ok(rgeo.get(&block.data, idx))
+    }
+
     pub fn has_work(&self) -> bool {
         !self.new_clusters.is_empty()
             || !self.frees.is_empty()
@@ -552,7 +578,7 @@ impl Qcow2 {
             &m.header,
             &m.l1,
             &alloc.table,
-            &self.snapshots,
+            &self.snapshots.read().unwrap_or_else(|e| e.into_inner()),
             snapshot_table_len,
         )?);
         m.alloc = Some(alloc);

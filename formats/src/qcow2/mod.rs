@@ -3,7 +3,8 @@
 //! Module map, by concern: `header` (cluster 0), `table` (L1/L2 entries), `cache` (the
 //! in-memory L1 and L2 tables, the single owner of metadata state), `refcount` (entry
 //! encoding), `alloc` (allocation and the crash-safe commit), `write` (guest writes),
-//! `compress`, `snapshot` (snapshot table, bitmap directory), `create`, `check`.
+//! `compress`, `snapshot` (snapshot table, bitmap directory), `snapshot_ops` (snapshot
+//! create, apply, delete), `create`, `check`.
 
 mod alloc;
 mod cache;
@@ -15,6 +16,7 @@ mod overlap;
 pub mod refcount;
 mod resize;
 pub mod snapshot;
+mod snapshot_ops;
 pub mod table;
 mod write;
 
@@ -74,7 +76,8 @@ pub struct Qcow2 {
     size: AtomicU64,
     compression: CompressionType,
     writable: bool,
-    snapshots: Vec<Snapshot>,
+    /// The snapshot table (replaced by snapshot create/apply/delete, under the gate).
+    snapshots: RwLock<Vec<Snapshot>>,
     bitmaps: Vec<Bitmap>,
     /// All metadata state: header, L1, cached L2 tables, refcounts, allocation.
     meta: Mutex<Meta>,
@@ -182,7 +185,7 @@ impl Qcow2 {
             size: AtomicU64::new(header.size / 512 * 512),
             compression: CompressionType::from_header(header.compression_type),
             writable: opts.writable,
-            snapshots,
+            snapshots: RwLock::new(snapshots),
             bitmaps,
             meta: Mutex::new(Meta::new(header, l1, file_len)),
             gate: RwLock::new(()),
@@ -515,7 +518,11 @@ impl Image for Qcow2 {
             bitmaps: self.bitmaps.clone(),
             data_file: h.data_file_name(),
             data_file_raw: h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0,
-            snapshots: self.snapshots.clone(),
+            snapshots: self
+                .snapshots
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         })
     }
 
@@ -569,6 +576,18 @@ impl Image for Qcow2 {
 
     fn make_empty(&self) -> Result<()> {
         self.make_empty_impl()
+    }
+
+    fn snapshot_create(&self, name: &str) -> Result<()> {
+        self.snapshot_create_impl(name)
+    }
+
+    fn snapshot_apply(&self, id_or_name: &str) -> Result<bool> {
+        self.snapshot_apply_impl(id_or_name)
+    }
+
+    fn snapshot_delete(&self, id_or_name: &str) -> Result<bool> {
+        self.snapshot_delete_impl(id_or_name)
     }
 
     fn check(&self, mode: CheckMode) -> Result<CheckReport> {

@@ -36,7 +36,7 @@ impl Qcow2 {
         }
         let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut m = self.meta();
-        if !self.snapshots.is_empty() && m.header.version < 3 {
+        if m.header.nb_snapshots > 0 && m.header.version < 3 {
             return Err(Error::Refused(
                 "Can't resize a v2 image which has snapshots".into(),
             ));
@@ -107,11 +107,7 @@ impl Qcow2 {
         self.write_fixed_header(m)?;
         m.l1 = l1;
         if old_len > 0 {
-            m.alloc
-                .as_mut()
-                .expect("prepared")
-                .free_range(old_offset, old_len);
-            self.commit_locked(m)?;
+            self.free_now(m, old_offset, old_len)?;
         }
         Ok(())
     }
@@ -167,7 +163,7 @@ impl Qcow2 {
 
     /// The host bytes an L2 entry holds (a data cluster, a preallocated zero cluster, or a
     /// compressed cluster's bytes).
-    fn entry_host(&self, entry: u64) -> Option<(u64, u64)> {
+    pub(super) fn entry_host(&self, entry: u64) -> Option<(u64, u64)> {
         if entry & OFLAG_COMPRESSED != 0 {
             return Some(self.geo.compressed(entry));
         }
@@ -217,27 +213,46 @@ impl Qcow2 {
     }
 
     pub(super) fn make_empty_impl(&self) -> Result<()> {
+        self.exclusively("emptying", |m| {
+            self.discard_from(m, 0)?;
+            // Give back the end of the file that nothing uses any more: a fresh start of the
+            // allocator checks the image and cuts the unreferenced tail.
+            Self::forget_tables(m);
+            self.prepare_write(m)
+        })
+    }
+
+    /// Frees the clusters of `[offset, offset + len)` (a table nothing points at any more)
+    /// and commits.
+    pub(super) fn free_now(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
+        m.alloc.as_mut().expect("prepared").free_range(offset, len);
+        self.commit_locked(m)
+    }
+
+    /// Runs a change of the table layout (`what`, for the message) holding the image alone,
+    /// prepared for writing with nothing staged, and drops the in-memory tables afterwards
+    /// whatever happened, so that the next write reads them from disk.
+    pub(super) fn exclusively(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut Meta) -> Result<()>,
+    ) -> Result<()> {
         let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut m = self.meta();
         self.prepare_write(&mut m)?;
         if m.has_staged() {
-            return Err(Error::Refused(
-                "internal: emptying with uncommitted writes".into(),
-            ));
+            return Err(Error::Refused(format!(
+                "internal: {what} with uncommitted writes"
+            )));
         }
-        let done = self.discard_from(&mut m, 0).and_then(|()| {
-            // Give back the end of the file that nothing uses any more: a fresh start of the
-            // allocator checks the image and cuts the unreferenced tail.
-            Self::forget_tables(&mut m);
-            self.prepare_write(&mut m)
-        });
+        let done = f(&mut m);
         Self::forget_tables(&mut m);
         done
     }
 
     /// Drops the in-memory tables and allocation state after the table layout changed, so
     /// that the next write reads them from disk and maps the metadata again.
-    fn forget_tables(m: &mut Meta) {
+    pub(super) fn forget_tables(m: &mut Meta) {
         m.alloc = None;
         m.metadata = None;
         m.l2.retain(|_, slot| slot.new || slot.dirty.is_some());
