@@ -599,6 +599,10 @@ file or with internal snapshots, persistent bitmaps or an external data file.")]
         /// No progress bar, even with -p.
         #[arg(short = 'q', long = "quiet")]
         quiet: bool,
+        /// Read SRC as its internal snapshot holds it (qcow2): an id or a name, or
+        /// snapshot.id=ID,snapshot.name=NAME, as qemu-img takes it.
+        #[arg(short = 'l', long = "source-snapshot", value_name = "SNAPSHOT")]
+        source_snapshot: Option<String>,
         /// With -n: DST reads as zeros already (a new export, a fresh device), so SRC's zero
         /// ranges are skipped instead of written.
         #[arg(long)]
@@ -1139,6 +1143,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             source_cache,
             quiet,
             target_is_zero,
+            source_snapshot,
             mut files,
         } => {
             let r = (|| {
@@ -1174,6 +1179,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         sparse,
                         speed: size_arg("rate limit (-r/--speed)", "--speed", &speed)?,
                         target_is_zero,
+                        snapshot: source_snapshot,
                     },
                     cancel,
                 )

@@ -272,3 +272,70 @@ fn options_scripts_pass_are_accepted_or_refused_as_qemu_img_does() {
         Some("cowimg: Having a backing file for the target makes no sense when concatenating multiple input images")
     );
 }
+
+#[test]
+fn source_snapshot_reads_as_qemu_img_convert_l() {
+    let s = Scratch::new();
+    chain(&s);
+    // Two snapshots of the overlay, then writes, a zero cluster and growth after them.
+    s.qemu_img(&["snapshot", "-c", "one", "top.qcow2"]);
+    s.qemu_io("top.qcow2", &["write -P 7 0 128k", "write -z 1M 64k"]);
+    s.qemu_img(&["snapshot", "-c", "two", "top.qcow2"]);
+    s.qemu_io("top.qcow2", &["write -P 8 64k 64k"]);
+    s.qemu_img(&["resize", "-q", "top.qcow2", "12M"]);
+    s.qemu_io("top.qcow2", &["write -P 9 10M 64k"]);
+    let params = [
+        "one",
+        "2",
+        "two",
+        "snapshot.id=1",
+        "snapshot.name=two",
+        "snapshot.id=2,snapshot.name=two",
+    ];
+    for p in params {
+        for fmt in ["raw", "qcow2"] {
+            let (mine, theirs) = (format!("m.{fmt}"), format!("q.{fmt}"));
+            s.cowimg_ok(&["convert", "-O", fmt, "-l", p, "top.qcow2", &mine]);
+            s.qemu_img(&["convert", "-O", fmt, "-l", p, "top.qcow2", &theirs]);
+            assert!(s.same(&theirs, &mine), "-l {p} -O {fmt}");
+            if fmt == "raw" {
+                assert_eq!(s.read_file(&mine), s.read_file(&theirs), "-l {p}");
+            } else {
+                s.assert_clean(&mine);
+            }
+        }
+    }
+    s.qemu_img(&["create", "-q", "-f", "qed", "e.qed", "1M"]);
+    let refused: &[&[&str]] = &[
+        &["-l", "three", "top.qcow2"],
+        &["-l", "snapshot.id=1,snapshot.name=two", "top.qcow2"],
+        &["-l", "", "top.qcow2"],
+        &["-l", "one", "e.qed"],
+        &["-l", "one", "top.qcow2", "top.qcow2"],
+    ];
+    for opts in refused {
+        let args = [&["convert"][..], opts, &["x.raw"]].concat();
+        let mine = s.cowimg(&args);
+        assert!(!s.path("x.raw").exists(), "{opts:?}");
+        let theirs = s.run("qemu-img", &args);
+        assert_eq!(
+            (mine.status, theirs.status),
+            (1, 1),
+            "{opts:?}: {}",
+            mine.show()
+        );
+        assert_eq!(
+            mine.stderr
+                .lines()
+                .next()
+                .map(|l| l.replacen("cowimg: ", "", 1)),
+            theirs
+                .stderr
+                .lines()
+                .next()
+                .map(|l| l.replacen("qemu-img: ", "", 1)),
+            "{opts:?}"
+        );
+        let _ = std::fs::remove_file(s.path("x.raw"));
+    }
+}

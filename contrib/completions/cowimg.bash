@@ -317,7 +317,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__convert)
-            opts="-f -O -o -p -U -c -n -B -F -S -r -m -W -t -T -q -h --progress --jobs --force-share --copy-on-read --no-copy-on-read --backing --backing-format --sparse-size --speed --parallel --oob-writes --target-cache --source-cache --quiet --target-is-zero --help"
+            opts="-f -O -o -p -U -c -n -B -F -S -r -m -W -t -T -q -l -h --progress --jobs --force-share --copy-on-read --no-copy-on-read --backing --backing-format --sparse-size --speed --parallel --oob-writes --target-cache --source-cache --quiet --source-snapshot --target-is-zero --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -396,6 +396,14 @@ _cowimg() {
                     return 0
                     ;;
                 -T)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --source-snapshot)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -l)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

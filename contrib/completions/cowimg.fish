@@ -185,6 +185,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s r -l speed -d 
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s m -l parallel -d 'Parallel requests, as qemu-img\'s coroutines (1 to 16): the copy workers, unless --jobs is given' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s t -l target-cache -d 'Accepted for qemu-img compatibility (none, writeback, writethrough, directsync, unsafe): cowimg writes through the page cache and syncs DST before exit 0 whatever the mode' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s T -l source-cache -d 'Accepted for qemu-img compatibility (as -t): sources are read through the page cache' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s l -l source-snapshot -d 'Read SRC as its internal snapshot holds it (qcow2): an id or a name, or snapshot.id=ID,snapshot.name=NAME, as qemu-img takes it' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s p -d 'Show a progress bar'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s U -l force-share -d 'Read even if another process is writing SRC (force share)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l copy-on-read -d 'Copy what the source\'s backing chain provides into the source as it is read (opens it read-write). Without it the source is only read, flagged or not'

@@ -479,6 +479,20 @@ pub trait Image: Send + Sync {
             self.format()
         )))
     }
+    /// A read-only view of the image as internal snapshot `which` holds it (qemu's
+    /// `bdrv_snapshot_load_tmp`, as `qemu-img convert -l` reads it): the snapshot's tables
+    /// over the image's current size and backing file. `None` when no snapshot matches;
+    /// formats without internal snapshots return [`Error::Unsupported`].
+    fn snapshot_view(
+        &self,
+        which: qcow2::SnapshotRef<'_>,
+    ) -> Result<Option<std::sync::Arc<dyn Image>>> {
+        let _ = which;
+        Err(Error::Unsupported(format!(
+            "temporarily loading internal snapshots in {} images",
+            self.format()
+        )))
+    }
     /// Reverts the image to the internal snapshot with id (or else name) `id_or_name`, its
     /// size included; false when there is none. Crash-safe: the active L1 table is switched
     /// by one header write.

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use cowimg_formats::qcow2::SnapshotRef;
 use cowimg_formats::{BackingRef, Format, ReadBelow, ZerosBelow};
 
 use crate::chain::{combine, Chain, Layer, OpenOptions};
@@ -45,6 +46,8 @@ pub struct Args {
     pub sparse: Option<u64>,
     /// Cap in bytes per second (0 = unlimited).
     pub speed: u64,
+    /// `-l`: read the source as this internal snapshot holds it.
+    pub snapshot: Option<String>,
 }
 
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
@@ -55,11 +58,24 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
             "Having a backing file for the target makes no sense when concatenating multiple input images".into(),
         ));
     }
-    let sources = a
+    if a.snapshot.is_some() && a.srcs.len() > 1 {
+        return Err(Error::Msg(
+            "No support for concatenating multiple snapshot".into(),
+        ));
+    }
+    if a.snapshot.is_some() && a.copy_on_read {
+        return Err(Error::Usage(
+            "--copy-on-read cannot be used with -l: a snapshot is read, never filled".into(),
+        ));
+    }
+    let mut sources = a
         .srcs
         .iter()
         .map(|s| Chain::open(s, opts))
         .collect::<Result<Vec<_>>>()?;
+    if let (Some(param), Some(chain)) = (&a.snapshot, sources.first_mut()) {
+        load_snapshot(chain, param)?;
+    }
     let size = sources
         .iter()
         .try_fold(0u64, |sum, c| sum.checked_add(c.size()))
@@ -168,6 +184,53 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     drop(target);
     out.persist()?;
     Ok(0)
+}
+
+/// Makes `chain` read its top image as the internal snapshot `param` names (`-l`): an id
+/// or a name (the id tried first), or `snapshot.id=ID,snapshot.name=NAME`, as qemu-img
+/// takes it, with its messages.
+fn load_snapshot(chain: &mut Chain, param: &str) -> Result<()> {
+    let mut which = SnapshotRef::default();
+    let mut tries = Vec::new();
+    if param.starts_with("snapshot.") {
+        for kv in param.split(',') {
+            match kv.split_once('=') {
+                Some(("snapshot.id", v)) => which.id = Some(v),
+                Some(("snapshot.name", v)) => which.name = Some(v),
+                _ => {
+                    let key = kv.split('=').next().unwrap_or(kv);
+                    return Err(Error::Usage(format!("Invalid parameter '{key}'")));
+                }
+            }
+        }
+        tries.push(which);
+    } else {
+        tries.push(SnapshotRef {
+            id: Some(param),
+            name: None,
+        });
+        tries.push(SnapshotRef {
+            id: None,
+            name: Some(param),
+        });
+    }
+    let top = &mut chain.layers[0];
+    for which in tries {
+        let view = top.image.snapshot_view(which).map_err(|e| match e {
+            cowimg_formats::Error::Unsupported(_) => Error::Msg(format!(
+                "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+                top.format
+            )),
+            e => Error::image(&top.filename, e),
+        })?;
+        if let Some(view) = view {
+            top.image = view;
+            return Ok(());
+        }
+    }
+    Err(Error::Msg(
+        "Failed to load snapshot: Can't find snapshot".into(),
+    ))
 }
 
 /// What of the sources convert writes.

@@ -17,7 +17,9 @@ pub mod refcount;
 mod resize;
 pub mod snapshot;
 mod snapshot_ops;
+mod snapshot_view;
 pub mod table;
+pub use snapshot_view::SnapshotRef;
 mod write;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -580,6 +582,12 @@ impl Image for Qcow2 {
 
     fn snapshot_create(&self, name: &str) -> Result<()> {
         self.snapshot_create_impl(name)
+    }
+
+    fn snapshot_view(&self, which: SnapshotRef<'_>) -> Result<Option<Arc<dyn Image>>> {
+        Ok(self
+            .snapshot_view_impl(which)?
+            .map(|v| Arc::new(v) as Arc<dyn Image>))
     }
 
     fn snapshot_apply(&self, id_or_name: &str) -> Result<bool> {

@@ -207,7 +207,7 @@ impl Qcow2 {
     }
 
     /// Reads and validates a snapshot's L1 table.
-    fn snapshot_l1(&self, m: &Meta, sn: &Snapshot) -> Result<Vec<u64>> {
+    pub(super) fn snapshot_l1(&self, m: &Meta, sn: &Snapshot) -> Result<Vec<u64>> {
         let bytes = u64::from(sn.l1_size) * 8;
         let cs = self.geo.cluster_size();
         if bytes > MAX_L1_BYTES
