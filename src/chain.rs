@@ -50,6 +50,7 @@ pub fn raise_descriptor_limit() {
 }
 
 /// One image of a chain.
+#[derive(Clone)]
 pub struct Layer {
     pub image: Arc<dyn Image>,
     /// The name qemu shows: as given for the top, the combined path for backing files.
@@ -340,6 +341,19 @@ impl Chain {
                 lock: Mutex::new(0),
             }),
         }
+    }
+
+    /// The chain as it reads once the top's backing file is layer `base` (the chain's
+    /// length for none): the layers in between are left out, so that dropping the old chain
+    /// closes their files and connections. Copy-on-read stays on while a backing file is left.
+    /// The top (and every kept layer) is the same open image, shared.
+    pub fn rebased(&self, base: usize) -> Chain {
+        let mut layers = vec![self.layers[0].clone()];
+        layers.extend(self.layers.iter().skip(base.max(1)).cloned());
+        let cor = (self.cor.is_some() && layers.len() > 1).then(|| CopyOnRead {
+            lock: Mutex::new(0),
+        });
+        Chain { layers, cor }
     }
 
     pub fn open(filename: &str, opts: OpenOptions) -> Result<Chain> {

@@ -57,6 +57,7 @@ pub fn copy(chain: &Chain, base: usize, plan: &Plan, s: &Settings) -> Result<()>
         compress: false,
         shift: 0,
         sparse: Some(0),
+        fill: false,
     };
     copier.run(&plan.extents)
 }

@@ -112,6 +112,11 @@ pub struct Copier<'a> {
     /// they run at least `n` bytes, shorter runs are written as data (convert's `-S`);
     /// `None`: every byte is written as data.
     pub sparse: Option<u64>,
+    /// Copy only into units the target still leaves unallocated, with
+    /// [`Image::fill_unallocated`], as copy-on-read fills do: the target is live (`serve
+    /// --stream`) and a client write that allocated a unit first is newer data than the copy.
+    /// Zeros to mark are then written as data, which the fill can decide under its lock.
+    pub fill: bool,
 }
 
 /// Splits sorted extents at multiples of `window`; the pieces of one window form one piece of
@@ -405,6 +410,11 @@ impl Copier<'_> {
             }
             prepared.push(self.prepare(piece, unit)?);
         }
+        if self.fill {
+            // Fills decide their allocation under the image's cluster locks: no ordering.
+            drop(ticket);
+            return self.fill_prepared(&prepared);
+        }
         ticket.wait()?;
         let mut plain = Vec::with_capacity(prepared.len());
         for p in &prepared {
@@ -423,13 +433,45 @@ impl Copier<'_> {
                 .copied
                 .fetch_add(p.data_bytes(), Ordering::Relaxed);
             self.counters.done.fetch_add(p.len, Ordering::Relaxed);
-            if let Some(limit) = fault_hook() {
-                if CHUNKS_DONE.fetch_add(1, Ordering::SeqCst) + 1 >= limit {
-                    std::process::abort();
-                }
-            }
+            self.fault_hook();
         }
         Ok(())
+    }
+
+    /// Stores prepared pieces with conditional fills (see [`Copier::fill`]).
+    fn fill_prepared(&self, prepared: &[Prepared]) -> Result<()> {
+        let err = |e| Error::image(self.target_name, e);
+        for p in prepared {
+            let mut filled = 0;
+            for step in &p.steps {
+                let (r, zeros) = match step {
+                    Step::Data(r) | Step::Compressed(r, _) => (r, false),
+                    Step::Zeros(r) => (r, true),
+                };
+                let at = p.start + r.start as u64;
+                filled += if zeros {
+                    let zeros = vec![0u8; r.len()];
+                    self.target.fill_unallocated(at, &zeros, self.below)
+                } else {
+                    self.target
+                        .fill_unallocated(at, &p.buf[r.clone()], self.below)
+                }
+                .map_err(err)?;
+            }
+            self.counters.copied.fetch_add(filled, Ordering::Relaxed);
+            self.counters.done.fetch_add(p.len, Ordering::Relaxed);
+            self.fault_hook();
+        }
+        Ok(())
+    }
+
+    /// The crash tests' hook (see [`fault_hook`]), after each chunk written.
+    fn fault_hook(&self) {
+        if let Some(limit) = fault_hook() {
+            if CHUNKS_DONE.fetch_add(1, Ordering::SeqCst) + 1 >= limit {
+                std::process::abort();
+            }
+        }
     }
 
     /// Reads a piece and sorts it into steps: runs of data to write (compressed, when

@@ -277,6 +277,7 @@ enum Command {
     #[command(after_help = "Examples:
   cowimg serve -k /tmp/disk.sock overlay.qcow2        # nbd+unix:///?socket=/tmp/disk.sock
   cowimg serve -b 127.0.0.1 -p 10809 -x disk -t -r --copy-on-read overlay.qcow2
+  cowimg serve -k /tmp/disk.sock --stream --speed 50M overlay.qcow2   # instant-on
   qemu-img info 'nbd+unix:///?socket=/tmp/disk.sock'")]
     Serve {
         /// Format of IMAGE; probed from its contents when absent.
@@ -315,6 +316,18 @@ enum Command {
         /// Write the server's process id to this file once it listens.
         #[arg(long = "pid-file")]
         pid_file: Option<String>,
+        /// While serving, copy into IMAGE what its backing chain provides (down to --base),
+        /// never over what clients wrote; then switch its backing file to --base (or none)
+        /// without disturbing clients. Stopped, it commits what it copied; run again, it
+        /// resumes. Without -t the server exits once the stream is done and clients have left.
+        #[arg(long)]
+        stream: bool,
+        /// With --stream: the backing file to keep (matched by resolved path); default: none.
+        #[arg(long, requires = "stream")]
+        base: Option<String>,
+        /// With --stream: cap on bytes streamed per second (K, M, G suffixes; 0 = unlimited).
+        #[arg(long, requires = "stream", default_value = "0")]
+        speed: String,
         /// The image to export.
         image: String,
     },
@@ -936,9 +949,19 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             shared,
             persistent,
             pid_file,
+            stream,
+            base,
+            speed,
             image,
         } => {
             let r = (|| {
+                let stream = match stream {
+                    true => Some(serve::StreamArgs {
+                        base,
+                        speed: size_arg("speed (--speed)", "--speed", &speed)?,
+                    }),
+                    false => None,
+                };
                 serve::run(
                     &serve::Args {
                         image,
@@ -958,6 +981,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         shared,
                         persistent,
                         pid_file,
+                        stream,
                     },
                     cancel,
                 )

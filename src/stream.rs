@@ -294,6 +294,32 @@ pub fn copy(
     s: &Settings,
 ) -> Result<()> {
     let top = chain.top();
+    if s.compress && top.format != cowimg_formats::Format::Qcow2 {
+        return Err(Error::Usage(format!(
+            "Compression not supported for this file format ({})",
+            top.format
+        )));
+    }
+    run_copier(chain, plan, keep_base, compare, s, false)
+}
+
+/// [`copy`] into an image that clients write meanwhile (`serve --stream`): every unit is
+/// filled only where the image still leaves it unallocated (see [`Copier::fill`]), so a copy
+/// never replaces what a client wrote first, and a client write overlapping a copy in flight
+/// waits for it and lands on top.
+pub fn copy_live(chain: &Chain, plan: &Plan, keep_base: bool, s: &Settings) -> Result<()> {
+    run_copier(chain, plan, keep_base, None, s, true)
+}
+
+fn run_copier(
+    chain: &Chain,
+    plan: &Plan,
+    keep_base: bool,
+    compare: Option<&Chain>,
+    s: &Settings,
+    fill: bool,
+) -> Result<()> {
+    let top = chain.top();
     let copier = Copier {
         source: chain,
         source_layer: 1,
@@ -310,17 +336,38 @@ pub fn copy(
         counters: s.counters,
         jobs: s.jobs,
         compare,
-        compress: s.compress,
+        compress: s.compress && !fill,
+        fill,
         shift: 0,
         sparse: Some(0),
     };
-    if s.compress && top.format != cowimg_formats::Format::Qcow2 {
-        return Err(Error::Usage(format!(
-            "Compression not supported for this file format ({})",
-            top.format
-        )));
-    }
     copier.run(&plan.extents)
+}
+
+/// The layer of `chain` that `--base` names (the chain's length without one), or a usage
+/// error saying which backing files there are. `file` is the image as the user named it.
+pub fn find_base(chain: &Chain, file: &str, base: Option<&str>) -> Result<usize> {
+    let Some(b) = base else {
+        return Ok(chain.layers.len());
+    };
+    match chain.find(b) {
+        Some(0) => Err(Error::Usage(format!("--base '{b}' is the image itself"))),
+        Some(i) => Ok(i),
+        None => {
+            let names: Vec<&str> = chain.layers[1..]
+                .iter()
+                .map(|l| l.filename.as_str())
+                .collect();
+            Err(Error::Usage(format!(
+                "'{b}' is not in the backing chain of '{file}' (its backing files: {})",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            )))
+        }
+    }
 }
 
 /// Points the chain's top at its new backing file. Call only after a complete [`copy`]:

@@ -917,7 +917,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__serve)
-            opts="-f -k -b -p -x -D -r -e -t -h --format --socket --bind --port --export-name --description --read-only --copy-on-read --no-copy-on-read --shared --persistent --pid-file --help"
+            opts="-f -k -b -p -x -D -r -e -t -h --format --socket --bind --port --export-name --description --read-only --copy-on-read --no-copy-on-read --shared --persistent --pid-file --stream --base --speed --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -980,6 +980,14 @@ _cowimg() {
                     return 0
                     ;;
                 --pid-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --base)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --speed)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -113,10 +113,13 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -s x -l export-name
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -s D -l description -d 'Description shown to clients (nbdinfo)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -s e -l shared -d 'Clients served at once (more wait to be accepted)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l pid-file -d 'Write the server\'s process id to this file once it listens' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l base -d 'With --stream: the backing file to keep (matched by resolved path); default: none' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l speed -d 'With --stream: cap on bytes streamed per second (K, M, G suffixes; 0 = unlimited)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -s r -l read-only -d 'Refuse client writes (copy-on-read still fills the image)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l copy-on-read -d 'Copy what clients read from the backing chain into IMAGE, whatever its flag says'
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l no-copy-on-read -d 'Never copy on read, whatever the image\'s flag says'
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -s t -l persistent -d 'Keep serving after the last client disconnects (until SIGINT/SIGTERM)'
+complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l stream -d 'While serving, copy into IMAGE what its backing chain provides (down to --base), never over what clients wrote; then switch its backing file to --base (or none) without disturbing clients. Stopped, it commits what it copied; run again, it resumes. Without -t the server exits once the stream is done and clients have left'
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s b -l backing -d 'The new backing file, stored as given (relative to FILE\'s directory); "" for none' -r

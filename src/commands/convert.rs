@@ -342,6 +342,7 @@ fn copy(
                 jobs: a.jobs,
                 compare: None,
                 compress: a.compress,
+                fill: false,
                 shift: *shift,
                 sparse: match how.sparse {
                     None => Some(0),

@@ -1,5 +1,6 @@
 //! `cowimg serve`: exports an image over NBD until SIGINT/SIGTERM (or, without
-//! `--persistent`, until its last client leaves), then commits and exits 0.
+//! `--persistent`, until its last client leaves and the stream, if any, is done), then
+//! commits and exits 0. `--stream` runs the stream job in a background thread meanwhile.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -15,7 +16,8 @@ use cowimg_nbd::server::{Export, Server};
 use crate::chain::{open_image, Chain, OpenOptions};
 use crate::error::{Error, Result};
 use crate::lock::Access;
-use crate::serve::ImageBackend;
+use crate::serve::{ImageBackend, Streamed};
+use crate::size::size_to_str;
 
 /// Where to listen.
 pub enum Listen {
@@ -36,7 +38,20 @@ pub struct Args {
     pub shared: usize,
     pub persistent: bool,
     pub pid_file: Option<String>,
+    /// `--stream`: stream the backing chain into the image while serving.
+    pub stream: Option<StreamArgs>,
 }
+
+/// What `--stream` streams and how fast.
+pub struct StreamArgs {
+    /// `--base`: the backing file to keep (none: stream everything).
+    pub base: Option<String>,
+    /// `--speed`, bytes per second (0: unlimited).
+    pub speed: u64,
+}
+
+/// Copy workers of the background stream: few, so that clients keep the machine's cores.
+const STREAM_JOBS: usize = 2;
 
 /// How often the accept loop looks at the stop flag.
 const POLL: Duration = Duration::from_millis(20);
@@ -156,7 +171,8 @@ fn remove_stale_socket(path: &str) {
     }
 }
 
-/// Opens the chain as `serve` needs it: writable when clients may write or reads copy.
+/// Opens the chain as `serve` needs it: writable when clients may write, reads copy or the
+/// stream runs.
 fn open(a: &Args) -> Result<(Chain, bool)> {
     let cor = match a.copy_on_read {
         Some(on) => on,
@@ -165,7 +181,7 @@ fn open(a: &Args) -> Result<(Chain, bool)> {
             .image
             .copy_on_read(),
     };
-    let mut opts = if a.read_only && !cor {
+    let mut opts = if a.read_only && !cor && a.stream.is_none() {
         OpenOptions::read(a.format, false)
     } else {
         OpenOptions::write(a.format)
@@ -180,6 +196,14 @@ pub fn run(a: &Args, stop: &AtomicBool) -> Result<i32> {
         return Err(Error::Usage("--shared must be at least 1".into()));
     }
     let (chain, _cor) = open(a)?;
+    let base = match &a.stream {
+        Some(st) => Some(crate::stream::find_base(
+            &chain,
+            &a.image,
+            st.base.as_deref(),
+        )?),
+        None => None,
+    };
     let backend = Arc::new(ImageBackend::new(chain, !a.read_only));
     let server = Arc::new(Server::new(vec![Export {
         name: a.export.clone(),
@@ -191,6 +215,48 @@ pub fn run(a: &Args, stop: &AtomicBool) -> Result<i32> {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| Error::Msg(format!("cannot write the pid file '{p}': {e}")))?;
     }
+    // A scope, so that the stream thread may borrow the stop flag (it stops with it).
+    std::thread::scope(|scope| {
+        // The stream starts once clients can connect: they never wait for it.
+        let streaming = match (&a.stream, base) {
+            (Some(st), Some(base)) => {
+                let backend = backend.clone();
+                Some(scope.spawn(move || stream_and_log(&a.image, st.speed, base, &backend, stop)))
+            }
+            _ => None,
+        };
+        serve_clients(a, &server, listener, stop, || {
+            streaming.as_ref().is_none_or(|t| t.is_finished())
+        });
+        // A stop request has stopped the stream too (it shares the flag); its copies are
+        // committed when it returns.
+        let streamed = streaming.map(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err(Error::Msg("the stream thread panicked".into())))
+        });
+        let result = backend.finish();
+        if let Some(p) = &a.pid_file {
+            let _ = std::fs::remove_file(p);
+        }
+        result?;
+        match streamed {
+            // Reported when it happened; the image is as consistent as after any stop.
+            Some(Err(e)) if !matches!(e, Error::Interrupted(_)) => Err(e),
+            _ => Ok(0),
+        }
+    })
+}
+
+/// Accepts and serves clients until a stop request, or (without `--persistent`) until
+/// the last client has left and `done()` says the background work is over too; then
+/// stops accepting and lets each open connection finish the request it is serving.
+fn serve_clients(
+    a: &Args,
+    server: &Arc<Server>,
+    listener: Listener,
+    stop: &AtomicBool,
+    done: impl Fn() -> bool,
+) {
     // Open connections, by number: their sockets, to wake them at shutdown.
     let open_conns: Arc<Mutex<HashMap<u64, Sock>>> = Arc::default();
     let mut threads = Vec::new();
@@ -198,7 +264,7 @@ pub fn run(a: &Args, stop: &AtomicBool) -> Result<i32> {
     let mut served = false;
     while !stop.load(Ordering::SeqCst) {
         let active = open_conns.lock().unwrap_or_else(|e| e.into_inner()).len();
-        if !a.persistent && served && active == 0 {
+        if !a.persistent && served && active == 0 && done() {
             break;
         }
         if active >= a.shared {
@@ -255,9 +321,42 @@ pub fn run(a: &Args, stop: &AtomicBool) -> Result<i32> {
     if let Listen::Unix(path) = &a.listen {
         let _ = std::fs::remove_file(path);
     }
-    let result = backend.finish();
-    if let Some(p) = &a.pid_file {
-        let _ = std::fs::remove_file(p);
-    }
-    result.map(|_| 0)
+}
+
+/// Runs the stream (see [`ImageBackend::stream`]) and says on stderr how it ended:
+/// completed (and what the backing file is now), interrupted (resumable), or failed (the
+/// image is served on as it is).
+fn stream_and_log(
+    image: &str,
+    speed: u64,
+    base: usize,
+    backend: &ImageBackend,
+    stop: &AtomicBool,
+) -> Result<Streamed> {
+    let r = backend.stream(base, speed, STREAM_JOBS, stop);
+    match &r {
+            Ok(s) if s.nothing_to_do => eprintln!(
+                "cowimg serve: nothing to stream: {}",
+                match &s.backing {
+                    Some(b) => format!("the backing file of '{image}' is '{}' already", b.name),
+                    None => format!("'{image}' has no backing file"),
+                }
+            ),
+            Ok(s) => eprintln!(
+                "cowimg serve: stream completed: copied {} into '{image}' in {:.2} s; {}",
+                size_to_str(s.copied),
+                s.elapsed,
+                match &s.backing {
+                    Some(b) => format!("its backing file is now '{}'", b.name),
+                    None => "it is now standalone".to_string(),
+                }
+            ),
+            Err(Error::Interrupted(_)) => eprintln!(
+                "cowimg serve: stream interrupted; what it copied is committed: run serve --stream again to copy the rest"
+            ),
+            Err(e) => eprintln!(
+                "cowimg serve: the stream failed: {e}; the image is served as it is, and serve --stream again resumes"
+            ),
+        }
+    r
 }

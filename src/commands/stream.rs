@@ -29,28 +29,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let chain = Chain::open(&a.file, OpenOptions::write(a.format))?;
     let top = chain.top();
     let size = top.size();
-    let base = match &a.base {
-        None => chain.layers.len(),
-        Some(b) => match chain.find(b) {
-            Some(0) => return Err(Error::Usage(format!("--base '{b}' is the image itself"))),
-            Some(i) => i,
-            None => {
-                let names: Vec<&str> = chain.layers[1..]
-                    .iter()
-                    .map(|l| l.filename.as_str())
-                    .collect();
-                return Err(Error::Usage(format!(
-                    "'{b}' is not in the backing chain of '{}' (its backing files: {})",
-                    a.file,
-                    if names.is_empty() {
-                        "none".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                )));
-            }
-        },
-    };
+    let base = stream::find_base(&chain, &a.file, a.base.as_deref())?;
     // "Nothing to do" is a result like any other: the JSON object (and the progress
     // completion event) says so, so that scripts always get one.
     let nothing = if chain.layers.len() == 1 {
