@@ -26,18 +26,6 @@ fn flagged(s: &Scratch, fmt: &str) -> String {
     f
 }
 
-/// Guest bytes the overlay itself holds (depth 0 data), from qemu-img map.
-fn own_data(s: &Scratch, image: &str) -> u64 {
-    let map: serde_json::Value =
-        serde_json::from_str(&s.qemu_img(&["map", "--output=json", image])).unwrap();
-    map.as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["depth"] == 0 && e["data"] == true)
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum()
-}
-
 #[test]
 fn copy_on_read_asked_for_copies_backing_data_into_the_image() {
     for fmt in ["qcow2", "qed"] {
@@ -48,7 +36,7 @@ fn copy_on_read_asked_for_copies_backing_data_into_the_image() {
             serde_json::from_str(&s.cowimg_ok(&["info", "--output", "json", &f])).unwrap();
         assert_eq!(info["copy-on-read"], true);
         assert!(s.cowimg_ok(&["info", &f]).contains("copy-on-read: on"));
-        assert_eq!(own_data(&s, &f), 64 << 10);
+        assert_eq!(s.own_data(&f), 64 << 10);
         s.cowimg_ok(&["convert", "--copy-on-read", "-O", "raw", &f, "out.raw"]);
         assert!(s.same("before.raw", "out.raw"));
         assert!(
@@ -58,7 +46,7 @@ fn copy_on_read_asked_for_copies_backing_data_into_the_image() {
         s.assert_clean(&f);
         // Everything the backing file held is now in the overlay (the 100k piece widened to
         // whole clusters).
-        let own = own_data(&s, &f);
+        let own = s.own_data(&f);
         assert!(
             own >= (4 << 20) + (100 << 10),
             "{fmt}: only {own} bytes copied"
@@ -76,7 +64,7 @@ fn compare_with_copy_on_read_fills_and_an_unflagged_image_too() {
     let s = Scratch::new();
     let f = flagged(&s, "qcow2");
     s.cowimg_ok(&["compare", "--copy-on-read", &f, "before.raw"]);
-    assert!(own_data(&s, &f) > 4 << 20);
+    assert!(s.own_data(&f) > 4 << 20);
     s.assert_clean(&f);
     assert!(s.same("before.raw", &f));
     // The explicit option asks for the copy; the image's flag is not needed for it.
@@ -92,7 +80,7 @@ fn compare_with_copy_on_read_fills_and_an_unflagged_image_too() {
         "plain.qcow2",
     ]);
     s.cowimg_ok(&["convert", "--copy-on-read", "plain.qcow2", "p.raw"]);
-    assert!(own_data(&s, "plain.qcow2") >= 4 << 20);
+    assert!(s.own_data("plain.qcow2") >= 4 << 20);
     s.assert_clean("plain.qcow2");
 }
 
@@ -112,7 +100,7 @@ fn copy_on_read_with_force_share_is_refused() {
             r.stderr
         );
     }
-    assert_eq!(own_data(&s, &f), 64 << 10);
+    assert_eq!(s.own_data(&f), 64 << 10);
 }
 
 /// Every command that inspects or copies out, as run on `image` (`raw` reads the same).

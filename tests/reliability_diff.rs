@@ -268,17 +268,6 @@ fn backing_fields(s: &Scratch, image: &str) -> (Value, Value) {
     )
 }
 
-/// Bytes of guest data an image holds itself (depth 0), from qemu-img map.
-fn own_data(s: &Scratch, image: &str) -> u64 {
-    let map: Value = serde_json::from_str(&s.qemu_img(&["map", "--output=json", image])).unwrap();
-    map.as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["depth"] == 0 && e["data"] == true)
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum()
-}
-
 /// One seed: returns a description of the case and the disagreements found.
 fn run_seed(seed: u64) -> (String, Vec<String>) {
     let mut rng = Rng::new(seed);
@@ -507,7 +496,7 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
         let below = s
             .run("qemu-img", &["map", "--output=json", &top.name])
             .stdout;
-        if own_data(&s, &result) == 0 && below.contains("\"data\": true") {
+        if s.own_data(&result) == 0 && below.contains("\"data\": true") {
             bad.push(format!("copy-on-read: nothing was copied into {result}"));
         }
     }

@@ -4,150 +4,16 @@
 //! in time (`timeout`) and killed by PID when its test ends; a missing client fails the test.
 
 mod common;
+use common::served::{backing, wait_backing, Rng, Served};
 use common::Scratch;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use cowimg_nbd::codec::{self, cmd, errno, opt, rep, Request};
-use cowimg_nbd::{Address, Client, Target};
-
-/// A running `cowimg serve -t -k SOCKET`, killed (by PID) when dropped.
-struct Served {
-    child: Option<Child>,
-    pid_file: std::path::PathBuf,
-    socket: std::path::PathBuf,
-}
-
-impl Served {
-    fn start(s: &Scratch, image: &str, extra: &[&str]) -> Served {
-        let socket = s.path(&format!("{image}.sock"));
-        let pid_file = s.path(&format!("{image}.pid"));
-        let _ = std::fs::remove_file(&pid_file);
-        let child = Command::new("timeout")
-            .args([
-                "-s",
-                "KILL",
-                "300",
-                env!("CARGO_BIN_EXE_cowimg"),
-                "serve",
-                "-t",
-                "-k",
-            ])
-            .arg(&socket)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .args(extra)
-            .arg(image)
-            .current_dir(s.dir.path())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start cowimg serve (and timeout from coreutils)");
-        let mut srv = Served {
-            child: Some(child),
-            pid_file,
-            socket,
-        };
-        let t = Instant::now();
-        while !srv.pid_file.exists() {
-            let c = srv.child.as_mut().expect("running");
-            if c.try_wait().expect("wait").is_some() {
-                let out = srv
-                    .child
-                    .take()
-                    .expect("running")
-                    .wait_with_output()
-                    .expect("wait");
-                panic!(
-                    "the server exited: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "the server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        srv
-    }
-
-    fn url(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.socket.display())
-    }
-
-    fn target(&self) -> Target {
-        Target {
-            address: Address::Unix(self.socket.clone()),
-            export: String::new(),
-        }
-    }
-
-    /// The server's own PID (not timeout's).
-    fn pid(&self) -> i32 {
-        std::fs::read_to_string(&self.pid_file)
-            .expect("pid file")
-            .trim()
-            .parse()
-            .expect("a pid")
-    }
-
-    fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .args([sig, &self.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(st.success());
-    }
-
-    /// SIGTERM, then the server's exit status and stderr.
-    fn stop(mut self) -> (i32, String) {
-        self.signal("-TERM");
-        let out = self
-            .child
-            .take()
-            .expect("running")
-            .wait_with_output()
-            .expect("wait");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    /// kill -9 of the server, then waits for it.
-    fn kill9(mut self) {
-        let pid = self.pid().to_string();
-        self.signal("-KILL");
-        wait_gone(&pid);
-        let _ = self.child.take().expect("running").wait();
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if let Ok(p) = std::fs::read_to_string(&self.pid_file) {
-                let _ = Command::new("kill").args(["-KILL", p.trim()]).status();
-                wait_gone(p.trim());
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Waits (up to 10 s) until process `pid` is gone: the server is timeout's child, not ours.
-fn wait_gone(pid: &str) {
-    let t = Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && t.elapsed() < Duration::from_secs(10)
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use cowimg_nbd::Client;
 
 /// base.qcow2 (16 MiB: 0xab at 0..4M, 0xcd at 9M..10M) under ov.qcow2; `cor` sets the
 /// overlay's copy-on-read flag.
@@ -487,16 +353,6 @@ fn hostile_requests_do_not_take_the_server_down() {
 }
 
 /// Guest bytes the overlay itself holds (depth 0 data), from qemu-img map.
-fn own_data(s: &Scratch, image: &str) -> u64 {
-    let map: serde_json::Value =
-        serde_json::from_str(&s.qemu_img(&["map", "--output=json", image])).unwrap();
-    map.as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["depth"] == 0 && e["data"] == true)
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum()
-}
 
 #[test]
 fn reads_through_serve_fill_the_overlay_by_its_flag() {
@@ -506,7 +362,7 @@ fn reads_through_serve_fill_the_overlay_by_its_flag() {
     let srv = Served::start(&s, "ov.qcow2", &["--no-copy-on-read", "-r"]);
     s.qemu_img(&["convert", "-O", "raw", &srv.url(), "a.raw"]);
     assert_eq!(srv.stop().0, 0);
-    assert_eq!(own_data(&s, "ov.qcow2"), 0);
+    assert_eq!(s.own_data("ov.qcow2"), 0);
     // The flag: every byte read from the base is copied, and the overlay then equals it.
     let srv = Served::start(&s, "ov.qcow2", &["-r"]);
     s.qemu_img(&["convert", "-O", "raw", &srv.url(), "b.raw"]);
@@ -514,7 +370,7 @@ fn reads_through_serve_fill_the_overlay_by_its_flag() {
     assert_eq!(status, 0, "{stderr}");
     s.assert_clean("ov.qcow2");
     assert_eq!(
-        own_data(&s, "ov.qcow2"),
+        s.own_data("ov.qcow2"),
         5 << 20,
         "the base's data, in the overlay"
     );
@@ -526,18 +382,6 @@ fn reads_through_serve_fill_the_overlay_by_its_flag() {
 }
 
 /// A small deterministic generator (xorshift), so that a failure can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
-/// The guest bytes of `chain`'s base.
 fn base_bytes() -> Vec<u8> {
     let mut v = vec![0u8; 16 << 20];
     v[..4 << 20].fill(0xab);
@@ -551,11 +395,24 @@ const BLOCK: u64 = 4096;
 fn concurrent_writers_and_copy_on_read_fills_match_a_shadow() {
     // A fill that replaced a client write would show in some rounds only: several rounds.
     for round in 0..4 {
-        stress_round(round);
+        stress_round(round, false);
     }
 }
 
-fn stress_round(round: u64) {
+#[test]
+fn concurrent_writers_fills_and_a_capped_stream_match_a_shadow() {
+    // The stream copies every cluster the writers and readers race for; a copy that
+    // replaced an acknowledged write would show in some rounds only.
+    for round in 10..13 {
+        stress_round(round, true);
+    }
+}
+
+/// Writers of random patterns (each owning every third 4 KiB block, so that they share
+/// every cluster) and readers (whose reads fill) on a served overlay of a full base; with
+/// `stream`, `--stream` runs under a cap meanwhile. The served data, and the image when
+/// the server is done, must equal a shadow of the acknowledged writes.
+fn stress_round(round: u64, stream: bool) {
     let s = Scratch::new();
     // A base with data everywhere: every first read of a cluster is a fill.
     s.qemu_img(&["create", "-q", "-f", "qcow2", "full.qcow2", "16M"]);
@@ -572,7 +429,12 @@ fn stress_round(round: u64) {
         "--copy-on-read",
         "ov.qcow2",
     ]);
-    let srv = Served::start(&s, "ov.qcow2", &[]);
+    let extra: &[&str] = if stream {
+        &["--stream", "--speed", "3M"]
+    } else {
+        &[]
+    };
+    let srv = Served::start(&s, "ov.qcow2", extra);
     const WRITERS: u64 = 3;
     let size = 16u64 << 20;
     let base = vec![0x3cu8; size as usize];
@@ -584,13 +446,15 @@ fn stress_round(round: u64) {
             sc.spawn(move || {
                 let c = Client::connect(&target).expect("connect");
                 let mut buf = vec![0u8; 1 << 20];
-                // Large reads: each fill copies a long range while writes land in it.
-                for k in 0..size >> 20 {
+                // Large reads: each fill copies a long range while writes land in it. (Not
+                // with the stream, which would then find everything filled already.)
+                for k in (0..size >> 20).filter(|_| !stream) {
                     let k = (k + r * 8) % (size >> 20);
                     c.read(k << 20, &mut buf).expect("read");
                 }
                 let mut rng = Rng(0x9e37_79b9 + r + 100 * round);
-                for _ in 0..100 {
+                // Fewer with the stream, which must find much to copy still.
+                for _ in 0..if stream { 12 } else { 100 } {
                     let len = 1 + rng.below(256 << 10);
                     let off = rng.below(size - len);
                     c.read(off, &mut buf[..len as usize]).expect("read");
@@ -615,9 +479,14 @@ fn stress_round(round: u64) {
                         c.write(off, &data, i % 50 == 0).expect("write");
                         shadow[off as usize..(off + len) as usize].copy_from_slice(&data);
                     };
-                    for i in 0..600u64 {
+                    // With the stream, fewer and paced: some clusters stay for the stream to copy,
+                    // and writes land before, during and after the copy of theirs.
+                    for i in 0..if stream { 150 } else { 600u64 } {
                         let b = rng.below(blocks / WRITERS) * WRITERS + w;
                         write(&mut rng, i, b);
+                        if stream {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
                     }
                     shadow
                 })
@@ -633,6 +502,14 @@ fn stress_round(round: u64) {
     for b in 0..size / BLOCK {
         let (a, e) = ((b * BLOCK) as usize, ((b + 1) * BLOCK) as usize);
         want[a..e].copy_from_slice(&shadows[(b % WRITERS) as usize][a..e]);
+    }
+    if stream {
+        // The writers ran while the stream did (16 MiB at 3 MiB/s takes over 5 s).
+        assert!(
+            backing(&s, "ov.qcow2").is_some(),
+            "round {round}: the stream ended before the writers did"
+        );
+        wait_backing(&s, "ov.qcow2", None, 60);
     }
     let c = Client::connect(&srv.target()).expect("connect");
     let mut got = vec![0u8; size as usize];
@@ -652,6 +529,13 @@ fn stress_round(round: u64) {
     );
     let (status, stderr) = srv.stop();
     assert_eq!(status, 0, "{stderr}");
+    if stream {
+        assert!(stderr.contains("stream completed"), "{stderr}");
+        assert!(
+            !stderr.contains("copied 0 B"),
+            "the stream copied nothing: {stderr}"
+        );
+    }
     s.assert_clean("ov.qcow2");
     s.write_file("want.raw", &want);
     assert!(

@@ -343,8 +343,9 @@ fn stream_and_log(
                 }
             ),
             Ok(s) => eprintln!(
-                "cowimg serve: stream completed: copied {} into '{image}' in {:.2} s; {}",
+                "cowimg serve: stream completed: copied {} ({} bytes) into '{image}' in {:.2} s; {}",
                 size_to_str(s.copied),
+                s.copied,
                 s.elapsed,
                 match &s.backing {
                     Some(b) => format!("its backing file is now '{}'", b.name),

@@ -132,6 +132,20 @@ impl Scratch {
         );
     }
 
+    /// Bytes of guest data `image` holds itself (depth 0 in `qemu-img map`; `-U`, as the
+    /// image may be in use by a server).
+    pub fn own_data(&self, image: &str) -> u64 {
+        let map: serde_json::Value =
+            serde_json::from_str(&self.qemu_img(&["map", "-U", "--output=json", image]))
+                .expect("qemu-img map JSON");
+        map.as_array()
+            .expect("a list")
+            .iter()
+            .filter(|e| e["depth"] == 0 && e["data"] == true)
+            .map(|e| e["length"].as_u64().expect("a length"))
+            .sum()
+    }
+
     pub fn qemu_info(&self, image: &str) -> serde_json::Value {
         serde_json::from_str(&self.qemu_img(&["info", "--output=json", image]))
             .expect("qemu-img info JSON")
@@ -239,3 +253,4 @@ pub fn last_event(stderr: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no JSON event in: {stderr}"))
 }
 pub mod peers;
+pub mod served;
