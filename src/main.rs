@@ -328,6 +328,10 @@ enum Command {
         /// With --stream: cap on bytes streamed per second (K, M, G suffixes; 0 = unlimited).
         #[arg(long, requires = "stream", default_value = "0")]
         speed: String,
+        /// Seconds a client has to finish the handshake before it is dropped (0: no limit),
+        /// so that a client sending nothing cannot hold an -e slot.
+        #[arg(long = "handshake-limit", default_value = "10", value_name = "N")]
+        handshake_limit: u64,
         /// The image to export.
         image: String,
     },
@@ -952,6 +956,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             stream,
             base,
             speed,
+            handshake_limit,
             image,
         } => {
             let r = (|| {
@@ -982,6 +987,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         persistent,
                         pid_file,
                         stream,
+                        handshake_limit,
                     },
                     cancel,
                 )

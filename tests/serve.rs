@@ -616,3 +616,46 @@ fn sigterm_with_a_client_connected_commits_its_writes_and_exits_0() {
     );
     assert!(!s.path("ov.qcow2.sock").exists(), "the socket is removed");
 }
+
+#[test]
+fn a_client_that_sends_nothing_is_dropped_after_the_handshake_limit() {
+    let s = Scratch::new();
+    chain(&s, false);
+    // One slot: the silent client holds it until the limit drops it.
+    let srv = Served::start(&s, "ov.qcow2", &["-e", "1", "--handshake-limit", "1"]);
+    let mut silent = UnixStream::connect(&srv.socket).expect("connect");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    // The server's greeting, then nothing from us: the server must hang up.
+    let mut buf = [0u8; 256];
+    let mut got = 0;
+    loop {
+        match silent.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("the silent client was not dropped within 10 s: {e}"),
+        }
+    }
+    let waited = t.elapsed();
+    assert!(got > 0, "the server greeted the client first");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "dropped after {waited:?}, the limit being 1 s"
+    );
+    // The slot is free again; a client that has finished its handshake may idle past it.
+    let c = Client::connect(&srv.target()).expect("connect");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut data = vec![0u8; 4096];
+    c.read(0, &mut data)
+        .expect("an idle client after its handshake is kept");
+    assert!(data.iter().all(|&b| b == 0xab));
+    drop(c);
+    let (status, stderr) = srv.stop();
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        stderr.contains("no handshake within 1 s (--handshake-limit): dropped"),
+        "{stderr}"
+    );
+}

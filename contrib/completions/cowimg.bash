@@ -917,7 +917,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__serve)
-            opts="-f -k -b -p -x -D -r -e -t -h --format --socket --bind --port --export-name --description --read-only --copy-on-read --no-copy-on-read --shared --persistent --pid-file --stream --base --speed --help"
+            opts="-f -k -b -p -x -D -r -e -t -h --format --socket --bind --port --export-name --description --read-only --copy-on-read --no-copy-on-read --shared --persistent --pid-file --stream --base --speed --handshake-limit --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -988,6 +988,10 @@ _cowimg() {
                     return 0
                     ;;
                 --speed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --handshake-limit)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -115,6 +115,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -s e -l shared -d '
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l pid-file -d 'Write the server\'s process id to this file once it listens' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l base -d 'With --stream: the backing file to keep (matched by resolved path); default: none' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l speed -d 'With --stream: cap on bytes streamed per second (K, M, G suffixes; 0 = unlimited)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l handshake-limit -d 'Seconds a client has to finish the handshake before it is dropped (0: no limit), so that a client sending nothing cannot hold an -e slot' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -s r -l read-only -d 'Refuse client writes (copy-on-read still fills the image)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l copy-on-read -d 'Copy what clients read from the backing chain into IMAGE, whatever its flag says'
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l no-copy-on-read -d 'Never copy on read, whatever the image\'s flag says'

@@ -40,6 +40,8 @@ pub struct Args {
     pub pid_file: Option<String>,
     /// `--stream`: stream the backing chain into the image while serving.
     pub stream: Option<StreamArgs>,
+    /// `--handshake-limit`: seconds a client has to finish the handshake (0: no limit).
+    pub handshake_limit: u64,
 }
 
 /// What `--stream` streams and how fast.
@@ -68,6 +70,15 @@ impl Sock {
             Sock::Unix(s) => Sock::Unix(s.try_clone()?),
             Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
         })
+    }
+
+    /// Bounds (or, with `None`, unbounds) each read; the option belongs to the socket, so
+    /// it applies to every clone of it.
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.set_read_timeout(t),
+            Sock::Tcp(s) => s.set_read_timeout(t),
+        }
     }
 
     fn shutdown_read(&self) {
@@ -284,9 +295,18 @@ fn serve_clients(
                 continue;
             }
         };
-        let (id, reader, waker) = match (sock.try_clone(), sock.try_clone()) {
-            (Ok(r), Ok(w)) => (next, r, w),
-            (Err(e), _) | (_, Err(e)) => {
+        // A client that connects and sends nothing must not hold one of the -e slots for
+        // ever: its handshake is bounded (as qemu-nbd's --handshake-limit), the requests
+        // after it are not.
+        let limit = (a.handshake_limit > 0).then(|| Duration::from_secs(a.handshake_limit));
+        let (id, reader, waker, timer) = match (
+            sock.try_clone(),
+            sock.try_clone(),
+            sock.try_clone(),
+            sock.set_read_timeout(limit),
+        ) {
+            (Ok(r), Ok(w), Ok(t), Ok(())) => (next, r, w, t),
+            (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
                 eprintln!("cowimg serve: a connection could not be set up: {e}");
                 continue;
             }
@@ -297,10 +317,26 @@ fn serve_clients(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, waker);
-        let (server, conns) = (server.clone(), open_conns.clone());
+        let (server, conns, limit_secs) = (server.clone(), open_conns.clone(), a.handshake_limit);
         threads.push(std::thread::spawn(move || {
-            if let Err(e) = server.handle(reader, sock) {
-                eprintln!("cowimg serve: connection {id}: {e}");
+            let lift = || {
+                if let Err(e) = timer.set_read_timeout(None) {
+                    eprintln!("cowimg serve: connection {id}: {e}");
+                }
+            };
+            match server.handle_then(reader, sock, lift) {
+                Err(cowimg_nbd::server::ConnectionError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    eprintln!(
+                        "cowimg serve: connection {id}: no handshake within {limit_secs} s (--handshake-limit): dropped"
+                    )
+                }
+                Err(e) => eprintln!("cowimg serve: connection {id}: {e}"),
+                Ok(()) => {}
             }
             conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         }));

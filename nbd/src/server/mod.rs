@@ -130,12 +130,27 @@ impl Server {
         reader: impl Read,
         writer: impl Write,
     ) -> std::result::Result<(), ConnectionError> {
+        self.handle_then(reader, writer, || ())
+    }
+
+    /// [`Server::handle`], calling `negotiated` once the handshake is over and before the
+    /// first request is read: a caller that bounds the handshake's time (a socket read
+    /// timeout) lifts the bound there, as idle clients may wait as long as they like.
+    pub fn handle_then(
+        &self,
+        reader: impl Read,
+        writer: impl Write,
+        negotiated: impl FnOnce(),
+    ) -> std::result::Result<(), ConnectionError> {
         let mut conn = handshake::Conn {
             reader: io::BufReader::new(reader),
             writer: io::BufWriter::new(writer),
         };
         match handshake::negotiate(self, &mut conn)? {
-            Some(session) => transmission::serve(&mut conn, &session),
+            Some(session) => {
+                negotiated();
+                transmission::serve(&mut conn, &session)
+            }
             None => Ok(()),
         }
     }
