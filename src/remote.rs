@@ -14,6 +14,8 @@
 //!   zeros when the server refuses (see [`ZeroMode`]).
 //! * Remote layers are not locked: NBD has no locks, the server decides who may write. A
 //!   layer opened read-only never sends a write.
+//!
+//! HTTP(S) layers are in [`http`].
 
 use std::collections::BTreeMap;
 use std::io;
@@ -27,6 +29,8 @@ use std::sync::atomic::AtomicU8;
 use cowimg_nbd::client::{self, read_across, write_across, Client};
 use cowimg_nbd::codec::{errno, state, tflags};
 use cowimg_nbd::Target;
+
+pub mod http;
 
 /// Connections opened to an export that allows several (CAN_MULTI_CONN).
 pub const CONNECTIONS: usize = 4;
