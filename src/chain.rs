@@ -20,6 +20,7 @@ use cowimg_formats::{Alloc, FileStorage, Format, Image, ReadBelow, Storage};
 
 use crate::error::{BackingProblem, Error, Result};
 use crate::lock::{self, Access};
+use crate::remote::http::{is_http_url, HttpStorage};
 use crate::remote::NbdStorage;
 
 /// The most images a chain may have (the top included). qemu has no fixed limit: it opens
@@ -182,11 +183,17 @@ pub fn open_image_for(
         }
         return Ok(layer);
     }
+    if is_http_url(filename) {
+        // Not locked: a web server has no locks, and the layer is only ever read.
+        let storage = HttpStorage::open(filename, access.writable())
+            .map_err(|e| Error::open(filename, Error::Msg(e.brief())))?;
+        return open_layer(Arc::new(storage), filename, format, false, repair);
+    }
     if has_protocol(filename) {
         return Err(Error::open(
             filename,
             Error::Msg(
-                "protocols other than NBD (http:, json:...) are not supported; name a local file or an nbd:// export".into(),
+                "protocols other than NBD and HTTP(S) (json:, ftp:...) are not supported; name a local file, an nbd:// export or an http(s):// URL".into(),
             ),
         ));
     }
@@ -671,7 +678,12 @@ impl ReadBelow for Below<'_> {
     }
 }
 
+/// The identity of a layer's name: the resolved path of a file, the URL itself for an
+/// http(s) layer (so that a loop of URLs is caught and `--base URL` finds its layer).
 fn canonical(path: &str) -> Option<PathBuf> {
+    if is_http_url(path) {
+        return Some(PathBuf::from(path));
+    }
     fs::canonicalize(Path::new(path)).ok()
 }
 

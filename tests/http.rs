@@ -194,3 +194,252 @@ fn a_file_replaced_on_the_server_is_an_error_never_mixed_data() {
         Some(libc::EROFS)
     );
 }
+
+/// `image` opened without its backing file: qemu's tools here have no curl driver
+/// (qemu-block-extra), so they check and write an overlay on an http base this way.
+fn alone(image: &str) -> String {
+    format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{image}"}},"backing":null}}"#
+    )
+}
+
+/// qemu-io writes into an overlay on an http base (whole clusters: nothing read below).
+fn qemu_write(s: &Scratch, image: &str, cmd: &str) {
+    s.qemu("qemu-io", &["-c", cmd, &alone(image)]);
+}
+
+/// `cowimg create -q -f qcow2 -b BACKING -F FMT NAME`.
+fn overlay(s: &Scratch, backing: &str, fmt: &str, name: &str) {
+    s.cowimg_ok(&[
+        "create", "-q", "-f", "qcow2", "-b", backing, "-F", fmt, name,
+    ]);
+}
+
+/// A 16 MiB raw disk with data, a written run of zeros and holes, and the same as qcow2,
+/// served by nginx from `www`.
+fn disk_files(s: &Scratch) -> std::path::PathBuf {
+    let www = s.path("www");
+    std::fs::create_dir_all(&www).unwrap();
+    s.qemu_img(&["create", "-q", "-f", "raw", "www/base.raw", "16M"]);
+    s.write_file("rnd.bin", &pattern(1 << 20, 7));
+    s.qemu(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -s rnd.bin 0 1M",
+            "-c",
+            "write -P 0xcd 5M 512k",
+            "-c",
+            "write -P 0 9M 64k",
+            "www/base.raw",
+        ],
+    );
+    s.qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "www/base.raw",
+        "www/base.qcow2",
+    ]);
+    for f in ["base.raw", "base.qcow2"] {
+        touch(&www.join(f), "2020-01-01 00:00:00");
+    }
+    www
+}
+
+#[test]
+fn commands_read_raw_and_qcow2_http_layers_as_the_local_files() {
+    let s = Scratch::new();
+    let www = disk_files(&s);
+    let web = Web::nginx(s.dir.path(), &www);
+    let (raw, qcow2) = (web.url("base.raw"), web.url("base.qcow2"));
+    // The format is probed over HTTP as for a file.
+    let info = s.cowimg_ok(&["info", &qcow2]);
+    assert!(
+        info.starts_with(&format!("image: {qcow2}\nfile format: qcow2\n"))
+            && info.contains("protocol type: http")
+            && info.contains("disk size: unavailable"),
+        "{info}"
+    );
+    for (url, fmt) in [(&raw, "raw"), (&qcow2, "qcow2")] {
+        s.cowimg_ok(&["convert", "-f", fmt, "-O", "raw", url, "out.raw"]);
+        assert!(
+            s.read_file("out.raw") == s.read_file("www/base.raw"),
+            "{url}"
+        );
+        assert_eq!(
+            s.cowimg(&["compare", url, "www/base.raw"]).stdout,
+            "Images are identical.\n"
+        );
+        assert_eq!(
+            s.cowimg_ok(&["checksum", url]).split_whitespace().next(),
+            s.cowimg_ok(&["checksum", "www/base.raw"])
+                .split_whitespace()
+                .next(),
+        );
+    }
+    // A remote qcow2 is mapped and measured from its own metadata, as qemu-img does locally.
+    for cmd in [&["map", "--output=json"][..], &["measure", "-O", "qcow2"]] {
+        let mut ours = cmd.to_vec();
+        ours.push(&qcow2);
+        let mut theirs = cmd.to_vec();
+        theirs.push("www/base.qcow2");
+        assert_eq!(s.cowimg_ok(&ours), s.qemu_img(&theirs), "{cmd:?}");
+    }
+    // HTTP has no block status: a raw file is all data, as qemu maps a raw NBD export
+    // without it (nbdkit's noextents filter) — the oracle for a remote without holes.
+    let srv = common::peers::Server::nbdkit(
+        s.dir.path(),
+        &["--filter=noextents"],
+        &["file", www.join("base.raw").to_str().unwrap()],
+    );
+    assert_eq!(
+        s.cowimg_ok(&["map", "--output=json", "-f", "raw", &raw]),
+        s.qemu_img(&["map", "--output=json", "-f", "raw", &srv.url])
+    );
+    // Overlays created by cowimg on either base, -F as recorded.
+    for (url, fmt) in [(&raw, "raw"), (&qcow2, "qcow2")] {
+        overlay(&s, url, fmt, "ov.qcow2");
+        qemu_write(&s, "ov.qcow2", "write -P 0x11 2M 64k");
+        let chain = s.cowimg_ok(&["info", "--backing-chain", "ov.qcow2"]);
+        assert!(
+            chain.contains(&format!(
+                "backing file: {url}\nbacking file format: {fmt}\n"
+            )) && chain.contains(&format!("image: {url}\nfile format: {fmt}\n"))
+                && chain.contains("protocol type: http"),
+            "{chain}"
+        );
+        s.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "www/base.raw",
+            "local.qcow2",
+        ]);
+        s.qemu_io("local.qcow2", &["write -P 0x11 2M 64k"]);
+        s.cowimg_ok(&["convert", "-O", "raw", "ov.qcow2", "ov.raw"]);
+        s.qemu_img(&["convert", "-O", "raw", "local.qcow2", "local.raw"]);
+        assert!(s.read_file("ov.raw") == s.read_file("local.raw"), "{url}");
+        std::fs::remove_file(s.path("ov.qcow2")).unwrap();
+    }
+}
+
+#[test]
+fn stream_of_an_overlay_on_an_http_base_leaves_it_standalone() {
+    let s = Scratch::new();
+    let www = disk_files(&s);
+    let web = Web::nginx(s.dir.path(), &www);
+    let url = web.url("base.raw");
+    overlay(&s, &url, "raw", "ov.qcow2");
+    qemu_write(&s, "ov.qcow2", "write -P 0x22 3M 1M");
+    s.cowimg_ok(&["convert", "-O", "raw", "ov.qcow2", "before.raw"]);
+    let r = s.cowimg_ok(&["stream", "ov.qcow2"]);
+    assert!(r.contains("standalone"), "{r}");
+    let log = web.stop_and_log();
+    s.assert_clean("ov.qcow2");
+    assert!(s.qemu_info("ov.qcow2").get("backing-filename").is_none());
+    // Without the server: qemu-img reads the overlay alone, as before the stream.
+    s.qemu_img(&["convert", "-O", "raw", "ov.qcow2", "after.raw"]);
+    assert!(s.read_file("before.raw") == s.read_file("after.raw"));
+    // Only ranged GETs reached the server, each answered 206.
+    assert!(!log.is_empty());
+    for l in &log {
+        assert!(
+            l.starts_with("GET /base.raw ") && l.contains("\" 206 "),
+            "{l}"
+        );
+    }
+}
+
+#[test]
+fn a_base_replaced_mid_stream_stops_the_job_and_a_rerun_finishes() {
+    let s = Scratch::new();
+    let www = disk_files(&s);
+    // Data everywhere, so that the stream has 16 MiB to copy at the capped speed.
+    let v1 = pattern(16 << 20, 8);
+    std::fs::write(www.join("base.raw"), &v1).unwrap();
+    touch(&www.join("base.raw"), "2020-01-01 00:00:00");
+    let web = Web::nginx(s.dir.path(), &www);
+    let url = web.url("base.raw");
+    overlay(&s, &url, "raw", "ov.qcow2");
+    s.cowimg_ok(&["convert", "-O", "raw", "ov.qcow2", "before.raw"]);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cowimg"))
+        .args(["stream", "--speed", "4M", "ov.qcow2"])
+        .current_dir(s.dir.path())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    // A new version of the file, as a deployment would put it in place.
+    std::fs::rename(www.join("base.raw"), www.join("base.orig")).unwrap();
+    replace(
+        &www,
+        "base.raw",
+        &pattern(16 << 20, 9),
+        "2021-01-01 00:00:00",
+    );
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&url) && stderr.contains("changed on the server"),
+        "{stderr}"
+    );
+    // What was committed is the old version's; the image is consistent.
+    s.assert_clean(&alone("ov.qcow2"));
+    std::fs::rename(www.join("base.orig"), www.join("base.raw")).unwrap();
+    s.cowimg_ok(&["convert", "-O", "raw", "ov.qcow2", "mid.raw"]);
+    assert!(s.read_file("mid.raw") == s.read_file("before.raw"));
+    // With the original back, the rerun finishes.
+    s.cowimg_ok(&["stream", "ov.qcow2"]);
+    s.assert_clean("ov.qcow2");
+    drop(web);
+    s.qemu_img(&["convert", "-O", "raw", "ov.qcow2", "after.raw"]);
+    assert!(s.read_file("after.raw") == v1);
+}
+
+#[test]
+fn refused_servers_and_missing_files_are_clear_errors() {
+    let s = Scratch::new();
+    let www = disk_files(&s);
+    let py = Web::python(&www);
+    let r = s.cowimg(&["info", &py.url("base.raw")]);
+    assert_eq!(r.status, 1);
+    assert_eq!(
+        r.stderr,
+        format!("cowimg: Could not open '{}': GET bytes=0-0: the server ignores Range requests (it answered 200 with the whole file); cowimg reads only servers that answer byte ranges (206)\n", py.url("base.raw"))
+    );
+    let web = Web::nginx(s.dir.path(), &www);
+    let missing = web.url("nosuch.qcow2");
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-u", "-b", &missing, "-F", "raw", "ov.qcow2", "16M",
+    ]);
+    let r = s.cowimg(&["map", "ov.qcow2"]);
+    assert_eq!(r.status, 1);
+    assert_eq!(
+        r.stderr,
+        format!("cowimg: Could not open 'ov.qcow2': Could not open backing file: Could not open '{missing}': GET bytes=0-0: the server answered 404 Not Found (no such file on the server)\n")
+    );
+    // An http layer is never written: commit into it is refused before anything is done.
+    overlay(&s, &web.url("base.raw"), "raw", "ov2.qcow2");
+    let r = s.cowimg(&["commit", "ov2.qcow2"]);
+    assert_eq!(r.status, 1);
+    assert!(r.stderr.contains("read-only"), "{}", r.stderr);
+    let url = web.url("base.raw");
+    drop(web);
+    let r = s.cowimg(&["info", &url]);
+    assert_eq!(
+        r.stderr,
+        format!("cowimg: Could not open '{url}': GET bytes=0-0: connection refused (is the server running?) (after {ATTEMPTS} attempts)\n")
+    );
+}
