@@ -443,3 +443,61 @@ fn refused_servers_and_missing_files_are_clear_errors() {
         format!("cowimg: Could not open '{url}': GET bytes=0-0: connection refused (is the server running?) (after {ATTEMPTS} attempts)\n")
     );
 }
+
+/// cowimg with `SSL_CERT_FILE` set (or removed when `None`).
+fn cowimg_with_ca(s: &Scratch, ca: Option<&Path>, args: &[&str]) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cowimg"));
+    cmd.args(args).current_dir(s.dir.path());
+    match ca {
+        Some(p) => cmd.env("SSL_CERT_FILE", p),
+        None => cmd.env_remove("SSL_CERT_FILE"),
+    };
+    let out = cmd.output().expect("run cowimg");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn https_with_a_test_ca_given_by_ssl_cert_file() {
+    let s = Scratch::new();
+    let www = disk_files(&s);
+    let pki = s.path("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let (ca, cert, key) = common::peers::make_test_ca(&pki);
+    let web = Web::nginx_tls(
+        s.dir.path(),
+        &www,
+        common::peers::Tls {
+            cert: &cert,
+            key: &key,
+        },
+    );
+    let url = web.url("base.qcow2");
+    assert!(url.starts_with("https://127.0.0.1:"));
+    // Trusting the test CA: the remote qcow2 reads as the local file.
+    let (st, err) = cowimg_with_ca(&s, Some(&ca), &["convert", "-O", "raw", &url, "out.raw"]);
+    assert_eq!(st, 0, "{err}");
+    assert!(s.read_file("out.raw") == s.read_file("www/base.raw"));
+    let (st, _) = cowimg_with_ca(&s, Some(&ca), &["compare", &url, "www/base.raw"]);
+    assert_eq!(st, 0);
+    // The system's roots do not know the test CA: refused, saying why and what to do.
+    let (st, err) = cowimg_with_ca(&s, None, &["info", &url]);
+    assert_eq!(st, 1, "{err}");
+    assert!(
+        err.contains(&url)
+            && err.contains("TLS failure")
+            && err.contains("certificate is not trusted")
+            && err.contains("SSL_CERT_FILE"),
+        "{err}"
+    );
+    // A CA file that is not one is an error, not a silent fallback to other roots.
+    s.write_file("bad.pem", b"not a certificate\n");
+    let (st, err) = cowimg_with_ca(&s, Some(&s.path("bad.pem")), &["info", &url]);
+    assert_eq!(st, 1);
+    assert!(
+        err.contains("bad.pem") && err.contains("no PEM certificate"),
+        "{err}"
+    );
+}
