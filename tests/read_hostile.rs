@@ -591,7 +591,14 @@ fn a_missing_data_file_is_refused() {
 #[test]
 fn protocols_are_refused() {
     let s = Scratch::new();
-    all_refuse(&s, "http://localhost:1/x", &["protocols", "not supported"]);
+    all_refuse(&s, "json:{}", &["protocols", "not supported"]);
+    all_refuse(&s, "ftp://localhost:1/x", &["protocols", "not supported"]);
+    // HTTP is supported too: a server nobody runs is an error naming the URL and the cause.
+    all_refuse(
+        &s,
+        "http://localhost:1/x",
+        &["'http://localhost:1/x'", "connection refused"],
+    );
     // NBD is supported: an export nobody serves is an error naming the server.
     all_refuse(
         &s,
