@@ -501,3 +501,109 @@ fn https_with_a_test_ca_given_by_ssl_cert_file() {
         "{err}"
     );
 }
+
+/// A Range server in python that fails on purpose: request N (counting from 1, the open
+/// being 1) in `fail_503` is answered 503, in `cut` gets half its body and a closed
+/// connection. Everything else is a correct 206 with a fixed ETag.
+const FLAKY_SERVER: &str = r#"
+import http.server, os, sys
+port, path = int(sys.argv[1]), sys.argv[2]
+fail_503 = {int(x) for x in sys.argv[3].split(",") if x}
+cut = {int(x) for x in sys.argv[4].split(",") if x}
+data = open(path, "rb").read()
+count = 0
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        global count
+        count += 1
+        if count in fail_503:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        a, b = self.headers["Range"].split("=")[1].split("-")
+        a, b = int(a), min(int(b), len(data) - 1)
+        body = data[a:b + 1]
+        self.send_response(206)
+        self.send_header("Content-Range", "bytes %d-%d/%d" % (a, b, len(data)))
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", '"v1"')
+        self.end_headers()
+        if count in cut:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body)
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"#;
+
+/// Runs [`FLAKY_SERVER`] on a free port; returns the child and the URL.
+fn flaky_server(
+    s: &Scratch,
+    file: &str,
+    fail_503: &str,
+    cut: &str,
+) -> (std::process::Child, String) {
+    s.write_file("flaky.py", FLAKY_SERVER.as_bytes());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("timeout")
+        .args([
+            "60",
+            "/usr/bin/python3",
+            "flaky.py",
+            &port.to_string(),
+            file,
+            fail_503,
+            cut,
+        ])
+        .current_dir(s.dir.path())
+        .spawn()
+        .expect("run python3");
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "the python server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (child, format!("http://127.0.0.1:{port}/{file}"))
+}
+
+#[test]
+fn a_503_and_a_connection_cut_mid_body_are_retried() {
+    let s = Scratch::new();
+    let data = pattern(3 * PIECE, 10);
+    s.write_file("f.raw", &data);
+    // Request 1 opens; of the reads that follow (format probe, pieces), the first gets a 503
+    // and the second is cut half way: both are tried again, and the copy is exact.
+    let (mut child, url) = flaky_server(&s, "f.raw", "2", "3");
+    s.cowimg_ok(&["convert", "-O", "raw", &url, "out.raw"]);
+    assert!(s.read_file("out.raw") == data);
+    // SAFETY: signalling the `timeout` we started, by its PID.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = child.wait();
+    // A server that keeps failing: the error says how often it was tried.
+    let (mut child, url) = flaky_server(&s, "f.raw", "2,3,4,5,6,7,8,9,10", "");
+    let r = s.cowimg(&["convert", "-O", "raw", &url, "out2.raw"]);
+    assert_eq!(r.status, 1);
+    assert!(
+        r.stderr.contains(&url)
+            && r.stderr.contains("503 Service Unavailable")
+            && r.stderr.contains(&format!("after {ATTEMPTS} attempts")),
+        "{}",
+        r.stderr
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = child.wait();
+}

@@ -215,8 +215,12 @@ fn text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// A parsed `Content-Range`: the first and last byte (none for `*`), and the total (none
+/// for `*`).
+type ContentRange = (Option<(u64, u64)>, Option<u64>);
+
 /// `Content-Range: bytes START-END/TOTAL` (or `bytes */TOTAL` on a 416): (range, total).
-fn content_range(headers: &HeaderMap) -> Option<(Option<(u64, u64)>, Option<u64>)> {
+fn content_range(headers: &HeaderMap) -> Option<ContentRange> {
     let v = text(headers, header::CONTENT_RANGE)?;
     let rest = v.strip_prefix("bytes")?.trim_start();
     let (range, total) = rest.split_once('/')?;
