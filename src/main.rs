@@ -476,8 +476,13 @@ enum Command {
     /// Change options of an existing image in place (crash-safe).
     #[command(after_help = "Examples:
   cowimg amend --copy-on-read=on app.qcow2
+  cowimg amend -o lazy_refcounts=on vm.qcow2
   cowimg amend --copy-on-read=off app.qcow2")]
     Amend {
+        /// qemu-img's options: lazy_refcounts=on|off (qcow2 v3), compat=1.1 on a v3 image
+        /// (nothing to do); other qemu-img amend options are not changed by cowimg yet.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
         /// Format of FILE (qcow2 or qed); probed from its contents when absent.
         #[arg(short = 'f', long = "format")]
         format: Option<String>,
@@ -1129,6 +1134,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             (r, 1)
         }
         Command::Amend {
+            options,
             format,
             copy_on_read,
             file,
@@ -1138,6 +1144,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                     file,
                     format: fmt_opt(&format)?,
                     copy_on_read: copy_on_read.map(|v| matches!(v, OnOff::On)),
+                    options: amend::parse_options(&options)?,
                 })
             })();
             (r, 1)

@@ -139,12 +139,16 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__amend)
-            opts="-f -h --format --copy-on-read --help"
+            opts="-o -f -h --format --copy-on-read --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --format)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -512,6 +512,15 @@ pub trait Image: Send + Sync {
             self.format()
         )))
     }
+    /// Sets or clears qcow2's lazy refcounts bit (v3; one header write, synced). cowimg's
+    /// writer keeps refcounts exact either way: the bit only lets qemu defer them.
+    fn set_lazy_refcounts(&self, on: bool) -> Result<()> {
+        let _ = on;
+        Err(Error::Unsupported(format!(
+            "lazy refcounts in {} images",
+            self.format()
+        )))
+    }
     /// Sets or clears cowimg's copy-on-read flag (header area; synced).
     fn set_copy_on_read(&self, on: bool) -> Result<()> {
         let _ = on;

@@ -122,6 +122,14 @@ impl Scratch {
         r.status == 0
     }
 
+    /// cowimg and qemu-img, run with the same `args`, fail alike: the same exit status and
+    /// the same message (the program's name aside).
+    pub fn refuses_as_qemu_img(&self, args: &[&str]) {
+        let (c, q) = (self.cowimg(args), self.run("qemu-img", args));
+        assert_eq!(c.status, q.status, "{args:?}: {} vs {}", c.stderr, q.stderr);
+        assert_eq!(c.stderr, q.stderr.replace("qemu-img", "cowimg"), "{args:?}");
+    }
+
     /// `qemu-img check` must find no error and no leak.
     pub fn assert_clean(&self, image: &str) {
         let r = self.run("qemu-img", &["check", image]);

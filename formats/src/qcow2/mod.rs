@@ -572,6 +572,10 @@ impl Image for Qcow2 {
         self.set_cowimg_flags_impl(on)
     }
 
+    fn set_lazy_refcounts(&self, on: bool) -> Result<()> {
+        self.set_lazy_refcounts_impl(on)
+    }
+
     fn resize(&self, size: u64, prealloc: crate::Prealloc) -> Result<()> {
         self.resize_impl(size, prealloc)
     }

@@ -524,6 +524,27 @@ impl Qcow2 {
         self.rewrite_header(h)
     }
 
+    /// Sets or clears the lazy refcounts bit, refused on v2 in qemu's words. The image is
+    /// never left dirty by cowimg (a dirty one is repaired before the change), so clearing
+    /// the bit needs no refcount flush.
+    pub(super) fn set_lazy_refcounts_impl(&self, on: bool) -> Result<()> {
+        let mut h = self.header_for_change()?;
+        if h.version < 3 && on {
+            return Err(Error::Refused(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)".into(),
+            ));
+        }
+        if h.version < 3 {
+            return Ok(());
+        }
+        if on {
+            h.compatible_features |= header::COMPAT_LAZY_REFCOUNTS;
+        } else {
+            h.compatible_features &= !header::COMPAT_LAZY_REFCOUNTS;
+        }
+        self.rewrite_header(h)
+    }
+
     /// Moves the snapshot table to new clusters holding `table` (the same entries,
     /// re-encoded), for `check -r all`, which holds the image exclusively and has just
     /// repaired the refcounts (`m` reloaded from disk). As in every commit, the new table and
