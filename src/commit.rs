@@ -58,6 +58,7 @@ pub fn copy(chain: &Chain, base: usize, plan: &Plan, s: &Settings) -> Result<()>
         shift: 0,
         sparse: Some(0),
         fill: false,
+        job: s.job,
     };
     copier.run(&plan.extents)
 }

@@ -16,6 +16,7 @@ use cowimg_formats::{is_zero, Image, ReadBelow};
 
 use crate::chain::Chain;
 use crate::error::{Error, Result};
+use crate::job::JobHandle;
 use crate::ratelimit::RateLimiter;
 
 /// Largest piece one worker copies at a time.
@@ -117,6 +118,9 @@ pub struct Copier<'a> {
     /// --stream`) and a client write that allocated a unit first is newer data than the copy.
     /// Zeros to mark are then written as data, which the fill can decide under its lock.
     pub fill: bool,
+    /// The job this copy runs as: its pause and cancel requests are honoured between
+    /// chunks (a pause commits first), and its limiter should be `limiter`.
+    pub job: Option<&'a JobHandle>,
 }
 
 /// Splits sorted extents at multiples of `window`; the pieces of one window form one piece of
@@ -274,8 +278,8 @@ impl Copier<'_> {
             }
         }
         let pool = self.pool()?;
-        let zeroed = self.spread(&pool, pieces.len(), |i, _| {
-            if self.cancel.load(Ordering::Relaxed) {
+        let (zeroed, _) = self.spread(&pool, pieces.len(), false, |i, _| {
+            if self.stopping() {
                 return Ok(());
             }
             let (at, n) = pieces[i];
@@ -291,7 +295,7 @@ impl Copier<'_> {
             .map_err(|e| Error::image(self.target_name, e));
         zeroed?;
         committed?;
-        if self.cancel.load(Ordering::Relaxed) {
+        if self.stopping() {
             return Err(Error::Interrupted(0));
         }
         Ok(())
@@ -316,16 +320,17 @@ impl Copier<'_> {
         let chunks = windows(extents, window);
         let chunk = window;
         let pool = self.pool()?;
-        let batch_bytes = if let Some(b) = test_batch_bytes() {
-            b
-        } else if self.limiter.unlimited() {
-            BATCH
-        } else {
-            // About BATCH_TIME worth of copying at the cap.
-            (self.limiter.rate() * BATCH_TIME.as_secs()).clamp(chunk, BATCH)
-        };
         let mut i = 0;
         while i < chunks.len() {
+            // Looked at for every batch: `job set-speed` may have changed the cap.
+            let batch_bytes = if let Some(b) = test_batch_bytes() {
+                b
+            } else if self.limiter.unlimited() {
+                BATCH
+            } else {
+                // About BATCH_TIME worth of copying at the cap.
+                (self.limiter.rate() * BATCH_TIME.as_secs()).clamp(chunk, BATCH)
+            };
             let mut j = i;
             let mut bytes = 0;
             while j < chunks.len() && (bytes < batch_bytes || j == i) {
@@ -336,7 +341,7 @@ impl Copier<'_> {
                     .sum::<u64>();
                 j += 1;
             }
-            let result = self.run_batch(&pool, &chunks[i..j], unit);
+            let (result, taken) = self.run_batch(&pool, &chunks[i..j], unit);
             let pause = std::time::Instant::now();
             let committed = self
                 .target
@@ -345,12 +350,30 @@ impl Copier<'_> {
             self.limiter.credit(pause.elapsed());
             result?;
             committed?;
-            if self.cancel.load(Ordering::Relaxed) {
+            if self.stopping() {
                 return Err(Error::Interrupted(0));
             }
-            i = j;
+            // A pause asked for cut the batch short at `taken`; everything copied is now
+            // committed, so the job may wait (and be killed) safely.
+            if let Some(job) = self.job {
+                job.checkpoint(self.cancel);
+                if self.stopping() {
+                    return Err(Error::Interrupted(0));
+                }
+            }
+            i += taken;
         }
         Ok(())
+    }
+
+    /// Whether the copy should stop: a signal, or the job's cancel.
+    fn stopping(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.job.is_some_and(|j| j.cancel_requested())
+    }
+
+    /// Whether workers should take no new chunk (the job is to pause).
+    fn pausing(&self) -> bool {
+        self.job.is_some_and(|j| j.pause_requested())
     }
 
     /// Copies one batch with `jobs` workers taking windows in order. Each worker reads and
@@ -359,8 +382,16 @@ impl Copier<'_> {
     /// clusters, and then writes its data in parallel again. The file's layout thus follows
     /// guest order, not the order in which workers finish: the same input gives the same
     /// file whatever `--jobs` is, and compressed clusters pack back to back as qemu packs them.
-    fn run_batch(&self, pool: &rayon::ThreadPool, chunks: &[Vec<Extent>], unit: u64) -> Result<()> {
-        self.spread(pool, chunks.len(), |i, turn| {
+    ///
+    /// Returns the outcome and how many windows were taken: all of them, unless a pause was
+    /// asked for, when workers stop taking new ones (those taken are a prefix, each finished).
+    fn run_batch(
+        &self,
+        pool: &rayon::ThreadPool,
+        chunks: &[Vec<Extent>],
+        unit: u64,
+    ) -> (Result<()>, usize) {
+        self.spread(pool, chunks.len(), true, |i, turn| {
             let ticket = Ticket { turn, index: i };
             self.copy_window(&chunks[i], unit, ticket)
         })
@@ -375,18 +406,25 @@ impl Copier<'_> {
     }
 
     /// Runs `work(i, turn)` for every `i` in `0..n` on the workers, which take the indexes in
-    /// order; the first failure stops the rest and is the outcome.
+    /// order; the first failure stops the rest and is the outcome. When `pausable`, workers
+    /// take no new index once the job is to pause. Returns the outcome and how many indexes
+    /// were taken (a prefix of `0..n`, each finished).
     fn spread(
         &self,
         pool: &rayon::ThreadPool,
         n: usize,
+        pausable: bool,
         work: impl Fn(usize, &Turn) -> Result<()> + Sync,
-    ) -> Result<()> {
+    ) -> (Result<()>, usize) {
         let next = AtomicUsize::new(0);
         let turn = Turn::default();
         pool.scope(|scope| {
             for _ in 0..self.jobs.max(1) {
                 scope.spawn(|_| loop {
+                    // Checked before taking a window, so the windows taken stay contiguous.
+                    if pausable && self.pausing() {
+                        return;
+                    }
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     if i >= n || turn.aborted() {
                         return;
@@ -398,14 +436,15 @@ impl Copier<'_> {
                 });
             }
         });
-        turn.into_result()
+        let taken = next.into_inner().min(n);
+        (turn.into_result(), taken)
     }
 
     /// Copies the pieces of one window: read and sort, then in turn reserve, then write.
     fn copy_window(&self, pieces: &[Extent], unit: u64, ticket: Ticket) -> Result<()> {
         let mut prepared = Vec::with_capacity(pieces.len());
         for piece in pieces {
-            if self.cancel.load(Ordering::Relaxed) {
+            if self.stopping() {
                 return Ok(());
             }
             prepared.push(self.prepare(piece, unit)?);

@@ -93,6 +93,7 @@ pub mod commit;
 pub mod copy;
 pub mod diff;
 pub mod error;
+pub mod job;
 pub mod lock;
 pub mod output;
 pub mod progress;

@@ -49,6 +49,33 @@ enum OnOff {
     Off,
 }
 
+/// The options every long operation takes to run as a job (docs/jobs.md).
+#[derive(clap::Args, Clone)]
+struct JobArgs {
+    /// The job's id, for 'cowimg job ...' (default: the image's file name, with -2, -3, ...
+    /// added while a job of that name runs).
+    #[arg(long, value_name = "ID")]
+    job_id: Option<String>,
+    /// The job's control socket (default: $XDG_RUNTIME_DIR/cowimg/ID.sock, else
+    /// /tmp/cowimg-$UID/ID.sock).
+    #[arg(long, value_name = "PATH")]
+    control: Option<String>,
+    /// Write the job's events (created, running, paused, resumed, speed-changed, completed,
+    /// cancelled, error) as JSON lines to FILE, or stdout with '-'.
+    #[arg(long, value_name = "FILE|-")]
+    events: Option<String>,
+}
+
+impl From<JobArgs> for cowimg::job::ControlOptions {
+    fn from(a: JobArgs) -> Self {
+        cowimg::job::ControlOptions {
+            job_id: a.job_id,
+            control: a.control,
+            events: a.events,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create a new image, optionally over a backing file.
@@ -268,6 +295,8 @@ enum Command {
         /// Write the copied clusters compressed (qcow2), for an archive-ready image.
         #[arg(short = 'c', long)]
         compress: bool,
+        #[command(flatten)]
+        job: JobArgs,
         /// The image to fill (any image of the chain; images above it read the same).
         file: String,
     },
@@ -916,6 +945,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             offset,
             length,
             compress,
+            job,
             file,
         } => {
             let r = (|| {
@@ -939,6 +969,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                             .map(|s| size_arg("length (--length)", "--length", s))
                             .transpose()?,
                         compress,
+                        control: job.into(),
                     },
                     cancel,
                 )

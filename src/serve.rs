@@ -116,6 +116,8 @@ impl ImageBackend {
                 cancel,
                 counters: &counters,
                 compress: false,
+                // Not yet a job of its own: `cowimg job` does not steer serve's stream.
+                job: None,
             };
             stream::copy_live(&chain, &plan, keep_base, &settings)?;
             let backing = keep_base.then(|| BackingRef {

@@ -281,6 +281,8 @@ pub struct Settings<'a> {
     pub counters: &'a Counters,
     /// Write copied clusters compressed (qcow2).
     pub compress: bool,
+    /// The job the copy runs as (pause, cancel), if any.
+    pub job: Option<&'a crate::job::JobHandle>,
 }
 
 /// Copies what the plan asks into the chain's top image; everything copied is committed.
@@ -340,6 +342,7 @@ fn run_copier(
         fill,
         shift: 0,
         sparse: Some(0),
+        job: s.job,
     };
     copier.run(&plan.extents)
 }

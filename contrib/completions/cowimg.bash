@@ -1041,7 +1041,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__stream)
-            opts="-f -b -p -c -h --format --base --speed --jobs --progress --output --offset --length --compress --help"
+            opts="-f -b -p -c -h --format --base --speed --jobs --progress --output --offset --length --compress --job-id --control --events --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1084,6 +1084,18 @@ _cowimg() {
                     return 0
                     ;;
                 --length)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --job-id)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --control)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --events)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

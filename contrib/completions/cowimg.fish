@@ -102,6 +102,9 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l output -d 'Outp
 json\t'One JSON document on stdout, with qemu-img\'s keys'"
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l offset -d 'Stream only the range starting here (never changes the backing file)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l length -d 'Length of the range to stream' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l job-id -d 'The job\'s id, for \'cowimg job ...\' (default: the image\'s file name, with -2, -3, ... added while a job of that name runs)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l control -d 'The job\'s control socket (default: $XDG_RUNTIME_DIR/cowimg/ID.sock, else /tmp/cowimg-$UID/ID.sock)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l events -d 'Write the job\'s events (created, running, paused, resumed, speed-changed, completed, cancelled, error) as JSON lines to FILE, or stdout with \'-\'' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s p -d 'Show a progress bar even when stderr is not a terminal'
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s c -l compress -d 'Write the copied clusters compressed (qcow2), for an archive-ready image'
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s h -l help -d 'Print help (see more with \'--help\')'

@@ -49,6 +49,9 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let grown = commit::grow_base(&chain, base)?;
     let plan = stream::plan_commit(&chain, base)?;
     let opts = JobOptions {
+        kind: "commit",
+        device: a.file.clone(),
+        control: Default::default(),
         speed: a.speed,
         jobs: a.jobs,
         progress: a.progress,

@@ -343,6 +343,7 @@ fn copy(
                 compare: None,
                 compress: a.compress,
                 fill: false,
+                job: None,
                 shift: *shift,
                 sparse: match how.sparse {
                     None => Some(0),

@@ -10,11 +10,17 @@ use serde_json::json;
 
 use crate::copy::Counters;
 use crate::error::Result;
+use crate::job::{ControlOptions, JobSpec, Session};
 use crate::progress::{Mode, Reporter};
-use crate::ratelimit::RateLimiter;
 use crate::stream::{Plan, Settings};
 
 pub struct JobOptions {
+    /// The operation (QMP's job `type`): stream, rebase, commit.
+    pub kind: &'static str,
+    /// The image the job works on; the default job id is its file name.
+    pub device: String,
+    /// `--job-id`, `--control`, `--events`.
+    pub control: ControlOptions,
     /// Cap in bytes per second (0 = unlimited).
     pub speed: u64,
     pub jobs: usize,
@@ -29,7 +35,8 @@ pub struct Done<T> {
     pub elapsed: f64,
 }
 
-/// Runs `body` (the copy and whatever follows it) with progress reporting over `plan`.
+/// Runs `body` (the copy and whatever follows it) as a job over `plan`: with progress
+/// reporting, a control socket and events.
 pub fn run<T>(
     plan: &Plan,
     o: &JobOptions,
@@ -41,19 +48,33 @@ pub fn run<T>(
     counters
         .done
         .store(plan.range_len - plan.work(), Ordering::Relaxed);
-    let limiter = RateLimiter::new(o.speed);
+    let session = Session::start(
+        JobSpec {
+            id: crate::job::default_id(&o.device),
+            kind: o.kind,
+            device: o.device.clone(),
+            end: plan.range_len,
+            speed: o.speed,
+        },
+        counters.clone(),
+        &o.control,
+    )?;
+    let job = &session.handle;
     let reporter = Reporter::start(o.progress, plan.range_len, o.speed, counters.clone());
     let started = Instant::now();
     let settings = Settings {
         jobs: o.jobs,
-        limiter: &limiter,
+        limiter: job.limiter(),
         cancel,
         counters: &counters,
         compress: o.compress,
+        job: Some(job),
     };
+    job.start();
     let result = body(&settings);
     let elapsed = started.elapsed().as_secs_f64();
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
+    session.finish(result.as_ref().map(|_| ()));
     Ok(Done {
         value: result?,
         copied: counters.copied.load(Ordering::Relaxed),

@@ -73,6 +73,9 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
             range_len: 0,
         };
         let opts = JobOptions {
+            kind: "rebase",
+            device: a.file.clone(),
+            control: Default::default(),
             speed: a.speed,
             jobs: a.jobs,
             progress: a.progress,
@@ -127,6 +130,9 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         (None, None) => unreachable!("a new backing file is either in the chain or opened"),
     };
     let opts = JobOptions {
+        kind: "rebase",
+        device: a.file.clone(),
+        control: Default::default(),
         speed: a.speed,
         jobs: a.jobs,
         progress: a.progress,

@@ -23,6 +23,8 @@ pub struct Args {
     pub offset: Option<u64>,
     pub length: Option<u64>,
     pub compress: bool,
+    /// `--job-id`, `--control`, `--events`.
+    pub control: crate::job::ControlOptions,
 }
 
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
@@ -63,6 +65,9 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     };
     let keep_base = base < chain.layers.len();
     let opts = JobOptions {
+        kind: "stream",
+        device: a.file.clone(),
+        control: a.control.clone(),
         speed: a.speed,
         jobs: a.jobs,
         progress: a.progress,

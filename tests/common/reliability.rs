@@ -278,6 +278,7 @@ pub fn with_settings<T>(jobs: usize, f: impl FnOnce(&Settings) -> T) -> T {
         cancel: &cancel,
         counters: &counters,
         compress: false,
+        job: None,
     };
     f(&s)
 }
