@@ -120,6 +120,9 @@ pub struct Options<'a> {
     /// When given and set (by a signal handler), the computation stops with
     /// [`Error::Interrupted`] at the next batch.
     pub cancel: Option<&'a AtomicBool>,
+    /// The job the computation runs as: its cap limits the bytes read per second, and its
+    /// pause and cancel are honoured between batches.
+    pub job: Option<&'a crate::job::JobHandle>,
 }
 
 impl Default for Options<'_> {
@@ -130,6 +133,7 @@ impl Default for Options<'_> {
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
             counters: None,
             cancel: None,
+            job: None,
         }
     }
 }
@@ -325,8 +329,20 @@ fn blkhash<D: Digest + Send>(chain: &Chain, opts: &Options) -> Result<(Vec<u8>, 
                 looked_up = looked_up.saturating_add(WINDOW).min(size);
             }
             let hashed = hashed?;
-            if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            let stopping = || {
+                opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+                    || opts.job.is_some_and(|j| j.cancel_requested())
+            };
+            if stopping() {
                 return Err(Error::Interrupted(0));
+            }
+            if let Some(job) = opts.job {
+                // Nothing to commit: a checksum only reads.
+                job.checkpoint(opts.cancel.unwrap_or(&AtomicBool::new(false)));
+                if stopping() {
+                    return Err(Error::Interrupted(0));
+                }
+                job.limiter().wait(bytes);
             }
             if !batch.is_empty() {
                 prev = Some((batch, hashed));

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use cowimg::chain::parse_format;
 use cowimg::commands::{
-    amend, check, checksum, commit, compare, convert, create, info, map, measure, rebase, reset,
-    resize, serve, snapshot, stream,
+    amend, check, checksum, commit, compare, convert, create, info, jobs, map, measure, rebase,
+    reset, resize, serve, snapshot, stream,
 };
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
@@ -254,6 +254,8 @@ enum Command {
         /// Read even if another process is writing the images (force share).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        #[command(flatten)]
+        job: JobArgs,
         /// The images to digest (each read through its backing chain).
         #[arg(required = true)]
         files: Vec<String>,
@@ -405,6 +407,8 @@ enum Command {
         /// Write the copied clusters compressed (qcow2).
         #[arg(short = 'c', long)]
         compress: bool,
+        #[command(flatten)]
+        job: JobArgs,
         /// The image to repoint.
         file: String,
     },
@@ -444,6 +448,8 @@ enum Command {
         /// Print nothing on success.
         #[arg(short = 'q')]
         quiet: bool,
+        #[command(flatten)]
+        job: JobArgs,
         /// The image whose data is committed.
         file: String,
     },
@@ -575,6 +581,18 @@ file or with internal snapshots, persistent bitmaps or an external data file.")]
         /// The overlay to empty.
         file: String,
     },
+    /// Watch and steer running jobs (stream, rebase, commit, convert, checksum) over their
+    /// control sockets: list, query, set-speed, pause, resume, cancel, wait. JOB is a job id
+    /// (a socket in $XDG_RUNTIME_DIR/cowimg/, else /tmp/cowimg-$UID/) or the path of a
+    /// --control socket; docs/jobs.md describes the protocol.
+    #[command(after_help = "Examples:
+  cowimg job query pull               # after: cowimg stream --speed 20M --job-id pull C.qcow2
+  cowimg job set-speed pull 60M
+  cowimg job wait --events pull")]
+    Job {
+        #[command(subcommand)]
+        verb: JobVerb,
+    },
     /// Write an image's guest contents (through its chain) to a new standalone image.
     #[command(after_help = "Examples:
   cowimg convert -O raw overlay.qcow2 flat.raw
@@ -658,6 +676,8 @@ file or with internal snapshots, persistent bitmaps or an external data file.")]
         /// ranges are skipped instead of written.
         #[arg(long)]
         target_is_zero: bool,
+        #[command(flatten)]
+        job: JobArgs,
         /// The images to read (each through its backing chain), then DST: several sources
         /// are written one after the other, as qemu-img concatenates them. DST is the new
         /// image; an existing file is replaced once the copy is complete (through symlinks,
@@ -665,6 +685,59 @@ file or with internal snapshots, persistent bitmaps or an external data file.")]
         /// nbd+unix:///NAME?socket=PATH, nbd:...) is written in place.
         #[arg(required = true, num_args = 2.., value_name = "SRC... DST")]
         files: Vec<String>,
+    },
+}
+
+/// The verbs of `cowimg job`.
+#[derive(Subcommand)]
+enum JobVerb {
+    /// List the running jobs of this user.
+    List {
+        /// Output format: human or json.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Show a job's state, cur/end, bytes copied, current speed, cap, elapsed time and ETA.
+    Query {
+        /// Output format: human or json (query-block-jobs' entry).
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// The job's id or control socket path.
+        job: String,
+    },
+    /// Change a job's speed cap while it runs (block-job-set-speed); it applies within one
+    /// 100 ms rate-limiter slice.
+    SetSpeed {
+        /// The job's id or control socket path.
+        job: String,
+        /// Bytes per second, in --speed's syntax (K, M, G suffixes); 0 = unlimited.
+        rate: String,
+    },
+    /// Pause a job at a chunk boundary with everything copied committed (block-job-pause);
+    /// returns once it is paused, after which killing the job is safe.
+    Pause {
+        /// The job's id or control socket path.
+        job: String,
+    },
+    /// Resume a paused job (block-job-resume).
+    Resume {
+        /// The job's id or control socket path.
+        job: String,
+    },
+    /// Cancel a job as Ctrl-C does (block-job-cancel): it commits what it copied and exits
+    /// 130; running its command again resumes. Returns once the job has stopped.
+    Cancel {
+        /// The job's id or control socket path.
+        job: String,
+    },
+    /// Wait until a job ends; the exit status is the job's (0 completed, 130 cancelled,
+    /// 1 failed).
+    Wait {
+        /// Print the job's events as JSON lines on stdout as they come.
+        #[arg(long)]
+        events: bool,
+        /// The job's id or control socket path.
+        job: String,
     },
 }
 
@@ -907,6 +980,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             progress,
             output,
             force_share,
+            job,
             files,
         } => {
             let r = (|| {
@@ -928,6 +1002,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         progress: Mode::choose(false, progress, true),
                         json: matches!(output, Output::Json),
                         force_share,
+                        control: job.into(),
                     },
                     cancel,
                 )
@@ -1042,6 +1117,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             output,
             force_share,
             compress,
+            job,
             file,
         } => {
             let r = (|| {
@@ -1060,6 +1136,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         json: json_out,
                         force_share,
                         compress,
+                        control: job.into(),
                     },
                     cancel,
                 )
@@ -1076,6 +1153,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             progress_format,
             output,
             quiet,
+            job,
             file,
         } => {
             let r = (|| {
@@ -1091,6 +1169,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         progress: Mode::choose(json, progress, true),
                         json: matches!(output, Output::Json),
                         quiet,
+                        control: job.into(),
                     },
                     cancel,
                 )
@@ -1189,6 +1268,29 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             })();
             (r, 1)
         }
+        Command::Job { verb } => {
+            let r = (|| {
+                let verb = match verb {
+                    JobVerb::List { output } => jobs::Verb::List {
+                        json: matches!(output, Output::Json),
+                    },
+                    JobVerb::Query { output, job } => jobs::Verb::Query {
+                        job,
+                        json: matches!(output, Output::Json),
+                    },
+                    JobVerb::SetSpeed { job, rate } => jobs::Verb::SetSpeed {
+                        job,
+                        speed: size_arg("speed (RATE)", "RATE", &rate)?,
+                    },
+                    JobVerb::Pause { job } => jobs::Verb::Pause { job },
+                    JobVerb::Resume { job } => jobs::Verb::Resume { job },
+                    JobVerb::Cancel { job } => jobs::Verb::Cancel { job },
+                    JobVerb::Wait { events, job } => jobs::Verb::Wait { job, events },
+                };
+                jobs::run(&verb)
+            })();
+            (r, 1)
+        }
         Command::Convert {
             format,
             out_format,
@@ -1212,6 +1314,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             quiet,
             target_is_zero,
             source_snapshot,
+            job,
             mut files,
         } => {
             let r = (|| {
@@ -1248,6 +1351,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         speed: size_arg("rate limit (-r/--speed)", "--speed", &speed)?,
                         target_is_zero,
                         snapshot: source_snapshot,
+                        control: job.into(),
                     },
                     cancel,
                 )

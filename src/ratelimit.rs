@@ -19,6 +19,8 @@ const SLICE: Duration = Duration::from_millis(100);
 pub struct RateLimiter {
     /// Bytes per slice; 0 = unlimited.
     quota: AtomicU64,
+    /// The cap as asked for, bytes per second (the quota is a tenth of it, rounded down).
+    rate: AtomicU64,
     state: Mutex<State>,
     /// Wakes sleeping workers when the rate changes.
     changed: Condvar,
@@ -49,6 +51,7 @@ impl RateLimiter {
         let now = Instant::now();
         RateLimiter {
             quota: AtomicU64::new(quota_of(bytes_per_sec)),
+            rate: AtomicU64::new(bytes_per_sec),
             state: Mutex::new(State {
                 slice_start: now,
                 slice_end: now,
@@ -71,7 +74,7 @@ impl RateLimiter {
 
     /// The cap in bytes per second (0 = unlimited).
     pub fn rate(&self) -> u64 {
-        self.quota() * 10
+        self.rate.load(Ordering::Relaxed)
     }
 
     /// Changes the cap to `bytes_per_sec` (0 = unlimited) while workers run. A fresh slice
@@ -80,6 +83,7 @@ impl RateLimiter {
     pub fn set_rate(&self, bytes_per_sec: u64) {
         let mut s = self.lock();
         self.quota.store(quota_of(bytes_per_sec), Ordering::Relaxed);
+        self.rate.store(bytes_per_sec, Ordering::Relaxed);
         let now = Instant::now();
         s.slice_start = now;
         s.slice_end = now;

@@ -12,6 +12,7 @@ use crate::checksum::{checksum, Algorithm, Options, BLOCK_SIZE};
 use crate::commands::pretty_json;
 use crate::copy::Counters;
 use crate::error::{Error, Result};
+use crate::job::{JobSpec, Session};
 use crate::progress::{Mode, Reporter};
 
 pub struct Args {
@@ -22,6 +23,9 @@ pub struct Args {
     pub progress: Mode,
     pub json: bool,
     pub force_share: bool,
+    /// `--job-id`, `--control`, `--events`: each image is one job (the default id is its
+    /// file name).
+    pub control: crate::job::ControlOptions,
 }
 
 /// Checksums every image; one that fails is reported on stderr and the others still get
@@ -49,7 +53,20 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
 fn one(a: &Args, file: &str, cancel: &AtomicBool) -> Result<serde_json::Value> {
     let chain = Chain::open(file, OpenOptions::read(a.format, a.force_share))?;
     let counters = Arc::new(Counters::default());
+    let session = Session::start(
+        JobSpec {
+            id: crate::job::default_id(file),
+            kind: "checksum",
+            device: file.to_string(),
+            end: chain.size(),
+            speed: 0,
+        },
+        counters.clone(),
+        &a.control,
+    )?;
+    let job = &session.handle;
     let reporter = Reporter::start(a.progress, chain.size(), 0, counters.clone());
+    job.start();
     let result = checksum(
         &chain,
         &Options {
@@ -57,9 +74,11 @@ fn one(a: &Args, file: &str, cancel: &AtomicBool) -> Result<serde_json::Value> {
             jobs: a.jobs,
             counters: Some(&counters),
             cancel: Some(cancel),
+            job: Some(job),
         },
     );
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
+    session.finish(result.as_ref().map(|_| ()));
     let c = result?;
     chain.finish()?;
     Ok(json!({

@@ -25,6 +25,8 @@ pub struct Args {
     pub progress: Mode,
     pub json: bool,
     pub quiet: bool,
+    /// `--job-id`, `--control`, `--events`.
+    pub control: crate::job::ControlOptions,
 }
 
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
@@ -51,7 +53,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let opts = JobOptions {
         kind: "commit",
         device: a.file.clone(),
-        control: Default::default(),
+        control: a.control.clone(),
         speed: a.speed,
         jobs: a.jobs,
         progress: a.progress,

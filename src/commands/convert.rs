@@ -14,9 +14,9 @@ use crate::commands::map::entries;
 use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
 use crate::error::{Error, Result};
 use crate::output;
+use crate::job::{JobSpec, Session};
 use crate::output::{Existing, Output};
 use crate::progress::{Mode, Reporter};
-use crate::ratelimit::RateLimiter;
 
 pub struct Args {
     /// The images to read, written one after the other (qemu-img concatenates them).
@@ -48,6 +48,8 @@ pub struct Args {
     pub speed: u64,
     /// `-l`: read the source as this internal snapshot holds it.
     pub snapshot: Option<String>,
+    /// `--job-id`, `--control`, `--events` (the default id is DST's file name).
+    pub control: crate::job::ControlOptions,
 }
 
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
@@ -321,8 +323,20 @@ fn copy(
     counters
         .done
         .store(size.saturating_sub(to_copy), Ordering::Relaxed);
-    let limiter = RateLimiter::new(a.speed);
+    let session = Session::start(
+        JobSpec {
+            id: crate::job::default_id(&a.dst),
+            kind: "convert",
+            device: a.dst.clone(),
+            end: size,
+            speed: a.speed,
+        },
+        counters.clone(),
+        &a.control,
+    )?;
+    let job = &session.handle;
     let reporter = Reporter::start(a.progress, size, a.speed, counters.clone());
+    job.start();
     let result = (|| -> Result<()> {
         for (i, (chain, (shift, extents))) in sources.iter().zip(&plans).enumerate() {
             let copier = Copier {
@@ -336,14 +350,14 @@ fn copy(
                 } else {
                     ZeroData::Skip
                 },
-                limiter: &limiter,
+                limiter: job.limiter(),
                 cancel,
                 counters: &counters,
                 jobs: a.jobs,
                 compare: None,
                 compress: a.compress,
                 fill: false,
-                job: None,
+                job: Some(job),
                 shift: *shift,
                 sparse: match how.sparse {
                     None => Some(0),
@@ -362,6 +376,7 @@ fn copy(
         Ok(())
     })();
     reporter.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
+    session.finish(result.as_ref().map(|_| ()));
     result
 }
 

@@ -10,6 +10,7 @@ pub mod convert;
 pub mod create;
 pub mod info;
 pub mod job;
+pub mod jobs;
 pub mod map;
 pub mod measure;
 pub mod rebase;

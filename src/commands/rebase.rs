@@ -27,6 +27,8 @@ pub struct Args {
     pub json: bool,
     pub force_share: bool,
     pub compress: bool,
+    /// `--job-id`, `--control`, `--events`.
+    pub control: crate::job::ControlOptions,
 }
 
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
@@ -75,7 +77,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         let opts = JobOptions {
             kind: "rebase",
             device: a.file.clone(),
-            control: Default::default(),
+            control: a.control.clone(),
             speed: a.speed,
             jobs: a.jobs,
             progress: a.progress,
@@ -132,7 +134,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let opts = JobOptions {
         kind: "rebase",
         device: a.file.clone(),
-        control: Default::default(),
+        control: a.control.clone(),
         speed: a.speed,
         jobs: a.jobs,
         progress: a.progress,

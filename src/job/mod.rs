@@ -321,9 +321,13 @@ impl JobHandle {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        self.pause.store(false, Ordering::SeqCst);
+        if self.cancel_requested() || signal.load(Ordering::Relaxed) {
+            // Cancelled while paused: it stays paused until it ends, without resuming.
+            return;
+        }
         s.state = State::Running;
         drop(s);
-        self.pause.store(false, Ordering::SeqCst);
         self.emit("resumed", json!({}));
         self.changed.notify_all();
     }
