@@ -230,7 +230,8 @@ enum Command {
         b: String,
     },
     /// Print a digest of each image's guest disk: the same for raw, qcow2 and QED images
-    /// holding the same bytes, whatever their layout; blksum computes the same digest.
+    /// holding the same bytes, whatever their layout; blksum computes the same digest. Each
+    /// image is a job that 'cowimg job' steers (set-speed caps the bytes read per second).
     #[command(after_help = "Examples:
   cowimg checksum disk.qcow2
   cowimg checksum -a sha512 golden.qcow2 flat.raw
@@ -261,7 +262,8 @@ enum Command {
         files: Vec<String>,
     },
     /// Copy into FILE what its backing chain provides above BASE, then make BASE its backing
-    /// file (none without --base). Safe to interrupt; running it again resumes.
+    /// file (none without --base). Safe to interrupt; running it again resumes. Runs as a job:
+    /// 'cowimg job' queries, re-caps, pauses, cancels or waits for it (docs/jobs.md).
     #[command(after_help = "Examples:
   cowimg stream C.qcow2                 # A <- B <- C  =>  C standalone
   cowimg stream --base A.qcow2 C.qcow2  # A <- B <- C  =>  A <- C
@@ -367,8 +369,8 @@ enum Command {
         image: String,
     },
     /// Point an image at a new backing file. Safe by default: data that would read
-    /// differently is copied into the image first (parallel, resumable); -u only changes
-    /// the pointer.
+    /// differently is copied into the image first (parallel, resumable, a job that
+    /// 'cowimg job' steers); -u only changes the pointer.
     #[command(after_help = "Examples:
   cowimg rebase -b new-base.qcow2 -F qcow2 C.qcow2
   cowimg rebase -u -b moved/base.qcow2 -F qcow2 C.qcow2
@@ -414,7 +416,7 @@ enum Command {
     },
     /// Write TOP's data into its backing file (or BASE further down), then empty TOP
     /// (qcow2), as qemu-img commit. The chain above reads the same throughout; safe to
-    /// interrupt, and running it again finishes.
+    /// interrupt, and running it again finishes. Runs as a job that 'cowimg job' steers.
     #[command(after_help = "Examples:
   cowimg commit C.qcow2                # B <- C  =>  C's data in B, C emptied
   cowimg commit -d C.qcow2             # the same, C keeps its data
@@ -593,7 +595,8 @@ file or with internal snapshots, persistent bitmaps or an external data file.")]
         #[command(subcommand)]
         verb: JobVerb,
     },
-    /// Write an image's guest contents (through its chain) to a new standalone image.
+    /// Write an image's guest contents (through its chain) to a new standalone image. Runs
+    /// as a job that 'cowimg job' steers (its default id is DST's file name).
     #[command(after_help = "Examples:
   cowimg convert -O raw overlay.qcow2 flat.raw
   cowimg convert -O qcow2 -c -o compression_type=zstd -p disk.raw archive.qcow2
