@@ -29,10 +29,15 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often idle threads look whether the server is stopping.
 const POLL: Duration = Duration::from_millis(50);
 
-/// The directory holding the control sockets of a user's jobs, created (0700) if needed.
+/// The directory holding the control sockets of a user's jobs, created (0700) if needed:
+/// `$XDG_RUNTIME_DIR/cowimg` when that variable names a directory, else `/tmp/cowimg-$UID`.
 /// Refused when it is not a directory of this user's that only this user can enter.
 pub fn runtime_dir() -> Result<PathBuf> {
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+    // An XDG_RUNTIME_DIR that does not exist (set, but not created, as in some containers)
+    // is passed over rather than making every job warn.
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|d| !d.is_empty() && Path::new(d).is_dir())
+    {
         Some(d) => PathBuf::from(d).join("cowimg"),
         // SAFETY: getuid has no preconditions and cannot fail.
         None => PathBuf::from(format!("/tmp/cowimg-{}", unsafe { libc::getuid() })),
