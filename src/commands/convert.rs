@@ -13,8 +13,8 @@ use crate::commands::create::ImageOptions;
 use crate::commands::map::entries;
 use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
 use crate::error::{Error, Result};
-use crate::output;
 use crate::job::{JobSpec, Session};
+use crate::output;
 use crate::output::{Existing, Output};
 use crate::progress::{Mode, Reporter};
 
