@@ -578,9 +578,15 @@ fn list_and_query_json_shape() {
         "{human}"
     );
     ok(&s, &["job", "resume", "shape"]);
-    ok(&s, &["job", "set-speed", "shape", "0"]);
-    let (wst, wout, _) = run(&s, &["job", "wait", "shape"]);
-    assert_eq!(wst, 0);
+    // `job wait` connects while the job still runs at its cap (32 MiB at 8M: seconds), and
+    // only then is the cap lifted: a job that ended before `wait` connected would be gone.
+    let (wst, wout, _) = std::thread::scope(|scope| {
+        let waiter = scope.spawn(|| run(&s, &["job", "wait", "shape"]));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        ok(&s, &["job", "set-speed", "shape", "0"]);
+        waiter.join().expect("job wait thread")
+    });
+    assert_eq!(wst, 0, "{wout}");
     assert!(
         wout.starts_with("Job 'shape' completed: 33554432 of 33554432 done"),
         "{wout}"
