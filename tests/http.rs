@@ -8,16 +8,9 @@ use std::path::Path;
 use std::process::Command;
 
 use common::peers::Web;
-use common::Scratch;
+use common::{noise, Scratch};
 use cowimg::remote::http::{Cause, HttpStorage, ATTEMPTS, PIECE};
 use cowimg_formats::Storage;
-
-/// Deterministic bytes that differ at every offset a test reads (`seed` tells versions apart).
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    (0..len as u32)
-        .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 13) as u8)
-        .collect()
-}
 
 /// Sets a file's mtime: nginx's ETag is mtime and size, so a replaced file must not share
 /// the original's second.
@@ -51,7 +44,7 @@ fn replace(www: &Path, name: &str, data: &[u8], date: &str) {
 fn storage_reads_exact_ranges_over_a_keep_alive_pool() {
     let s = Scratch::new();
     // Not a multiple of anything: the last piece is short, and reads cross the end.
-    let data = pattern(3 * PIECE + 1234, 1);
+    let data = noise(3 * PIECE + 1234, 1);
     let www = serve_file(&s, "f.raw", &data);
     let web = Web::nginx(s.dir.path(), &www);
     let st = HttpStorage::open(&web.url("f.raw"), false).unwrap();
@@ -121,7 +114,7 @@ fn an_empty_file_has_size_zero() {
 #[test]
 fn a_server_ignoring_range_is_refused_without_reading_the_file() {
     let s = Scratch::new();
-    let www = serve_file(&s, "big.raw", &pattern(8 << 20, 2));
+    let www = serve_file(&s, "big.raw", &noise(8 << 20, 2));
     let web = Web::python(&www);
     let e = HttpStorage::open(&web.url("big.raw"), false).unwrap_err();
     assert_eq!(e.cause, Cause::RangeIgnored, "{e}");
@@ -132,7 +125,7 @@ fn a_server_ignoring_range_is_refused_without_reading_the_file() {
 #[test]
 fn errors_name_the_url_the_request_and_the_cause() {
     let s = Scratch::new();
-    let www = serve_file(&s, "f.raw", &pattern(4096, 3));
+    let www = serve_file(&s, "f.raw", &noise(4096, 3));
     let web = Web::nginx(s.dir.path(), &www);
     let url = web.url("nosuch.raw");
     let e = HttpStorage::open(&url, false).unwrap_err();
@@ -164,7 +157,7 @@ fn errors_name_the_url_the_request_and_the_cause() {
 #[test]
 fn a_file_replaced_on_the_server_is_an_error_never_mixed_data() {
     let s = Scratch::new();
-    let v1 = pattern(2 * PIECE, 4);
+    let v1 = noise(2 * PIECE, 4);
     let www = serve_file(&s, "f.raw", &v1);
     let web = Web::nginx(s.dir.path(), &www);
     let url = web.url("f.raw");
@@ -173,7 +166,7 @@ fn a_file_replaced_on_the_server_is_an_error_never_mixed_data() {
     st.read_at(&mut b, 0).unwrap();
     assert!(b[..] == v1[..4096]);
     // Same size, new contents and date: a new ETag.
-    replace(&www, "f.raw", &pattern(2 * PIECE, 5), "2021-01-01 00:00:00");
+    replace(&www, "f.raw", &noise(2 * PIECE, 5), "2021-01-01 00:00:00");
     let e = st.read_at(&mut b, 8192).unwrap_err();
     let msg = e.to_string();
     assert!(
@@ -181,7 +174,7 @@ fn a_file_replaced_on_the_server_is_an_error_never_mixed_data() {
         "{msg}"
     );
     // Another size.
-    replace(&www, "f.raw", &pattern(PIECE, 6), "2022-01-01 00:00:00");
+    replace(&www, "f.raw", &noise(PIECE, 6), "2022-01-01 00:00:00");
     let e = st.read_at(&mut b, 0).unwrap_err();
     assert!(e.to_string().contains("changed on the server"), "{e}");
     // The original back (its date and size, so its ETag): reads go on as before.
@@ -221,7 +214,7 @@ fn disk_files(s: &Scratch) -> std::path::PathBuf {
     let www = s.path("www");
     std::fs::create_dir_all(&www).unwrap();
     s.qemu_img(&["create", "-q", "-f", "raw", "www/base.raw", "16M"]);
-    s.write_file("rnd.bin", &pattern(1 << 20, 7));
+    s.write_file("rnd.bin", &noise(1 << 20, 7));
     s.qemu(
         "qemu-io",
         &[
@@ -365,7 +358,7 @@ fn a_base_replaced_mid_stream_stops_the_job_and_a_rerun_finishes() {
     let s = Scratch::new();
     let www = disk_files(&s);
     // Data everywhere, so that the stream has 16 MiB to copy at the capped speed.
-    let v1 = pattern(16 << 20, 8);
+    let v1 = noise(16 << 20, 8);
     std::fs::write(www.join("base.raw"), &v1).unwrap();
     touch(&www.join("base.raw"), "2020-01-01 00:00:00");
     let web = Web::nginx(s.dir.path(), &www);
@@ -382,12 +375,7 @@ fn a_base_replaced_mid_stream_stops_the_job_and_a_rerun_finishes() {
     std::thread::sleep(std::time::Duration::from_millis(1200));
     // A new version of the file, as a deployment would put it in place.
     std::fs::rename(www.join("base.raw"), www.join("base.orig")).unwrap();
-    replace(
-        &www,
-        "base.raw",
-        &pattern(16 << 20, 9),
-        "2021-01-01 00:00:00",
-    );
+    replace(&www, "base.raw", &noise(16 << 20, 9), "2021-01-01 00:00:00");
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -582,7 +570,7 @@ fn flaky_server(
 #[test]
 fn a_503_and_a_connection_cut_mid_body_are_retried() {
     let s = Scratch::new();
-    let data = pattern(3 * PIECE, 10);
+    let data = noise(3 * PIECE, 10);
     s.write_file("f.raw", &data);
     // Request 1 opens; of the reads that follow (format probe, pieces), the first gets a 503
     // and the second is cut half way: both are tried again, and the copy is exact.

@@ -14,11 +14,7 @@ use cowimg_nbd::Target;
 /// written run of zeros at 16 MiB, and holes elsewhere.
 fn sparse_source(s: &Scratch, name: &str) {
     s.qemu_img(&["create", "-q", "-f", "raw", name, "32M"]);
-    let mut data = vec![0u8; 1 << 20];
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = (i.wrapping_mul(2654435761) >> 13) as u8;
-    }
-    s.write_file("rnd.bin", &data);
+    s.write_file("rnd.bin", &common::noise(1 << 20, 0));
     s.qemu(
         "qemu-io",
         &[

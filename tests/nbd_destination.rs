@@ -13,11 +13,7 @@ use common::Scratch;
 /// cluster at 8 MiB (1 MiB), a run of written zeros at 12 MiB (64 KiB), holes elsewhere.
 fn source(s: &Scratch) {
     s.qemu_img(&["create", "-q", "-f", "qcow2", "src.qcow2", "16M"]);
-    let mut data = vec![0u8; 1 << 20];
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = (i.wrapping_mul(2654435761) >> 13) as u8;
-    }
-    s.write_file("rnd.bin", &data);
+    s.write_file("rnd.bin", &common::noise(1 << 20, 0));
     s.qemu_io(
         "src.qcow2",
         &[

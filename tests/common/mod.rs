@@ -168,6 +168,14 @@ impl Scratch {
     }
 }
 
+/// Deterministic bytes that differ at every offset a test reads, with no runs that look like
+/// zeros or a pattern (`seed` tells versions apart).
+pub fn noise(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
 /// Format of an image by its magic.
 pub fn detect_format(p: &Path) -> &'static str {
     let b = std::fs::read(p)
