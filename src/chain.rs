@@ -520,7 +520,7 @@ impl Chain {
             // Only what the backing chain provides; ranges nothing below holds read zeros
             // either way and are not worth metadata.
             let mut from_below = Vec::new();
-            crate::commands::map::status(
+            crate::blockstatus::status(
                 self,
                 1,
                 r.start,

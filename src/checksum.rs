@@ -17,8 +17,8 @@ use cowimg_formats::is_zero;
 use rayon::prelude::*;
 use sha2::Digest;
 
+use crate::blockstatus;
 use crate::chain::Chain;
-use crate::commands::map;
 use crate::copy::Counters;
 use crate::error::{Error, Result};
 
@@ -180,7 +180,7 @@ enum Piece {
 /// The window `[start, end)` of the disk (`start` a multiple of [`BLOCK_SIZE`], `end` too
 /// unless it is the disk's end) as pieces: whole blocks that only zero `entries` cover are
 /// zeros, every other block is read, in chunks of at most `CHUNK` bytes.
-fn pieces(entries: &[map::Entry], start: u64, end: u64) -> Vec<Piece> {
+fn pieces(entries: &[blockstatus::Entry], start: u64, end: u64) -> Vec<Piece> {
     let mut out = Vec::new();
     // Next block not yet placed.
     let mut next = start / BLOCK_SIZE;
@@ -233,7 +233,11 @@ fn blkhash<D: Digest + Send>(chain: &Chain, opts: &Options) -> Result<(Vec<u8>, 
     let zeros_run = zero_md.repeat(1024);
     let window = |start: u64| -> Result<Vec<Piece>> {
         let end = start.saturating_add(WINDOW).min(size);
-        Ok(pieces(&map::entries(chain, start, end)?, start, end))
+        Ok(pieces(
+            &blockstatus::entries(chain, start, end)?,
+            start,
+            end,
+        ))
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs.max(1))
@@ -359,8 +363,8 @@ fn blkhash<D: Digest + Send>(chain: &Chain, opts: &Options) -> Result<(Vec<u8>, 
 mod tests {
     use super::*;
 
-    fn entry(start: u64, length: u64, zero: bool) -> map::Entry {
-        map::Entry {
+    fn entry(start: u64, length: u64, zero: bool) -> blockstatus::Entry {
+        blockstatus::Entry {
             start,
             length,
             depth: 0,

@@ -5,8 +5,8 @@
 
 use cowimg_formats::is_zero;
 
+use crate::blockstatus::{flags, BlockStatus, Walker};
 use crate::chain::Chain;
-use crate::commands::map::{flags, BlockStatus, Walker};
 use crate::error::{Error, Result};
 
 /// The unit of comparison, as `qemu-img compare` counts.

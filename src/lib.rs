@@ -13,7 +13,8 @@
 //! ```
 //! use cowimg::chain::{Chain, OpenOptions};
 //! use cowimg::checksum::{checksum, Options};
-//! use cowimg::commands::{create, map};
+//! use cowimg::blockstatus;
+//! use cowimg::commands::create;
 //! use cowimg::diff::{diff, Range, Side};
 //! use cowimg_formats::Format;
 //!
@@ -70,7 +71,7 @@
 //! assert_eq!(sum.hex().len(), 64); // sha256
 //!
 //! // The overlay's own layout, for a snapshot: what it holds and what shows through.
-//! let layout: Vec<_> = map::entries(&test, 0, test.size())?
+//! let layout: Vec<_> = blockstatus::entries(&test, 0, test.size())?
 //!     .iter()
 //!     .map(|e| format!("{} +{} depth {} data {}", e.start, e.length, e.depth, e.data))
 //!     .collect();
@@ -86,6 +87,7 @@
 //! # }
 //! ```
 
+pub mod blockstatus;
 pub mod chain;
 pub mod checksum;
 pub mod commands;

@@ -20,8 +20,8 @@ use cowimg_formats::{BackingRef, Details};
 use cowimg_nbd::codec::{state, Extent};
 use cowimg_nbd::server::{Backend, BackendError, BackendResult, ALLOCATION_DEPTH, BASE_ALLOCATION};
 
+use crate::blockstatus as map;
 use crate::chain::Chain;
-use crate::commands::map;
 use crate::copy::Counters;
 use crate::error::{Error, Result};
 use crate::ratelimit::RateLimiter;

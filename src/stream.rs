@@ -386,7 +386,7 @@ pub fn switch(chain: &Chain, backing: Option<&BackingRef>) -> Result<()> {
 /// does not hold where the old or the new backing reads anything but zeros. The copy then
 /// compares both and writes only what would change.
 pub fn plan_against(chain: &Chain, new: &Chain) -> Result<Plan> {
-    use crate::commands::map::status;
+    use crate::blockstatus::status;
     let top = chain.top();
     let size = top.size();
     let unit = top.image.allocation_unit().max(512);

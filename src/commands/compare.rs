@@ -3,8 +3,8 @@
 
 use cowimg_formats::{is_zero, Format};
 
+use crate::blockstatus::Walker;
 use crate::chain::{Chain, OpenOptions};
-use crate::commands::map::Walker;
 use crate::commands::pretty_json;
 use crate::diff::{diff, Diff};
 use crate::error::{Error, Result};
@@ -103,7 +103,7 @@ pub fn run(a: &Args) -> Result<i32> {
 /// that read as zero in both are not read; where only one side is allocated, its bytes must
 /// be zero.
 pub fn compare(c1: &Chain, c2: &Chain, strict: bool) -> Result<Outcome> {
-    use crate::commands::map::flags::{ALLOCATED, ZERO};
+    use crate::blockstatus::flags::{ALLOCATED, ZERO};
     let (s1, s2) = (c1.size(), c2.size());
     if strict && s1 != s2 {
         return Ok(Outcome::StrictSize);

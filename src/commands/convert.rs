@@ -8,9 +8,9 @@ use std::sync::Arc;
 use cowimg_formats::qcow2::SnapshotRef;
 use cowimg_formats::{BackingRef, Format, ReadBelow, ZerosBelow};
 
+use crate::blockstatus::entries;
 use crate::chain::{combine, Chain, Layer, OpenOptions};
 use crate::commands::create::ImageOptions;
-use crate::commands::map::entries;
 use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
 use crate::error::{Error, Result};
 use crate::job::{JobSpec, Session};
