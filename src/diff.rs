@@ -1,7 +1,7 @@
 //! Every range where two guest disks differ (`compare --diff`), where `qemu-img compare`
 //! tells only the first. The unit is qemu's: 512-byte sectors, so the first range starts at
 //! the offset `qemu-img compare` reports. Past the end of the shorter disk, the longer one
-//! must read zeros, as qemu-img compare has it. Ranges both disks report as zero are not read.
+//! must read zeros, as qemu-img compare has it ([`crate::compare`] is its first-offset answer). Ranges both disks report as zero are not read.
 
 use cowimg_formats::is_zero;
 
@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 /// The unit of comparison, as `qemu-img compare` counts.
 pub const SECTOR: u64 = 512;
 
-/// The most bytes read from each disk at once.
-const IO: u64 = 2 << 20;
+/// The most bytes read from each disk at once (here and in [`crate::compare`]).
+pub const IO: u64 = 2 << 20;
 
 /// What one disk holds in a differing range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

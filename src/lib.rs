@@ -92,6 +92,7 @@ pub mod chain;
 pub mod checksum;
 pub mod commands;
 pub mod commit;
+pub mod compare;
 pub mod copy;
 pub mod diff;
 pub mod error;
