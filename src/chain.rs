@@ -529,13 +529,8 @@ impl Chain {
             )?;
             for e in from_below.iter().filter(|e| e.present) {
                 // Entries follow the backing layer's clusters: widen to the top's units.
-                let (s0, e0) = (
-                    e.start / unit * unit,
-                    (e.start + e.length)
-                        .div_ceil(unit)
-                        .saturating_mul(unit)
-                        .min(r.end()),
-                );
+                let (s0, e0) =
+                    crate::extent::widen_range(e.start, e.start + e.length, unit, r.end());
                 if top
                     .image
                     .map(s0, e0 - s0)

@@ -54,21 +54,9 @@ fn test_batch_bytes() -> Option<u64> {
 
 static CHUNKS_DONE: AtomicU64 = AtomicU64::new(0);
 
-/// What to do with a guest range of the target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Copy what the source reads there.
-    Copy,
-    /// Make it read as zeros, hiding whatever lies below.
-    Zero,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Extent {
-    pub start: u64,
-    pub len: u64,
-    pub action: Action,
-}
+// The extents a copy works through are planned with `crate::extent`; named here too, where
+// the copy engine's users have always found them.
+pub use crate::extent::{Action, Extent};
 
 /// Counters shown by progress reporters, updated by the workers.
 #[derive(Default)]

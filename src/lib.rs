@@ -96,6 +96,7 @@ pub mod compare;
 pub mod copy;
 pub mod diff;
 pub mod error;
+pub mod extent;
 pub mod job;
 pub mod lock;
 pub mod output;

@@ -14,6 +14,7 @@ use cowimg_formats::{Alloc, BackingRef};
 use crate::chain::{combine, Chain};
 use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
 use crate::error::{Error, Result};
+use crate::extent::{push_merged, widen, widen_range};
 use crate::ratelimit::RateLimiter;
 
 /// What determines a guest range of the old chain, seen from below the image.
@@ -76,7 +77,10 @@ pub fn plan_commit(chain: &Chain, base: usize) -> Result<Plan> {
 }
 
 /// Turns the exact ranges removed layers determine into extents of whole `unit`s, clipped
-/// to `size`. `keep_base`: something stays below, so zeros must be recorded.
+/// to `size`. `keep_base`: something stays below, so zeros must be recorded. Copies widen
+/// outwards, zeros shrink inwards to the units they cover whole (the fringes are copied): a
+/// zero extent covers whole units that nothing else touches, so only copies can overlap (by
+/// the widening of their ends), and they merge.
 fn align(exact: Vec<(u64, u64, Source)>, unit: u64, keep_base: bool, size: u64) -> Vec<Extent> {
     let mut extents: Vec<Extent> = Vec::new();
     for (s, e, src) in exact {
@@ -86,13 +90,14 @@ fn align(exact: Vec<(u64, u64, Source)>, unit: u64, keep_base: bool, size: u64) 
             _ => continue,
         };
         // Whole units only. A unit that is only partly decided by removed layers is copied
-        // whole: reading through the old chain gives exactly what the unit reads today.
-        let (a, b) = (s / unit * unit, e.div_ceil(unit) * unit);
+        // whole: reading through the old chain gives exactly what the unit reads today. (The
+        // end is clipped to the image below, once the extents are merged.)
+        let (a, b) = widen_range(s, e, unit, u64::MAX);
         if action == Action::Zero {
             let (za, zb) = (s.div_ceil(unit) * unit, e / unit * unit);
             if za < zb {
                 if a < za {
-                    push(
+                    push_merged(
                         &mut extents,
                         Extent {
                             start: a,
@@ -101,7 +106,7 @@ fn align(exact: Vec<(u64, u64, Source)>, unit: u64, keep_base: bool, size: u64) 
                         },
                     );
                 }
-                push(
+                push_merged(
                     &mut extents,
                     Extent {
                         start: za,
@@ -110,7 +115,7 @@ fn align(exact: Vec<(u64, u64, Source)>, unit: u64, keep_base: bool, size: u64) 
                     },
                 );
                 if zb < b {
-                    push(
+                    push_merged(
                         &mut extents,
                         Extent {
                             start: zb,
@@ -122,7 +127,7 @@ fn align(exact: Vec<(u64, u64, Source)>, unit: u64, keep_base: bool, size: u64) 
                 continue;
             }
         }
-        push(
+        push_merged(
             &mut extents,
             Extent {
                 start: a,
@@ -137,24 +142,6 @@ fn align(exact: Vec<(u64, u64, Source)>, unit: u64, keep_base: bool, size: u64) 
     }
     extents.retain(|e| e.len > 0);
     extents
-}
-
-/// Appends an extent, merging it with the previous one when they touch and agree. A zero
-/// extent covers whole units that nothing else touches, so only copies can overlap (by the
-/// widening of their ends) and they merge.
-fn push(out: &mut Vec<Extent>, e: Extent) {
-    if let Some(last) = out.last_mut() {
-        let last_end = last.start + last.len;
-        debug_assert!(
-            last_end <= e.start || last.action == e.action,
-            "{last:?} overlaps {e:?}"
-        );
-        if last.action == e.action && last_end >= e.start {
-            last.len = last_end.max(e.start + e.len) - last.start;
-            return;
-        }
-    }
-    out.push(e);
 }
 
 /// Finds what determines `[start, end)` from layer `i` down, above `base`, in guest order.
@@ -410,24 +397,17 @@ pub fn plan_against(chain: &Chain, new: &Chain) -> Result<Plan> {
         }
         // Anything that is not zero on either side may differ.
         for e in old.iter().chain(newer.iter()).filter(|e| !e.zero) {
-            let (a, b) = (
-                e.start / unit * unit,
-                (e.start + e.length).div_ceil(unit) * unit,
-            );
             extents.push(Extent {
-                start: a,
-                len: b.min(size) - a,
+                start: e.start,
+                len: e.length,
                 action: Action::Copy,
             });
         }
     }
+    // Widening keeps the order of the starts, so sorting first is sorting the result.
     extents.sort_by_key(|e| e.start);
-    let mut merged: Vec<Extent> = Vec::new();
-    for e in extents {
-        push(&mut merged, e);
-    }
     Ok(Plan {
-        extents: merged,
+        extents: widen(extents, unit, size),
         range_len: size,
     })
 }

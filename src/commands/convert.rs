@@ -13,6 +13,7 @@ use crate::chain::{combine, Chain, Layer, OpenOptions};
 use crate::commands::create::ImageOptions;
 use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
 use crate::error::{Error, Result};
+use crate::extent::widen;
 use crate::job::{JobSpec, Session};
 use crate::output;
 use crate::output::{Existing, Output};
@@ -442,46 +443,4 @@ fn with_zero_gaps(extents: Vec<Extent>, start: u64, end: u64) -> Vec<Extent> {
     let mut out: Vec<Extent> = extents.into_iter().chain(zeros).collect();
     out.sort_by_key(|e| e.start);
     out
-}
-
-/// Widens copy extents to whole `unit`s (clipped to `size`) and joins those that touch.
-pub fn widen(extents: Vec<Extent>, unit: u64, size: u64) -> Vec<Extent> {
-    let unit = unit.max(1);
-    let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
-    for e in extents {
-        let start = e.start / unit * unit;
-        let end = (e.start + e.len)
-            .div_ceil(unit)
-            .saturating_mul(unit)
-            .min(size);
-        match out.last_mut() {
-            Some(l) if l.action == e.action && l.start + l.len >= start => {
-                l.len = end.max(l.start + l.len) - l.start
-            }
-            _ => out.push(Extent {
-                start,
-                len: end - start,
-                action: e.action,
-            }),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn extents_widen_to_units_and_merge() {
-        let e = |start, len| Extent {
-            start,
-            len,
-            action: Action::Copy,
-        };
-        assert_eq!(
-            widen(vec![e(100, 10), e(600, 10), e(5000, 100)], 512, 5050),
-            vec![e(0, 1024), e(4608, 442)]
-        );
-    }
 }
