@@ -13,9 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use cowimg_formats::probe::{probe, Probed};
-use cowimg_formats::qcow2::{self, Qcow2};
-use cowimg_formats::qed::Qed;
-use cowimg_formats::raw::Raw;
+use cowimg_formats::qcow2;
 use cowimg_formats::{Alloc, FileStorage, Format, Image, ReadBelow, Storage};
 
 use crate::error::{BackingProblem, Error, Result};
@@ -265,42 +263,34 @@ pub fn open_layer(
             }
         },
     };
-    let image: Arc<dyn Image> = match format {
-        Format::Qcow2 => {
-            // qemu opens the data file by the name as recorded: a relative name is relative
-            // to the working directory, not to the image (as `qemu-img create -o data_file=`
-            // creates it). Resolving it against the image would read another file than qemu.
-            let opener = |name: &str| -> cowimg_formats::Result<Arc<dyn Storage>> {
-                let path = name.to_string();
-                let io = |e: std::io::Error| {
-                    cowimg_formats::Error::Invalid(format!(
-                        "Could not open data file '{path}': {}",
-                        os_text(&e)
-                    ))
-                };
-                let file = fs::OpenOptions::new().read(true).open(&path).map_err(io)?;
-                let kind = file.metadata().map_err(io)?.file_type();
-                if !kind.is_file() && !kind.is_block_device() {
-                    return Err(cowimg_formats::Error::invalid(format!(
-                        "the external data file '{path}' is not a regular file or block device"
-                    )));
-                }
-                Ok(Arc::new(FileStorage::new(file, path)))
-            };
-            let opts = qcow2::OpenOptions {
-                writable,
-                data_file: Some(&opener),
-                repair,
-            };
-            Arc::new(Qcow2::open(storage, opts).map_err(|e| Error::open(filename, e.into()))?)
+    // qemu opens the data file by the name as recorded: a relative name is relative
+    // to the working directory, not to the image (as `qemu-img create -o data_file=`
+    // creates it). Resolving it against the image would read another file than qemu.
+    // (Only qcow2 images have one.)
+    let opener = |name: &str| -> cowimg_formats::Result<Arc<dyn Storage>> {
+        let path = name.to_string();
+        let io = |e: std::io::Error| {
+            cowimg_formats::Error::Invalid(format!(
+                "Could not open data file '{path}': {}",
+                os_text(&e)
+            ))
+        };
+        let file = fs::OpenOptions::new().read(true).open(&path).map_err(io)?;
+        let kind = file.metadata().map_err(io)?.file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(cowimg_formats::Error::invalid(format!(
+                "the external data file '{path}' is not a regular file or block device"
+            )));
         }
-        Format::Qed => {
-            Arc::new(Qed::open(storage, writable).map_err(|e| Error::open(filename, e.into()))?)
-        }
-        Format::Raw => {
-            Arc::new(Raw::open(storage, writable).map_err(|e| Error::open(filename, e.into()))?)
-        }
+        Ok(Arc::new(FileStorage::new(file, path)))
     };
+    let opts = qcow2::OpenOptions {
+        writable,
+        data_file: Some(&opener),
+        repair,
+    };
+    let image =
+        cowimg_formats::open(storage, format, opts).map_err(|e| Error::open(filename, e.into()))?;
     Ok(Layer {
         image,
         filename: filename.to_string(),

@@ -13,10 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cowimg_formats::io::Unsynced;
-use cowimg_formats::qcow2::Qcow2;
-use cowimg_formats::qed::Qed;
-use cowimg_formats::raw::Raw;
-use cowimg_formats::{qcow2, qed, FileStorage, Format, Image, Storage};
+use cowimg_formats::{qcow2, qed, FileStorage, Format, Storage};
 
 use crate::chain::{os_text, Layer};
 use crate::error::{Error, Result};
@@ -356,20 +353,15 @@ impl Output {
             }
         };
         let err = |e: cowimg_formats::Error| Error::open(&name, e.into());
-        let image: Arc<dyn Image> = match format {
-            Format::Qcow2 => Arc::new(
-                Qcow2::open(
-                    storage,
-                    qcow2::OpenOptions {
-                        writable: true,
-                        ..Default::default()
-                    },
-                )
-                .map_err(err)?,
-            ),
-            Format::Qed => Arc::new(Qed::open(storage, true).map_err(err)?),
-            Format::Raw => Arc::new(Raw::open(storage, true).map_err(err)?),
-        };
+        let image = cowimg_formats::open(
+            storage,
+            format,
+            qcow2::OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .map_err(err)?;
         Ok(Layer {
             image,
             filename: name,

@@ -13,6 +13,7 @@ pub mod check;
 pub mod clusters;
 pub mod error;
 pub mod io;
+mod open;
 pub mod probe;
 pub mod qcow2;
 pub mod qed;
@@ -22,6 +23,7 @@ mod util;
 pub use check::{CheckMode, CheckReport, LostData};
 pub use error::{Error, Result};
 pub use io::{FileStorage, MemStorage, Storage};
+pub use open::open;
 pub use util::is_zero;
 
 use std::sync::Arc;
