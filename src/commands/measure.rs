@@ -16,6 +16,8 @@
 use rayon::prelude::*;
 
 use cowimg_formats::qcow2::compress::{compress, CompressionType};
+use cowimg_formats::qcow2::layout::refcount_structures;
+use cowimg_formats::qcow2::refcount::RefGeometry;
 use cowimg_formats::{qed, Details, Format};
 
 use crate::chain::{Chain, OpenOptions};
@@ -282,7 +284,7 @@ fn measure(t: &Target, chain: Option<&Chain>, size: u64, want_compressed: bool) 
     }
     let fully = match t.format {
         Format::Qcow2 => {
-            qcow2_fully_allocated(aligned, cs, t.refcount_bits.trailing_zeros(), t.extended_l2)
+            qcow2_fully_allocated(aligned, cs, t.refcount_bits.trailing_zeros(), t.extended_l2)?
         }
         _ => qed_fully_allocated(aligned, cs, t.table_size),
     };
@@ -319,9 +321,11 @@ fn measure(t: &Target, chain: Option<&Chain>, size: u64, want_compressed: bool) 
 }
 
 fn to_u64(v: u128) -> Result<u64> {
-    u64::try_from(v).map_err(|_| {
-        Error::Usage("The image size is too large (try using a larger cluster size)".into())
-    })
+    u64::try_from(v).map_err(|_| too_large())
+}
+
+fn too_large() -> Error {
+    Error::Usage("The image size is too large (try using a larger cluster size)".into())
 }
 
 /// Output clusters a copy of the source writes.
@@ -369,24 +373,26 @@ fn allocated(chain: &Chain, cs: u64) -> Result<Data> {
     Ok(d)
 }
 
-/// qemu's `qcow2_refcount_metadata_size`: refcount blocks and table clusters for `clusters`
-/// clusters, found as the fixed point where they also count themselves.
-fn qcow2_refcount_metadata_size(clusters: u128, cs: u64, refcount_order: u32) -> u128 {
-    let per_table_cluster = u128::from(cs / 8);
-    let per_block = u128::from(cs) * 8 / (1u128 << refcount_order);
-    let (mut table, mut blocks, mut last, mut n) = (0u128, 0u128, None, 0u128);
-    while last != Some(n) {
-        last = Some(n);
-        blocks = (clusters + table + blocks).div_ceil(per_block);
-        table = blocks.div_ceil(per_table_cluster);
-        n = clusters + blocks + table;
-    }
-    (blocks + table) * u128::from(cs)
+/// qemu's `qcow2_refcount_metadata_size`: the bytes of the refcount blocks and table for
+/// `clusters` clusters, found as the fixed point where they also count themselves.
+fn qcow2_refcount_metadata_size(clusters: u128, cs: u64, refcount_order: u32) -> Result<u128> {
+    let geo = RefGeometry {
+        cluster_bits: cs.trailing_zeros(),
+        refcount_order,
+    };
+    let clusters = u64::try_from(clusters).map_err(|_| too_large())?;
+    let refs = refcount_structures(geo, clusters).map_err(|_| too_large())?;
+    Ok(u128::from(refs.clusters()) * u128::from(cs))
 }
 
 /// qemu's `qcow2_calc_prealloc_size`: a qcow2 file with all of `aligned` (a whole number of
 /// clusters) allocated, with every table it needs.
-fn qcow2_fully_allocated(aligned: u128, cs: u64, refcount_order: u32, extended_l2: bool) -> u128 {
+fn qcow2_fully_allocated(
+    aligned: u128,
+    cs: u64,
+    refcount_order: u32,
+    extended_l2: bool,
+) -> Result<u128> {
     let cs128 = u128::from(cs);
     let l2_entry = if extended_l2 { 16 } else { 8 };
     let mut meta = cs128; // header
@@ -394,8 +400,8 @@ fn qcow2_fully_allocated(aligned: u128, cs: u64, refcount_order: u32, extended_l
     meta += l2_entries * l2_entry;
     let l1_entries = (l2_entries * l2_entry / cs128).div_ceil(cs128 / 8) * (cs128 / 8);
     meta += l1_entries * 8;
-    meta += qcow2_refcount_metadata_size((meta + aligned) / cs128, cs, refcount_order);
-    meta + aligned
+    meta += qcow2_refcount_metadata_size((meta + aligned) / cs128, cs, refcount_order)?;
+    Ok(meta + aligned)
 }
 
 /// cowimg's QED counterpart (qemu has none): the header cluster, the L1 table, an L2 table
@@ -541,15 +547,21 @@ mod tests {
     fn qcow2_formula_matches_qemu_reference_values() {
         // From qemu's iotest 178/190 outputs.
         let gib = 1u128 << 30;
-        assert_eq!(qcow2_fully_allocated(gib, 65536, 4, false), 1_074_135_040);
-        assert_eq!(qcow2_fully_allocated(0, 65536, 4, false), 196_608);
         assert_eq!(
-            qcow2_fully_allocated(2 << 40, 65536, 4, false),
-            2_199_359_062_016
+            qcow2_fully_allocated(gib, 65536, 4, false).ok(),
+            Some(1_074_135_040)
         );
         assert_eq!(
-            qcow2_fully_allocated(2 << 40, 2 << 20, 4, false),
-            2_199_042_129_920
+            qcow2_fully_allocated(0, 65536, 4, false).ok(),
+            Some(196_608)
+        );
+        assert_eq!(
+            qcow2_fully_allocated(2 << 40, 65536, 4, false).ok(),
+            Some(2_199_359_062_016)
+        );
+        assert_eq!(
+            qcow2_fully_allocated(2 << 40, 2 << 20, 4, false).ok(),
+            Some(2_199_042_129_920)
         );
     }
 

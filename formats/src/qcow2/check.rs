@@ -36,6 +36,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::cache::Meta;
 use super::header::{self, Header};
+use super::layout::appended_refcount_structures;
 use super::refcount::RefGeometry;
 use super::snapshot;
 use super::table::{self, Geometry, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
@@ -1476,33 +1477,25 @@ impl<'a, 'l> Checker<'a, 'l> {
             }
             bi += 1;
         }
-        // Find a layout: [start, start + rt) the table, then one cluster per block; the blocks
-        // must also cover the new clusters themselves.
-        let entries_per_cluster = cs / 8;
-        let mut rt: u64 = 1;
-        let (blocks, rt) = loop {
-            let mut k = used.len() as u64;
-            let blocks = loop {
-                let end = start + rt + k;
-                let mut all = used.clone();
-                all.extend((start / epb)..=((end - 1) / epb));
-                if all.len() as u64 == k {
-                    break all;
-                }
-                k = all.len() as u64;
-            };
-            let max_bi = blocks.iter().next_back().copied().unwrap_or(0);
-            let need = (max_bi + 1).div_ceil(entries_per_cluster);
-            if need <= rt {
-                break (blocks, rt);
-            }
-            rt = need;
-        };
-        if rt * cs > header::MAX_REFTABLE_BYTES || rt > u64::from(u32::MAX) {
+        // The layout: [start, start + rt) the table, then one cluster per block. The blocks are
+        // those of the clusters in use (sparse: a block whose clusters are all free is left
+        // out) and those that cover the new clusters themselves.
+        let first_block = start / epb;
+        let below: Vec<u64> = used.range(..first_block).copied().collect();
+        let refs = appended_refcount_structures(self.rgeo, start, below.len() as u64)?;
+        let rt = refs.table_clusters;
+        let last_block = (start + refs.clusters() - 1) / epb;
+        let blocks: Vec<u64> = below.into_iter().chain(first_block..=last_block).collect();
+        if rt
+            .checked_mul(cs)
+            .map_or(true, |b| b > header::MAX_REFTABLE_BYTES)
+            || rt > u64::from(u32::MAX)
+        {
             return Err(Error::Unsupported(
                 "rebuilding the refcount structures: the refcount table would exceed qemu's 8 MiB limit".into(),
             ));
         }
+        let entries_per_cluster = cs / 8;
         let table_offset = start * cs;
         let mut reftable = vec![0u64; (rt * entries_per_cluster) as usize];
         for (n, &b) in blocks.iter().enumerate() {

@@ -3,6 +3,7 @@
 
 use super::compress::CompressionType;
 use super::header::{self, Extension, Header};
+use super::layout::refcount_structures;
 use super::refcount::RefGeometry;
 use crate::io::{sync, write_all, Storage};
 use crate::util::{align_up, put_be32};
@@ -121,18 +122,10 @@ pub fn create(s: &dyn Storage, o: &Options) -> Result<()> {
     let l1_entries = l1_size(o);
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
 
-    // Smallest refcount table and block count that describe the metadata, themselves included.
-    let (mut tables, mut blocks) = (1u64, 1u64);
-    loop {
-        let total = 1 + tables + blocks + l1_clusters;
-        let need_blocks = total.div_ceil(rgeo.entries_per_block());
-        let need_tables = (need_blocks * 8).div_ceil(cs);
-        if need_blocks <= blocks && need_tables <= tables {
-            break;
-        }
-        blocks = blocks.max(need_blocks);
-        tables = tables.max(need_tables);
-    }
+    // Smallest refcount table and block count that describe the header and the L1 table,
+    // themselves included.
+    let refs = refcount_structures(rgeo, 1 + l1_clusters)?;
+    let (tables, blocks) = (refs.table_clusters, refs.blocks);
     let reftable_offset = cs;
     // qemu's order: header, refcount table, the first refcount block, the L1 table, and the
     // blocks the L1 table needs beyond the first one behind it. (When the refcount table

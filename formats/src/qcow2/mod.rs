@@ -12,6 +12,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod header;
+pub mod layout;
 mod overlap;
 pub mod refcount;
 mod resize;
