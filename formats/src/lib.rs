@@ -13,6 +13,7 @@ pub mod check;
 pub mod clusters;
 pub mod error;
 pub mod io;
+pub mod measure;
 mod open;
 pub mod probe;
 pub mod qcow2;

@@ -1,12 +1,8 @@
 //! `cowimg measure`: the size a new image would need (qemu-img measure's figures).
 //!
-//! qemu's answer has two parts. *fully allocated* is the file of an image whose every cluster
-//! is written: data plus all the metadata it needs (for qcow2 `qcow2_calc_prealloc_size`:
-//! header, L2 and L1 tables, refcount blocks and table at their fixed point). *required* is
-//! the same metadata plus only the clusters a copy of FILE would write: the output clusters
-//! that hold a byte whose block status (through FILE's whole chain) is allocated data and not
-//! zero. The metadata is deliberately not shrunk to match: qemu keeps it as an upper bound.
-//! cowimg computes both the same way, so the numbers are qemu's to the byte.
+//! The layout arithmetic (qcow2's and QED's metadata, the bitmaps) is the formats crate's
+//! (`cowimg_formats::measure`); this command parses the options, walks FILE's block status
+//! for the clusters a copy writes, and prints qemu-img's two forms.
 //!
 //! Beyond qemu-img:
 //! - `-O qed` (qemu has no QED measure and refuses it): the same rule over QED's layout.
@@ -15,10 +11,9 @@
 
 use rayon::prelude::*;
 
+use cowimg_formats::measure::{self as layout, Figures, Source, Target};
 use cowimg_formats::qcow2::compress::{compress, CompressionType};
-use cowimg_formats::qcow2::layout::refcount_structures;
-use cowimg_formats::qcow2::refcount::RefGeometry;
-use cowimg_formats::{qed, Details, Format};
+use cowimg_formats::{qed, Details, Format, Prealloc};
 
 use crate::chain::{Chain, OpenOptions};
 use crate::commands::create::ImageOptions;
@@ -40,46 +35,8 @@ pub struct Args {
 /// Guest data compressed for the `-c` estimate, at most: enough clusters for a stable ratio,
 /// few enough that measuring stays a matter of a second or two.
 const SAMPLE_BYTES: u64 = 64 << 20;
-/// qemu's limit on the L1 table (QCOW_MAX_L1_SIZE), which bounds the image size measured.
-const QCOW2_MAX_L1_BYTES: u128 = 32 << 20;
 /// qemu takes sizes as `int64_t`.
 const MAX_SIZE: u64 = i64::MAX as u64;
-
-/// `preallocation=` of the output (qemu's PreallocMode).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Prealloc {
-    Off,
-    Metadata,
-    Falloc,
-    Full,
-}
-
-/// The output image as `-o` describes it, with qemu's defaults.
-#[derive(Debug)]
-struct Target {
-    format: Format,
-    /// `-o size` (only checked, as qemu does: `--size` or FILE gives the size measured).
-    size: Option<u64>,
-    cluster_size: u64,
-    v3: bool,
-    refcount_bits: u32,
-    extended_l2: bool,
-    prealloc: Prealloc,
-    backing_file: bool,
-    compression: CompressionType,
-    table_size: u32,
-}
-
-/// What measure reports.
-#[derive(Debug, PartialEq, Eq)]
-struct Measure {
-    required: u64,
-    fully_allocated: u64,
-    /// qemu shows it when both the source and the output support persistent bitmaps.
-    bitmaps: Option<u64>,
-    /// The `-c` estimate of `required` for a compressed copy.
-    compressed: Option<u64>,
-}
 
 pub fn run(a: &Args) -> Result<i32> {
     // qemu-img's checks, in its order and words.
@@ -215,124 +172,53 @@ fn parse_options(format: Format, lists: &[String]) -> Result<Target> {
 }
 
 /// The figures for `t`, from `chain` (or for an empty image of `size` without one).
-fn measure(t: &Target, chain: Option<&Chain>, size: u64, want_compressed: bool) -> Result<Measure> {
+fn measure(t: &Target, chain: Option<&Chain>, size: u64, want_compressed: bool) -> Result<Figures> {
+    // The size asked for is checked before FILE is read, as qemu does.
+    layout::check(t, chain.is_some(), size).map_err(usage)?;
     let cs = t.cluster_size;
-    match t.format {
-        Format::Raw => {
-            // A raw file is all data, allocated or not; qemu counts the source's length
-            // (whole sectors) or the size asked, rounded up to a sector.
-            let n = match chain {
-                Some(c) => c.size(),
-                None => size.div_ceil(512).saturating_mul(512),
-            };
-            return Ok(Measure {
-                required: n,
-                fully_allocated: n,
-                bitmaps: None,
-                compressed: None,
-            });
-        }
-        Format::Qcow2 => {
-            // qemu checks the size the options give (`--size`, else `-o size`), not FILE's.
-            let asked = if chain.is_some() {
-                t.size.unwrap_or(0)
-            } else {
-                size
-            };
-            let l2_entry = if t.extended_l2 { 16 } else { 8 };
-            let clusters = u128::from(asked).div_ceil(u128::from(cs));
-            let l2_tables = clusters.div_ceil(u128::from(cs / l2_entry));
-            if l2_tables * 8 > QCOW2_MAX_L1_BYTES {
-                return Err(Error::Usage(
-                    "The image size is too large (try using a larger cluster size)".into(),
-                ));
-            }
-        }
-        Format::Qed => {
-            let asked = if chain.is_some() {
-                t.size.unwrap_or(0)
-            } else {
-                size
-            };
-            let o = qed::create::Options {
-                size: asked,
-                cluster_size: cs,
-                table_size: t.table_size,
-                backing: None,
-                copy_on_read: false,
-            };
-            qed::create::validate(&o)?;
-        }
-    }
-    let virtual_size = chain.map_or(size, Chain::size);
-    let aligned = u128::from(virtual_size).div_ceil(u128::from(cs)) * u128::from(cs);
-    let mut data = Data::default();
-    if let Some(c) = chain {
-        data = if t.backing_file {
-            // qemu cannot know what the new backing file shares with FILE, so it assumes
-            // every cluster is written; the data clusters are still found for `-c`'s sample.
-            let mut d = allocated(c, cs)?;
-            d.required = aligned;
-            d
-        } else {
-            allocated(c, cs)?
-        };
-    }
-    let full_preallocation = matches!(t.prealloc, Prealloc::Full | Prealloc::Falloc);
-    if full_preallocation {
-        data.required = aligned;
-    }
-    let fully = match t.format {
-        Format::Qcow2 => {
-            qcow2_fully_allocated(aligned, cs, t.refcount_bits.trailing_zeros(), t.extended_l2)?
-        }
-        _ => qed_fully_allocated(aligned, cs, t.table_size),
-    };
-    let metadata = fully - aligned;
-    let required = metadata + data.required;
-    let compressed = if want_compressed {
-        let estimate = if full_preallocation {
-            // A preallocated file holds every cluster at full size whatever it contains.
-            data.required
-        } else {
-            let chain_data = chain.map(|c| (c, &data));
-            estimate_compressed(chain_data, cs, t.compression)?
-        };
-        Some(to_u64(metadata + estimate.min(data.required))?)
-    } else {
-        None
-    };
-    let bitmaps = match chain {
-        Some(c) if t.format == Format::Qcow2 && t.v3 => match c.top().image.details() {
-            // Only a qcow2 v3 source can hold persistent bitmaps (qemu asks the driver).
-            Details::Qcow2(d) if d.version >= 3 => {
-                Some(bitmaps_size(&d.bitmaps, virtual_size, cs)?)
-            }
-            _ => None,
-        },
+    let data = match chain {
+        Some(c) if t.format != Format::Raw => Some(allocated(c, cs)?),
         _ => None,
     };
-    Ok(Measure {
-        required: to_u64(required)?,
-        fully_allocated: to_u64(fully)?,
-        bitmaps,
-        compressed,
-    })
+    let bitmaps = chain.and_then(|c| match c.top().image.details() {
+        // Only a qcow2 v3 source can hold persistent bitmaps (qemu asks the driver).
+        Details::Qcow2(d) if d.version >= 3 => Some(d.bitmaps),
+        _ => None,
+    });
+    let source = chain.map(|c| Source {
+        virtual_size: c.size(),
+        data: data.as_ref().map_or(0, |d| d.required),
+        bitmaps: bitmaps.as_deref(),
+    });
+    let mut figures = layout::measure(t, source.as_ref(), size).map_err(usage)?;
+    if want_compressed {
+        let estimate = if t.preallocates_data() {
+            // A preallocated file holds every cluster at full size whatever it contains.
+            None
+        } else {
+            let chain_data = chain.zip(data.as_ref());
+            Some(estimate_compressed(
+                chain_data,
+                figures.data,
+                cs,
+                t.compression,
+            )?)
+        };
+        figures.set_compressed(estimate).map_err(usage)?;
+    }
+    Ok(figures)
 }
 
-fn to_u64(v: u128) -> Result<u64> {
-    u64::try_from(v).map_err(|_| too_large())
-}
-
-fn too_large() -> Error {
-    Error::Usage("The image size is too large (try using a larger cluster size)".into())
+/// The layout's refusals are about the options given: usage errors, in qemu's words.
+fn usage(e: cowimg_formats::Error) -> Error {
+    Error::Usage(e.to_string())
 }
 
 /// Output clusters a copy of the source writes.
 #[derive(Debug, Default)]
 struct Data {
     /// Bytes of those clusters (qemu's `required` before metadata is added).
-    required: u128,
+    required: u64,
     /// The clusters, as cluster-aligned guest ranges `[start, end)` in order; the last one
     /// may reach past the end of the image.
     ranges: Vec<(u64, u64)>,
@@ -363,7 +249,7 @@ fn allocated(chain: &Chain, cs: u64) -> Result<Data> {
         }
         let start = offset / cs * cs;
         let end = (offset + st.len).div_ceil(cs).saturating_mul(cs);
-        d.required += u128::from(end - start);
+        d.required += end - start;
         match d.ranges.last_mut() {
             Some(last) if last.1 == start => last.1 = end,
             _ => d.ranges.push((start, end)),
@@ -371,70 +257,6 @@ fn allocated(chain: &Chain, cs: u64) -> Result<Data> {
         offset = end;
     }
     Ok(d)
-}
-
-/// qemu's `qcow2_refcount_metadata_size`: the bytes of the refcount blocks and table for
-/// `clusters` clusters, found as the fixed point where they also count themselves.
-fn qcow2_refcount_metadata_size(clusters: u128, cs: u64, refcount_order: u32) -> Result<u128> {
-    let geo = RefGeometry {
-        cluster_bits: cs.trailing_zeros(),
-        refcount_order,
-    };
-    let clusters = u64::try_from(clusters).map_err(|_| too_large())?;
-    let refs = refcount_structures(geo, clusters).map_err(|_| too_large())?;
-    Ok(u128::from(refs.clusters()) * u128::from(cs))
-}
-
-/// qemu's `qcow2_calc_prealloc_size`: a qcow2 file with all of `aligned` (a whole number of
-/// clusters) allocated, with every table it needs.
-fn qcow2_fully_allocated(
-    aligned: u128,
-    cs: u64,
-    refcount_order: u32,
-    extended_l2: bool,
-) -> Result<u128> {
-    let cs128 = u128::from(cs);
-    let l2_entry = if extended_l2 { 16 } else { 8 };
-    let mut meta = cs128; // header
-    let l2_entries = (aligned / cs128).div_ceil(cs128 / l2_entry) * (cs128 / l2_entry);
-    meta += l2_entries * l2_entry;
-    let l1_entries = (l2_entries * l2_entry / cs128).div_ceil(cs128 / 8) * (cs128 / 8);
-    meta += l1_entries * 8;
-    meta += qcow2_refcount_metadata_size((meta + aligned) / cs128, cs, refcount_order)?;
-    Ok(meta + aligned)
-}
-
-/// cowimg's QED counterpart (qemu has none): the header cluster, the L1 table, an L2 table
-/// for every L1 entry the size reaches, and the data. Tables are `table_size` clusters.
-fn qed_fully_allocated(aligned: u128, cs: u64, table_size: u32) -> u128 {
-    let table = u128::from(table_size) * u128::from(cs);
-    let l2_span = table / 8 * u128::from(cs);
-    let l2_tables = aligned.div_ceil(l2_span);
-    u128::from(cs) + table + l2_tables * table + aligned
-}
-
-/// qemu's `qcow2_get_persistent_dirty_bitmap_size`: the bitmaps of the source copied into
-/// an image of cluster size `cs`, each assumed wholly allocated, with its table, plus the
-/// bitmap directory.
-fn bitmaps_size(
-    bitmaps: &[cowimg_formats::qcow2::snapshot::Bitmap],
-    virtual_size: u64,
-    cs: u64,
-) -> Result<u64> {
-    let cs = u128::from(cs);
-    let mut total = 0u128;
-    let mut directory = 0u128;
-    for b in bitmaps {
-        let granularity = u128::from(b.granularity.max(1));
-        let bytes = u128::from(virtual_size).div_ceil(granularity).div_ceil(8);
-        let clusters = bytes.div_ceil(cs);
-        total += clusters * cs;
-        total += (clusters * 8).div_ceil(cs) * cs;
-        // A directory entry: 24 bytes and the name, padded to 8.
-        directory += (24 + b.name.len() as u128).div_ceil(8) * 8;
-    }
-    total += directory.div_ceil(cs) * cs;
-    to_u64(total)
 }
 
 /// The bytes a compressed copy would store for the source's data clusters, estimated from a
@@ -445,9 +267,10 @@ fn bitmaps_size(
 /// to the bytes qemu's rule counts as required.
 fn estimate_compressed(
     source: Option<(&Chain, &Data)>,
+    required: u64,
     cs: u64,
     kind: CompressionType,
-) -> Result<u128> {
+) -> Result<u64> {
     let Some((chain, data)) = source else {
         return Ok(0);
     };
@@ -455,7 +278,7 @@ fn estimate_compressed(
     if total == 0 {
         // Nothing to sample: FILE holds no data, and what is required is then either nothing
         // or (with a backing file) qemu's every-cluster assumption, kept as it is.
-        return Ok(data.required);
+        return Ok(required);
     }
     let k = total.min((SAMPLE_BYTES / cs).max(1));
     // Cumulative cluster counts, to find the j-th data cluster's guest offset.
@@ -494,14 +317,15 @@ fn estimate_compressed(
         })
         .collect::<Result<_>>()?;
     let sampled: u128 = stored.iter().map(|&b| u128::from(b)).sum();
-    let estimate = (sampled * data.required).div_ceil(u128::from(k) * u128::from(cs));
+    let estimate = (sampled * u128::from(required)).div_ceil(u128::from(k) * u128::from(cs));
     // Compressed clusters are packed back to back; the file still ends on a whole cluster.
-    Ok(estimate.div_ceil(u128::from(cs)) * u128::from(cs))
+    // (`required` is whole clusters and `sampled` at most `k` of them: this fits.)
+    Ok(u64::try_from(estimate.div_ceil(u128::from(cs)) * u128::from(cs)).unwrap_or(u64::MAX))
 }
 
 /// qemu-img's two forms: lines, or its pretty JSON (four-space indent, and the key order its
 /// QDict iteration gives: "bitmaps" first).
-fn render(m: &Measure, json: bool) -> String {
+fn render(m: &Figures, json: bool) -> String {
     let mut fields: Vec<(&str, &str, u64)> = Vec::new();
     if json {
         if let Some(b) = m.bitmaps {
@@ -544,53 +368,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn qcow2_formula_matches_qemu_reference_values() {
-        // From qemu's iotest 178/190 outputs.
-        let gib = 1u128 << 30;
-        assert_eq!(
-            qcow2_fully_allocated(gib, 65536, 4, false).ok(),
-            Some(1_074_135_040)
-        );
-        assert_eq!(
-            qcow2_fully_allocated(0, 65536, 4, false).ok(),
-            Some(196_608)
-        );
-        assert_eq!(
-            qcow2_fully_allocated(2 << 40, 65536, 4, false).ok(),
-            Some(2_199_359_062_016)
-        );
-        assert_eq!(
-            qcow2_fully_allocated(2 << 40, 2 << 20, 4, false).ok(),
-            Some(2_199_042_129_920)
-        );
-    }
-
-    #[test]
-    fn bitmaps_match_qemu_reference_value() {
-        use cowimg_formats::qcow2::snapshot::Bitmap;
-        let bm = |name: &str, granularity| Bitmap {
-            name: name.into(),
-            granularity,
-            in_use: false,
-            auto: true,
-            table_offset: 0,
-            table_size: 0,
-        };
-        let list = [bm("b1", 512), bm("b2", 2 << 20)];
-        assert_eq!(bitmaps_size(&list, 2 << 40, 65536).ok(), Some(537_198_592));
-        assert_eq!(
-            bitmaps_size(&list, 2 << 40, 2 << 20).ok(),
-            Some(545_259_520)
-        );
-    }
-
-    #[test]
     fn json_and_human_forms() {
-        let m = Measure {
+        let m = Figures {
             required: 1,
             fully_allocated: 2,
             bitmaps: Some(0),
             compressed: None,
+            metadata: 1,
+            data: 0,
         };
         assert_eq!(
             render(&m, true),
