@@ -513,11 +513,16 @@ enum Command {
     /// Change options of an existing image in place (crash-safe).
     #[command(after_help = "Examples:
   cowimg amend --copy-on-read=on app.qcow2
-  cowimg amend -o lazy_refcounts=on vm.qcow2
-  cowimg amend --copy-on-read=off app.qcow2")]
+  cowimg amend -o compat=0.10 vm.qcow2
+  cowimg amend -o compat=1.1,refcount_bits=64,lazy_refcounts=on vm.qcow2
+
+The qcow2 options apply in qemu-img's order: the upgrade (compat=1.1) first, then
+refcount_bits, then lazy_refcounts, the downgrade (compat=0.10) last; each step is
+crash-safe.")]
     Amend {
-        /// qemu-img's options: lazy_refcounts=on|off (qcow2 v3), compat=1.1 on a v3 image
-        /// (nothing to do); other qemu-img amend options are not changed by cowimg yet.
+        /// qemu-img's options (qcow2): compat=0.10|1.1 (v2 or v3; a downgrade expands zero
+        /// clusters), refcount_bits=1|2|4|...|64 (v3), lazy_refcounts=on|off (v3); the
+        /// others (size, backing_file, ...) are not changed by cowimg amend yet.
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Format of FILE (qcow2 or qed); probed from its contents when absent.

@@ -176,7 +176,7 @@ json\t'One JSON document on stdout, with qemu-img\'s keys'"
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s c -d 'Estimate the compressed size (qcow2) from a sample of FILE'
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s U -l force-share -d 'Read even if another process is writing the image (force share)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -s o -d 'qemu-img\'s options: lazy_refcounts=on|off (qcow2 v3), compat=1.1 on a v3 image (nothing to do); other qemu-img amend options are not changed by cowimg yet' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -s o -d 'qemu-img\'s options (qcow2): compat=0.10|1.1 (v2 or v3; a downgrade expands zero clusters), refcount_bits=1|2|4|...|64 (v3), lazy_refcounts=on|off (v3); the others (size, backing_file, ...) are not changed by cowimg amend yet' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -l copy-on-read -d 'Set or clear cowimg\'s copy-on-read flag (qcow2, qed)' -r -f -a "on\t''
 off\t''"

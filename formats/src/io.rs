@@ -32,6 +32,12 @@ pub trait Storage: Send + Sync + Debug {
         }
         Ok(())
     }
+    /// Makes `[offset, offset + len)` read as zeros, giving the space back where the storage
+    /// can (a hole in a file), as qemu's write-zeroes with `BDRV_REQ_MAY_UNMAP` does; the
+    /// range may extend the storage. The default writes zeros.
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len)
+    }
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
     /// Current length in bytes.
@@ -145,6 +151,43 @@ impl Storage for FileStorage {
         Ok(())
     }
 
+    /// A hole punched in a regular file (the length kept), the file extended for what lies
+    /// past its end; zeros written where the file system cannot punch, or into a device.
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.file.metadata()?.is_file() {
+            return self.write_zeroes(offset, len);
+        }
+        fault_point();
+        let end = offset.saturating_add(len);
+        let file_len = self.len()?;
+        let inside = end.min(file_len).saturating_sub(offset);
+        if inside > 0 {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: fallocate on a descriptor we own; no memory is touched.
+            let r = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset as libc::off_t,
+                    inside as libc::off_t,
+                )
+            };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                        self.write_zeroes(offset, inside)?
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+        if end > file_len {
+            self.file.set_len(end)?;
+        }
+        Ok(())
+    }
+
     fn sync(&self) -> io::Result<()> {
         fault_point();
         match self.file.sync_data() {
@@ -234,6 +277,9 @@ impl<S: Storage> Storage for Unsynced<S> {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.0.write_zeroes(offset, len)
+    }
+    fn write_zeroes_unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes_unmap(offset, len)
     }
     fn sync(&self) -> io::Result<()> {
         Ok(())

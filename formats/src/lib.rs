@@ -515,6 +515,25 @@ pub trait Image: Send + Sync {
             self.format()
         )))
     }
+    /// Changes qcow2's version (`compat=0.10` is 2, `compat=1.1` is 3) as `qemu-img amend`
+    /// does: an upgrade rewrites the header (and a snapshot table with short entries); a
+    /// downgrade expands zero clusters first and is refused where v2 cannot hold the image.
+    fn set_qcow2_version(&self, version: u32) -> Result<()> {
+        let _ = version;
+        Err(Error::Unsupported(format!(
+            "the compatibility level of {} images",
+            self.format()
+        )))
+    }
+    /// Rewrites qcow2's refcount structures with entries of `bits` bits (a power of two up
+    /// to 64; v3), as `qemu-img amend -o refcount_bits=N` does.
+    fn set_refcount_bits(&self, bits: u32) -> Result<()> {
+        let _ = bits;
+        Err(Error::Unsupported(format!(
+            "the refcount width of {} images",
+            self.format()
+        )))
+    }
     /// Sets or clears qcow2's lazy refcounts bit (v3; one header write, synced). cowimg's
     /// writer keeps refcounts exact either way: the bit only lets qemu defer them.
     fn set_lazy_refcounts(&self, on: bool) -> Result<()> {

@@ -1,6 +1,6 @@
 //! `cowimg amend`: change an existing image's options in place: qemu-img's `-o
-//! lazy_refcounts=on|off` (and `compat=1.1` where there is nothing to do), and cowimg's
-//! copy-on-read flag. The command takes its changes as options and refuses to run without
+//! compat=0.10|1.1`, `refcount_bits=N` and `lazy_refcounts=on|off` (in qemu's order: upgrade,
+//! refcount width, lazy refcounts, downgrade last), and cowimg's copy-on-read flag. The command takes its changes as options and refuses to run without
 //! one, as qemu-img amend does.
 
 use cowimg_formats::Format;
@@ -15,6 +15,8 @@ pub struct Options {
     pub lazy_refcounts: Option<bool>,
     /// `compat=1.1` (true) or `compat=0.10` (false).
     pub compat_v3: Option<bool>,
+    /// `refcount_bits=N`.
+    pub refcount_bits: Option<u32>,
 }
 
 impl Options {
@@ -56,15 +58,22 @@ pub fn parse_options(lists: &[String]) -> Result<Options> {
                 o.compat_v3 = Some(match value {
                     "1.1" | "v3" => true,
                     "0.10" | "v2" => false,
-                    _ => {
-                        return Err(Error::Usage(format!(
-                            "Invalid compatibility level: '{value}'"
-                        )))
-                    }
+                    _ => return Err(Error::Usage(format!("Unknown compatibility level {value}"))),
                 })
             }
-            "refcount_bits" | "size" | "backing_file" | "backing_fmt" | "encryption"
-            | "cluster_size" | "preallocation" | "data_file" | "data_file_raw" | "extended_l2"
+            "refcount_bits" => {
+                let bits: u64 = value.parse().map_err(|_| {
+                    Error::Usage("Parameter 'refcount_bits' expects a number".into())
+                })?;
+                if bits == 0 || bits > 64 || !bits.is_power_of_two() {
+                    return Err(Error::Usage(
+                        "Refcount width must be a power of two and may not exceed 64 bits".into(),
+                    ));
+                }
+                o.refcount_bits = Some(bits as u32);
+            }
+            "size" | "backing_file" | "backing_fmt" | "encryption" | "cluster_size"
+            | "preallocation" | "data_file" | "data_file_raw" | "extended_l2"
             | "compression_type" => {
                 return Err(Error::Usage(format!(
                     "cowimg amend does not change '{key}' yet; use qemu-img amend -o {item}"
@@ -79,7 +88,7 @@ pub fn parse_options(lists: &[String]) -> Result<Options> {
 pub fn run(a: &Args) -> Result<i32> {
     if a.copy_on_read.is_none() && a.options.is_empty() {
         return Err(Error::Usage(
-            "Nothing to change: give -o lazy_refcounts=on|off or --copy-on-read=on|off\nTry 'cowimg amend --help' for more info"
+            "Nothing to change: give -o compat=0.10|1.1, refcount_bits=N, lazy_refcounts=on|off or --copy-on-read=on|off\nTry 'cowimg amend --help' for more info"
                 .into(),
         ));
     }
@@ -90,26 +99,39 @@ pub fn run(a: &Args) -> Result<i32> {
             layer.format
         )));
     }
-    if let Some(v3) = a.options.compat_v3 {
-        let version = match layer.image.details() {
-            cowimg_formats::Details::Qcow2(d) => d.version,
-            _ => 3,
-        };
-        if v3 != (version >= 3) {
-            return Err(Error::Usage(format!(
-                "cowimg amend does not change the compatibility level yet; use qemu-img amend -o compat={}",
-                if v3 { "1.1" } else { "0.10" }
-            )));
-        }
+    let version = match layer.image.details() {
+        cowimg_formats::Details::Qcow2(d) => d.version,
+        _ => 3,
+    };
+    let o = &a.options;
+    let target = o.compat_v3.map_or(version, |v3| if v3 { 3 } else { 2 });
+    if o.lazy_refcounts == Some(true) && target < 3 {
+        return Err(Error::Msg(
+            "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)".into(),
+        ));
     }
-    // Each header change is crash-safe in the formats crate: the image reads as before or
-    // as after, whatever the moment of an interruption.
-    if let Some(on) = a.options.lazy_refcounts {
-        layer.image.set_lazy_refcounts(on).map_err(|e| match e {
-            // qemu-img's refusal, worded without the file name as qemu-img words it.
-            cowimg_formats::Error::Refused(m) => Error::Msg(m),
-            e => Error::image(&a.file, e),
-        })?;
+    // qemu-img's refusals are worded without the file name, as qemu-img words them.
+    let refused = |e| match e {
+        cowimg_formats::Error::Refused(m) => Error::Msg(m),
+        e => Error::image(&a.file, e),
+    };
+    // qemu's order: the upgrade first (a v3 image may then take the other options), the
+    // downgrade last (after the options v2 cannot hold are gone). Each step is crash-safe in
+    // the formats crate: the image reads as before or as after, whatever the moment of an
+    // interruption.
+    if target > version {
+        layer.image.set_qcow2_version(target).map_err(refused)?;
+    }
+    if let Some(bits) = o.refcount_bits {
+        if target < 3 && bits != 16 {
+            return Err(Error::Msg(
+                "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)".into(),
+            ));
+        }
+        layer.image.set_refcount_bits(bits).map_err(refused)?;
+    }
+    if let Some(on) = o.lazy_refcounts {
+        layer.image.set_lazy_refcounts(on).map_err(refused)?;
     }
     if let Some(on) = a.copy_on_read {
         if layer.format == Format::Raw {
@@ -122,6 +144,9 @@ pub fn run(a: &Args) -> Result<i32> {
             .image
             .set_copy_on_read(on)
             .map_err(|e| Error::image(&a.file, e))?;
+    }
+    if target < version {
+        layer.image.set_qcow2_version(target).map_err(refused)?;
     }
     Ok(0)
 }

@@ -1528,11 +1528,23 @@ impl<'a, 'l> Checker<'a, 'l> {
             )?;
         }
         sync(self.s)?;
-        // The switch: offset (8 bytes) and clusters (4 bytes) of the table, inside sector 0.
-        let mut field = [0u8; 12];
-        field[..8].copy_from_slice(&table_offset.to_be_bytes());
-        field[8..].copy_from_slice(&(rt as u32).to_be_bytes());
-        write_all(self.s, &field, 48, "the header's refcount table pointer")?;
+        // The switch: offset (8 bytes) and clusters (4 bytes) of the table, inside sector 0;
+        // with a new refcount width, the fields up to the width's too, in the same write.
+        let mut h = self.h.clone();
+        h.refcount_table_offset = table_offset;
+        h.refcount_table_clusters = rt as u32;
+        h.refcount_order = self.rgeo.refcount_order;
+        let end = if h.refcount_order == self.h.refcount_order {
+            60
+        } else {
+            100
+        };
+        write_all(
+            self.s,
+            &h.encode_fixed()[48..end],
+            48,
+            "the header's refcount table pointer",
+        )?;
         sync(self.s)?;
         Ok((table_offset, rt as u32))
     }
@@ -1726,6 +1738,59 @@ fn refresh(img: &Qcow2, m: &mut Meta) -> Result<()> {
     m.alloc = None;
     m.file_len = s.len().map_err(|e| Error::io("reading the file size", e))?;
     Ok(())
+}
+
+/// Rewrites the refcount structures with entries of `2^order` bits (`amend -o
+/// refcount_bits`): counts every reference as `check` does, writes new structures past the end
+/// of the file and switches the header to them in one write of sector 0 (the old structures
+/// are then free space, as nothing counts them). Refused on an image `check` finds damaged,
+/// and, in qemu's words, when a count does not fit in the new width. The caller holds the
+/// image exclusively.
+pub(super) fn change_refcount_order(img: &Qcow2, m: &mut Meta, order: u32) -> Result<()> {
+    if m.has_staged() {
+        return Err(Error::Refused(
+            "internal: refcount width change with uncommitted writes".into(),
+        ));
+    }
+    let s: &dyn Storage = &*img.storage;
+    let file_len = s.len().map_err(|e| Error::io("reading the file size", e))?;
+    let mut quiet = |_: &str| {};
+    let mut c = Checker::new(
+        img,
+        m.header.clone(),
+        file_len,
+        CheckMode::ReadOnly,
+        &mut quiet,
+    )?;
+    c.calculate()?;
+    let n = c.refs.len();
+    let mut st = c.load_stored(n, false)?;
+    c.compare(&mut st, CheckMode::ReadOnly)?;
+    if c.rebuild || c.res.corruptions > 0 || c.res.check_errors > 0 {
+        return Err(Error::NeedsRepair(
+            "the image has errors in its refcounts; repair them before changing the refcount width"
+                .into(),
+        ));
+    }
+    let new = RefGeometry {
+        cluster_bits: c.h.cluster_bits,
+        refcount_order: order,
+    };
+    if let Some(i) = (0..n).find(|&i| c.refs.get(i) > new.max()) {
+        return Err(Error::Refused(format!(
+            "Cannot decrease refcount entry width to {} bits: Cluster at offset {} has a refcount of {}",
+            1u32 << order,
+            c_hex(i * c.cs),
+            c.refs.get(i)
+        )));
+    }
+    c.rgeo = new;
+    let (offset, clusters) = c.rebuild_structures()?;
+    m.header.refcount_table_offset = offset;
+    m.header.refcount_table_clusters = clusters;
+    m.header.refcount_order = order;
+    // The tables and the allocator are read again from what is on disk now.
+    refresh(img, m)
 }
 
 impl Qcow2 {

@@ -7,6 +7,7 @@
 //! create, apply, delete), `create`, `check`.
 
 mod alloc;
+mod amend;
 mod cache;
 pub mod check;
 pub mod compress;
@@ -23,7 +24,7 @@ pub mod table;
 pub use snapshot_view::SnapshotRef;
 mod write;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use crate::io::{read_exact, Storage};
@@ -77,7 +78,8 @@ pub struct Qcow2 {
     geo: Geometry,
     /// The virtual size (changed only by `resize`, under the exclusive gate).
     size: AtomicU64,
-    compression: CompressionType,
+    /// The compression type's header value (changed only by a downgrade, under the gate).
+    compression: AtomicU8,
     writable: bool,
     /// The snapshot table (replaced by snapshot create/apply/delete, under the gate).
     snapshots: RwLock<Vec<Snapshot>>,
@@ -186,7 +188,7 @@ impl Qcow2 {
             // a size field that is not a multiple of 512, which only a damaged or hostile
             // header has, is rounded down, and every command sees the same disk.
             size: AtomicU64::new(header.size / 512 * 512),
-            compression: CompressionType::from_header(header.compression_type),
+            compression: AtomicU8::new(header.compression_type),
             writable: opts.writable,
             snapshots: RwLock::new(snapshots),
             bitmaps,
@@ -219,7 +221,7 @@ impl Qcow2 {
     }
 
     pub fn compression(&self) -> CompressionType {
-        self.compression
+        CompressionType::from_header(self.compression.load(Ordering::Relaxed))
     }
 
     fn data_storage(&self) -> &dyn Storage {
@@ -506,14 +508,14 @@ impl Image for Qcow2 {
         }
         let mut input = vec![0u8; len as usize];
         read_exact(&*self.storage, &mut input, host, "a compressed cluster")?;
-        compress::decompress(self.compression, &input, out)
+        compress::decompress(self.compression(), &input, out)
     }
 
     fn details(&self) -> Details {
         let h = self.header();
         Details::Qcow2(Qcow2Details {
             version: h.version,
-            compression_type: self.compression.name(),
+            compression_type: self.compression().name(),
             lazy_refcounts: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
             refcount_bits: h.refcount_bits(),
             corrupt: h.incompatible_features & header::INCOMPAT_CORRUPT != 0,
@@ -575,6 +577,14 @@ impl Image for Qcow2 {
 
     fn set_lazy_refcounts(&self, on: bool) -> Result<()> {
         self.set_lazy_refcounts_impl(on)
+    }
+
+    fn set_qcow2_version(&self, version: u32) -> Result<()> {
+        self.set_version_impl(version)
+    }
+
+    fn set_refcount_bits(&self, bits: u32) -> Result<()> {
+        self.set_refcount_bits_impl(bits)
     }
 
     fn resize(&self, size: u64, prealloc: crate::Prealloc) -> Result<()> {

@@ -47,7 +47,9 @@ impl Qcow2 {
             data_file: self.data_file.clone(),
             geo: self.geo,
             size: AtomicU64::new(self.size()),
-            compression: self.compression,
+            compression: std::sync::atomic::AtomicU8::new(
+                self.compression.load(std::sync::atomic::Ordering::Relaxed),
+            ),
             writable: false,
             snapshots: RwLock::new(list),
             bitmaps: self.bitmaps.clone(),

@@ -121,9 +121,9 @@ impl Qcow2 {
         if data.len() < cs {
             let mut padded = data.to_vec();
             padded.resize(cs, 0);
-            return super::compress::compress(self.compression, &padded);
+            return super::compress::compress(self.compression(), &padded);
         }
-        super::compress::compress(self.compression, data)
+        super::compress::compress(self.compression(), data)
     }
 
     /// Writes compressed data (from [`Self::compress_cluster_impl`]) as the cluster at
@@ -587,7 +587,7 @@ impl Qcow2 {
     }
 
     /// The header to change, after checking that the image may be changed now.
-    fn header_for_change(&self) -> Result<Header> {
+    pub(super) fn header_for_change(&self) -> Result<Header> {
         let mut m = self.meta();
         self.prepare_write(&mut m)?;
         if m.has_staged() {
@@ -606,7 +606,7 @@ impl Qcow2 {
     /// old header or the new one. qemu rewrites all of cluster 0 in one unsynced write instead.
     /// The feature name table (names for error messages only) is kept when it still fits in
     /// sector 0; qemu writes it back on its next header update.
-    fn rewrite_header(&self, mut new: Header) -> Result<()> {
+    pub(super) fn rewrite_header(&self, mut new: Header) -> Result<()> {
         let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut m = self.meta();
         let s = &*self.storage;
