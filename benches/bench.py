@@ -384,6 +384,42 @@ class Row:
             rm(self.target())
 
 
+class CommitRow(Row):
+    """commit TOP into its backing file BASE: both are fresh sparse copies for each run
+    (run-TOP rebased onto run-BASE with `rebase -u`, metadata only), and run-BASE is what the
+    command writes and what is checked."""
+
+    def __init__(self, fixture, op, cwd, fmt, cow, peer, peer_label, verify, base, top):
+        super().__init__(fixture, op, cwd, "inplace", cow, peer, peer_label, verify, top=top)
+        self.fmt, self.base = fmt, base
+
+    def target(self):
+        return os.path.join(self.cwd, "run-" + self.base)
+
+    def prepare(self):
+        for f in (self.base, self.top):
+            dst = os.path.join(self.cwd, "run-" + f)
+            rm(dst)
+            sh(["cp", "--sparse=always", os.path.join(self.cwd, f), dst])
+        sh(["qemu-img", "rebase", "-u", "-b", "run-" + self.base, "-F", self.fmt, "run-" + self.top],
+           cwd=self.cwd)
+        return allocated(self.target())
+
+    def cleanup(self):
+        rm(self.target(), os.path.join(self.cwd, "run-" + self.top))
+
+
+def refcount_width_check(bits):
+    """The image checks clean and has refcount entries of `bits` bits."""
+    def v(row, run, tool):
+        c = sh(["qemu-img", "check", "-U", row.target()], check=False)
+        if c.returncode != 0:
+            return f"qemu-img check exit {c.returncode}: {(c.stdout + c.stderr).strip()[:400]}"
+        got = qinfo(row.target()).get("format-specific", {}).get("data", {}).get("refcount-bits")
+        return None if got == bits else f"refcount bits {got} (expected {bits})"
+    return v
+
+
 def make_rows(fx, cow):
     size, ref = fx.size, fx.ref
     rows = []
@@ -423,6 +459,17 @@ def make_rows(fx, cow):
                                  f"compression_type={ctype}", C, "{O}"],
                                 "qemu-img convert -c -t writeback -m 8 -W",
                                 img_check("qcow2", None), out=f"run-out-{ctype}.qcow2"))
+        if fmt == "qcow2":
+            # Issue 19: commit C into B (C emptied, as qemu-img's default), B then reads as C did.
+            rows.append(CommitRow(fmt, "commit C (into B)", d, fmt, [cow, "commit", "{T}"],
+                                  ["qemu-img", "commit", "-q", "{T}"], "qemu-img commit",
+                                  lambda row, run, tool, A=A: verify_image(row.target(), "qcow2", size, ref, A),
+                                  base=f"B.{fmt}", top=C))
+            # Issue 19: the refcount width of A (every refcount block rewritten).
+            rows.append(Row(fmt, "amend -o refcount_bits=64 A", d, "inplace",
+                            [cow, "amend", "-o", "refcount_bits=64", "{T}"],
+                            ["qemu-img", "amend", "-o", "refcount_bits=64", "{T}"], "qemu-img amend",
+                            refcount_width_check(64), top=A))
         rows.append(Row(fmt, f"check A ({human(allocated(os.path.join(d, A)))} allocated)", d, "readonly",
                         [cow, "check", "--output", "json", A], ["qemu-img", "check", "--output", "json", A],
                         "qemu-img check", check_verify(), na_probe=True))
