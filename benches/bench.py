@@ -465,6 +465,13 @@ def make_rows(fx, cow):
                                   ["qemu-img", "commit", "-q", "{T}"], "qemu-img commit",
                                   lambda row, run, tool, A=A: verify_image(row.target(), "qcow2", size, ref, A),
                                   base=f"B.{fmt}", top=C))
+            # ... and B (about 15% of the disk) into A, the bottom: A then reads as B did.
+            rows.append(CommitRow(fmt, "commit B (into A)", d, fmt, [cow, "commit", "{T}"],
+                                  ["qemu-img", "commit", "-q", "{T}"], "qemu-img commit",
+                                  lambda row, run, tool, fmt=fmt: verify_image(
+                                      row.target(), fmt, size, os.path.join(row.cwd, f"B.{fmt}"), None,
+                                      ref_fmt=fmt),
+                                  base=A, top=f"B.{fmt}"))
             # Issue 19: the refcount width of A (every refcount block rewritten).
             rows.append(Row(fmt, "amend -o refcount_bits=64 A", d, "inplace",
                             [cow, "amend", "-o", "refcount_bits=64", "{T}"],
