@@ -285,3 +285,14 @@ fn version_and_width_refusals_match_qemu_img() {
         s.assert_clean(img);
     }
 }
+
+#[test]
+fn downgrade_with_bitmaps_as_qemu_img() {
+    // v2 cannot mark bitmaps consistent: both leave them to be considered inconsistent;
+    // qemu-img's result leaks their clusters, cowimg's checks clean.
+    let s = Scratch::new();
+    version_fixture(&s, "1.1", "64k", false, false);
+    s.qemu_img(&["bitmap", "--add", "q.qcow2", "b0"]);
+    s.qemu_img(&["bitmap", "--add", "q.qcow2", "b1"]);
+    amend_both(&s, "compat=0.10", "with persistent bitmaps");
+}
