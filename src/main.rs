@@ -353,6 +353,7 @@ enum Command {
         /// never over what clients wrote; then switch its backing file to --base (or none)
         /// without disturbing clients. Stopped, it commits what it copied; run again, it
         /// resumes. Without -t the server exits once the stream is done and clients have left.
+        /// The stream is a job: 'cowimg job' steers it (--job-id, --control, --events).
         #[arg(long)]
         stream: bool,
         /// With --stream: the backing file to keep (matched by resolved path); default: none.
@@ -365,6 +366,9 @@ enum Command {
         /// so that a client sending nothing cannot hold an -e slot.
         #[arg(long = "handshake-limit", default_value = "10", value_name = "N")]
         handshake_limit: u64,
+        /// With --stream: the stream job's id, control socket and events.
+        #[command(flatten)]
+        job: JobArgs,
         /// The image to export.
         image: String,
     },
@@ -1076,14 +1080,25 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             base,
             speed,
             handshake_limit,
+            job,
             image,
         } => {
             let r = (|| {
+                let control: cowimg::job::ControlOptions = job.into();
                 let stream = match stream {
                     true => Some(serve::StreamArgs {
                         base,
                         speed: size_arg("speed (--speed)", "--speed", &speed)?,
+                        control,
                     }),
+                    false if control.job_id.is_some()
+                        || control.control.is_some()
+                        || control.events.is_some() =>
+                    {
+                        return Err(Error::Usage(
+                            "--job-id, --control and --events steer the stream job: give --stream too".into(),
+                        ))
+                    }
                     false => None,
                 };
                 serve::run(

@@ -24,7 +24,7 @@ use crate::blockstatus as map;
 use crate::chain::Chain;
 use crate::copy::Counters;
 use crate::error::{Error, Result};
-use crate::ratelimit::RateLimiter;
+use crate::job::{ControlOptions, JobHandle, JobSpec, Session};
 use crate::stream::{self, Settings};
 
 /// An image chain served over NBD.
@@ -82,19 +82,22 @@ impl ImageBackend {
     /// Streams into the top image what the layers above `base` (a layer index; the chain's
     /// length for all) provide, at most `speed` bytes per second (0: unlimited), while
     /// clients are served; then points the top at `base` (or nothing) and makes the served
-    /// chain stop using the layers in between. `cancel` stops the copy: what is copied is
-    /// committed and [`Error::Interrupted`] returned; streaming again copies only the rest.
-    /// The top must be open for writing.
+    /// chain stop using the layers in between. The stream is a job (`control`: its id,
+    /// control socket and events): `cowimg job` watches it, changes its cap, pauses,
+    /// resumes or cancels it while clients are served. `cancel` (or `job cancel`) stops the
+    /// copy: what is copied is committed and [`Error::Interrupted`] returned; streaming again
+    /// copies only the rest. The top must be open for writing.
     pub fn stream(
         &self,
         base: usize,
         speed: u64,
         jobs: usize,
         cancel: &AtomicBool,
+        control: &ControlOptions,
     ) -> Result<Streamed> {
         let started = Instant::now();
         let counters = Arc::new(Counters::default());
-        let (keep_base, backing) = {
+        let (plan, keep_base, backing, device) = {
             let chain = self.chain();
             if base <= 1 || chain.layers.len() == 1 {
                 return Ok(Streamed {
@@ -109,37 +112,75 @@ impl ImageBackend {
             // the top only gains allocations, so what the plan leaves out stays done.
             let plan = stream::plan(&chain, base, 0, size)?;
             let keep_base = base < chain.layers.len();
-            let limiter = RateLimiter::new(speed);
-            let settings = Settings {
-                jobs,
-                limiter: &limiter,
-                cancel,
-                counters: &counters,
-                compress: false,
-                // Not yet a job of its own: `cowimg job` does not steer serve's stream.
-                job: None,
-            };
-            stream::copy_live(&chain, &plan, keep_base, &settings)?;
             let backing = keep_base.then(|| BackingRef {
                 name: stream::backing_name(&chain, base),
                 format: Some(chain.layers[base].format.name().to_string()),
             });
-            (keep_base, backing)
+            (plan, keep_base, backing, chain.top().filename.clone())
         };
-        // The switch: no request in flight, none starting. Whatever clients wrote since the
-        // copy's last commit is committed first, then the header (the pointer) changes last,
-        // then requests read through the shorter chain and the dropped layers are closed.
-        let mut chain = self.chain.write().unwrap_or_else(|e| e.into_inner());
-        chain.commit()?;
-        stream::switch(&chain, backing.as_ref())?;
-        let kept = if keep_base { base } else { chain.layers.len() };
-        *chain = chain.rebased(kept);
+        // Ranges needing nothing count as done from the start, as QEMU's progress counts them.
+        counters.done.store(
+            plan.range_len - plan.work(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let session = Session::start(
+            JobSpec {
+                id: crate::job::default_id(&device),
+                kind: "stream",
+                device,
+                end: plan.range_len,
+                speed,
+            },
+            counters.clone(),
+            control,
+        )?;
+        let job = &session.handle;
+        job.start();
+        let result =
+            self.copy_and_switch(base, &plan, keep_base, backing.as_ref(), jobs, cancel, job);
+        session.finish(result.as_ref().map(|_| ()));
+        result?;
         Ok(Streamed {
             copied: counters.copied.load(std::sync::atomic::Ordering::Relaxed),
             elapsed: started.elapsed().as_secs_f64(),
             backing,
             nothing_to_do: false,
         })
+    }
+
+    /// The stream job's body: the copy under the job's cap and requests, then the switch.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_and_switch(
+        &self,
+        base: usize,
+        plan: &stream::Plan,
+        keep_base: bool,
+        backing: Option<&BackingRef>,
+        jobs: usize,
+        cancel: &AtomicBool,
+        job: &JobHandle,
+    ) -> Result<()> {
+        {
+            let chain = self.chain();
+            let settings = Settings {
+                jobs,
+                limiter: job.limiter(),
+                cancel,
+                counters: job.counters(),
+                compress: false,
+                job: Some(job),
+            };
+            stream::copy_live(&chain, plan, keep_base, &settings)?;
+        }
+        // The switch: no request in flight, none starting. Whatever clients wrote since the
+        // copy's last commit is committed first, then the header (the pointer) changes last,
+        // then requests read through the shorter chain and the dropped layers are closed.
+        let mut chain = self.chain.write().unwrap_or_else(|e| e.into_inner());
+        chain.commit()?;
+        stream::switch(&chain, backing)?;
+        let kept = if keep_base { base } else { chain.layers.len() };
+        *chain = chain.rebased(kept);
+        Ok(())
     }
 }
 

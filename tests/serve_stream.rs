@@ -327,3 +327,158 @@ fn kill_9_during_the_stream_keeps_the_image_clean_and_a_rerun_finishes() {
         );
     }
 }
+
+/// `cowimg job ARGS` with the scratch directory as the runtime directory: status, stdout
+/// and stderr.
+fn job(s: &Scratch, args: &[&str]) -> (i32, String, String) {
+    let mut a = vec!["job"];
+    a.extend(args);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cowimg"))
+        .args(&a)
+        .env("XDG_RUNTIME_DIR", s.dir.path())
+        .current_dir(s.dir.path())
+        .output()
+        .expect("run cowimg job");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `job query --output json ID`, once the job listens (up to 20 s).
+fn job_query(s: &Scratch, id: &str) -> serde_json::Value {
+    let t = std::time::Instant::now();
+    loop {
+        let (st, out, err) = job(s, &["query", "--output", "json", id]);
+        if st == 0 {
+            return serde_json::from_str(&out).expect("query JSON");
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "job {id}: {err}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn event_names(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .expect("events file")
+        .lines()
+        .map(|l| {
+            let e: serde_json::Value = serde_json::from_str(l).expect("an event");
+            e["event"].as_str().unwrap_or("?").to_string()
+        })
+        .collect()
+}
+
+/// serve's background stream is a job like `stream`: queried, paused (the server keeps
+/// serving; nothing is copied), resumed, re-capped, waited for; its events in order; and at
+/// its end the image is standalone while still served.
+#[test]
+fn serve_stream_is_a_job_steered_while_clients_read() {
+    let s = Scratch::new();
+    two_layers(&s);
+    let ev = s.path("events.jsonl");
+    let ev_arg = ev.to_string_lossy().into_owned();
+    let dir = s.dir.path().to_string_lossy().into_owned();
+    let srv = Served::start_env(
+        &s,
+        "ov.qcow2",
+        &[
+            "--stream", "--speed", "2M", "--job-id", "srv", "--events", &ev_arg,
+        ],
+        &[("XDG_RUNTIME_DIR", &dir)],
+    );
+    let q = job_query(&s, "srv");
+    assert_eq!(q["type"], "stream", "{q}");
+    assert_eq!(q["speed"], 2 << 20, "{q}");
+    assert!(
+        q["device"].as_str().unwrap_or("").ends_with("ov.qcow2"),
+        "{q}"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let (st, out, err) = job(&s, &["pause", "srv"]);
+    assert_eq!(st, 0, "{out}{err}");
+    let paused = job_query(&s, "srv");
+    assert_eq!(paused["status"], "paused", "{paused}");
+    let copied = paused["copied"].as_u64().expect("copied");
+    assert!(copied > 0 && copied < 16 << 20, "{paused}");
+    // Paused, the stream copies nothing, and clients are served as before.
+    let url = srv.url();
+    qemu_io_raw(
+        &s,
+        &url,
+        &["read -q -P 0x22 15M 1M", "read -q -P 0x11 0 1M"],
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(job_query(&s, "srv")["copied"].as_u64(), Some(copied));
+    for verb in [&["resume", "srv"][..], &["set-speed", "srv", "0"]] {
+        let (st, out, err) = job(&s, verb);
+        assert_eq!(st, 0, "{verb:?}: {out}{err}");
+    }
+    let (st, out, err) = job(&s, &["wait", "srv"]);
+    assert_eq!(st, 0, "{out}{err}");
+    assert!(out.contains("completed"), "{out}");
+    wait_backing(&s, "ov.qcow2", None, 30);
+    // Still served, and what it serves reads as the chain did.
+    let r = s.run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", &url, "base.qcow2"],
+    );
+    assert_eq!(r.status, 0, "after the stream: {}{}", r.stdout, r.stderr);
+    let (st, err) = srv.stop();
+    assert_eq!(st, 0, "{err}");
+    assert_eq!(
+        event_names(&ev),
+        [
+            "created",
+            "running",
+            "paused",
+            "resumed",
+            "speed-changed",
+            "completed"
+        ]
+    );
+    s.assert_clean("ov.qcow2");
+    assert!(s.same("base.qcow2", "ov.qcow2"));
+    assert!(
+        !s.path("cowimg/srv.sock").exists(),
+        "the control socket is removed"
+    );
+}
+
+/// `job cancel` stops serve's stream only: what it copied is committed, the backing file
+/// stays, clients are still served; `serve --stream` again copies only the rest.
+#[test]
+fn serve_stream_job_cancel_keeps_serving_and_the_rerun_resumes() {
+    let s = Scratch::new();
+    two_layers(&s);
+    let dir = s.dir.path().to_string_lossy().into_owned();
+    let env = [("XDG_RUNTIME_DIR", dir.as_str())];
+    let srv = Served::start_env(
+        &s,
+        "ov.qcow2",
+        &["--stream", "--speed", "2M", "--job-id", "c"],
+        &env,
+    );
+    job_query(&s, "c");
+    std::thread::sleep(Duration::from_millis(700));
+    let (st, out, err) = job(&s, &["cancel", "c"]);
+    assert_eq!(st, 0, "{out}{err}");
+    assert!(out.contains("cancelled"), "{out}");
+    let url = srv.url();
+    qemu_io_raw(&s, &url, &["read -q -P 0x22 12M 8M"]);
+    assert_eq!(backing(&s, "ov.qcow2").as_deref(), Some("base.qcow2"));
+    let (st, err) = srv.stop();
+    assert_eq!(st, 0, "{err}");
+    assert!(err.contains("stream interrupted"), "{err}");
+    s.assert_clean("ov.qcow2");
+    let kept = s.own_data("ov.qcow2");
+    assert!(kept > 0 && kept < 16 << 20, "kept {kept}");
+    let srv = Served::start_env(&s, "ov.qcow2", &["--stream"], &env);
+    wait_backing(&s, "ov.qcow2", None, 30);
+    let (st, err) = srv.stop();
+    assert_eq!(st, 0, "{err}");
+    assert_eq!(copied_bytes(&err), (16 << 20) - kept, "{err}");
+    s.assert_clean("ov.qcow2");
+    assert!(s.same("base.qcow2", "ov.qcow2"));
+}

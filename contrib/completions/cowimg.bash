@@ -1402,7 +1402,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__serve)
-            opts="-f -k -b -p -x -D -r -e -t -h --format --socket --bind --port --export-name --description --read-only --copy-on-read --no-copy-on-read --shared --persistent --pid-file --stream --base --speed --handshake-limit --help"
+            opts="-f -k -b -p -x -D -r -e -t -h --format --socket --bind --port --export-name --description --read-only --copy-on-read --no-copy-on-read --shared --persistent --pid-file --stream --base --speed --handshake-limit --job-id --control --events --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1477,6 +1477,18 @@ _cowimg() {
                     return 0
                     ;;
                 --handshake-limit)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --job-id)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --control)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --events)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -123,11 +123,14 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l pid-file -d 'Wri
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l base -d 'With --stream: the backing file to keep (matched by resolved path); default: none' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l speed -d 'With --stream: cap on bytes streamed per second (K, M, G suffixes; 0 = unlimited)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l handshake-limit -d 'Seconds a client has to finish the handshake before it is dropped (0: no limit), so that a client sending nothing cannot hold an -e slot' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l job-id -d 'The job\'s id, for \'cowimg job ...\' (default: the image\'s file name, with -2, -3, ... added while a job of that name runs)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l control -d 'The job\'s control socket (default: $XDG_RUNTIME_DIR/cowimg/ID.sock, else /tmp/cowimg-$UID/ID.sock)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l events -d 'Write the job\'s events (created, running, paused, resumed, speed-changed, completed, cancelled, error) as JSON lines to FILE, or stdout with \'-\'' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -s r -l read-only -d 'Refuse client writes (copy-on-read still fills the image)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l copy-on-read -d 'Copy what clients read from the backing chain into IMAGE, whatever its flag says'
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l no-copy-on-read -d 'Never copy on read, whatever the image\'s flag says'
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -s t -l persistent -d 'Keep serving after the last client disconnects (until SIGINT/SIGTERM)'
-complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l stream -d 'While serving, copy into IMAGE what its backing chain provides (down to --base), never over what clients wrote; then switch its backing file to --base (or none) without disturbing clients. Stopped, it commits what it copied; run again, it resumes. Without -t the server exits once the stream is done and clients have left'
+complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l stream -d 'While serving, copy into IMAGE what its backing chain provides (down to --base), never over what clients wrote; then switch its backing file to --base (or none) without disturbing clients. Stopped, it commits what it copied; run again, it resumes. Without -t the server exits once the stream is done and clients have left. The stream is a job: \'cowimg job\' steers it (--job-id, --control, --events)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s b -l backing -d 'The new backing file, stored as given (relative to FILE\'s directory); "" for none' -r

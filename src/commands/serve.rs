@@ -50,6 +50,8 @@ pub struct StreamArgs {
     pub base: Option<String>,
     /// `--speed`, bytes per second (0: unlimited).
     pub speed: u64,
+    /// `--job-id`, `--control`, `--events` of the stream job.
+    pub control: crate::job::ControlOptions,
 }
 
 /// Copy workers of the background stream: few, so that clients keep the machine's cores.
@@ -232,7 +234,7 @@ pub fn run(a: &Args, stop: &AtomicBool) -> Result<i32> {
         let streaming = match (&a.stream, base) {
             (Some(st), Some(base)) => {
                 let backend = backend.clone();
-                Some(scope.spawn(move || stream_and_log(&a.image, st.speed, base, &backend, stop)))
+                Some(scope.spawn(move || stream_and_log(&a.image, st, base, &backend, stop)))
             }
             _ => None,
         };
@@ -364,12 +366,12 @@ fn serve_clients(
 /// image is served on as it is).
 fn stream_and_log(
     image: &str,
-    speed: u64,
+    st: &StreamArgs,
     base: usize,
     backend: &ImageBackend,
     stop: &AtomicBool,
 ) -> Result<Streamed> {
-    let r = backend.stream(base, speed, STREAM_JOBS, stop);
+    let r = backend.stream(base, st.speed, STREAM_JOBS, stop, &st.control);
     match &r {
             Ok(s) if s.nothing_to_do => eprintln!(
                 "cowimg serve: nothing to stream: {}",

@@ -119,12 +119,16 @@ pub fn bind(path: &Path) -> Result<Option<UnixListener>> {
     Ok(Some(listener))
 }
 
-/// A running control server; dropping it stops it, lets `job-wait` clients read the closing
-/// event (at most two seconds), and removes the socket.
+/// A running control server; dropping it stops it, lets clients that connected read their
+/// replies (at most two seconds), and removes the socket.
 pub struct ControlServer {
     path: PathBuf,
+    /// Set when the job has ended: the accept loop takes the connections still queued, then
+    /// ends.
+    closing: Arc<AtomicBool>,
+    /// Set last: client threads stop.
     stop: Arc<AtomicBool>,
-    /// `job-wait`s in progress.
+    /// Connections being served, and `job-wait`s in progress.
     clients: Arc<AtomicUsize>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -135,17 +139,19 @@ impl ControlServer {
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io("control socket", e))?;
+        let closing = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let clients = Arc::new(AtomicUsize::new(0));
         let thread = {
-            let (stop, clients) = (stop.clone(), clients.clone());
+            let (closing, stop, clients) = (closing.clone(), stop.clone(), clients.clone());
             std::thread::Builder::new()
                 .name("job-control".into())
-                .spawn(move || accept_loop(job, listener, stop, clients))
+                .spawn(move || accept_loop(job, listener, &closing, stop, clients))
                 .map_err(|e| Error::io("starting the control thread", e))?
         };
         Ok(ControlServer {
             path,
+            closing,
             stop,
             clients,
             thread: Some(thread),
@@ -159,27 +165,33 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        // Clients see the job ended and finish their replies first.
+        // No client can connect from here on. One that connected just before (a `job wait`
+        // racing the job's end) is accepted by the loop's last round and still gets its
+        // reply, which now says how the job ended.
+        let _ = std::fs::remove_file(&self.path);
+        self.closing.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
         let until = Instant::now() + Duration::from_secs(2);
         while self.clients.load(Ordering::SeqCst) > 0 && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
 fn accept_loop(
     job: Arc<JobHandle>,
     listener: UnixListener,
+    closing: &AtomicBool,
     stop: Arc<AtomicBool>,
     clients: Arc<AtomicUsize>,
 ) {
     let mut last_sample = Instant::now();
-    while !stop.load(Ordering::SeqCst) {
+    loop {
+        // Read before accepting: once it is set, this round empties the queue and ends.
+        let last_round = closing.load(Ordering::SeqCst);
         if last_sample.elapsed() >= Duration::from_millis(250) {
             job.sample();
             last_sample = Instant::now();
@@ -187,18 +199,23 @@ fn accept_loop(
         match listener.accept() {
             Ok((stream, _)) => {
                 let (job, stop, clients) = (job.clone(), stop.clone(), clients.clone());
+                // Counted while served, so that the server's end waits for the reply.
+                clients.fetch_add(1, Ordering::SeqCst);
+                let counted = clients.clone();
                 let spawned =
                     std::thread::Builder::new()
                         .name("job-client".into())
                         .spawn(move || {
+                            let _served = Served(clients.clone());
                             serve_client(&job, stream, &stop, &clients);
                         });
                 if spawned.is_err() {
                     // Out of threads: that client is dropped; the job goes on.
+                    counted.fetch_sub(1, Ordering::SeqCst);
                     std::thread::sleep(POLL);
                 }
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
+            Err(_) if last_round => return,
             Err(_) => std::thread::sleep(POLL),
         }
     }
@@ -414,6 +431,15 @@ fn respond(
                 COMMANDS.join(", ")
             ),
         )),
+    }
+}
+
+/// Counts a connection being served until its thread ends.
+struct Served(Arc<AtomicUsize>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
