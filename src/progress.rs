@@ -32,10 +32,14 @@ impl Mode {
     }
 }
 
+/// The cap a job runs under now, in bytes per second (0 = unlimited): read at every update,
+/// so that `cowimg job set-speed` shows at once.
+pub type Cap = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 pub struct Reporter {
     mode: Mode,
     end: u64,
-    speed: u64,
+    cap: Cap,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -52,19 +56,48 @@ fn json_line(counters: &Counters, end: u64, speed: u64) -> String {
     )
 }
 
+/// How far back the displayed rate looks: long enough to smooth the rate limiter's slices,
+/// short enough that a new cap shows within seconds.
+const RATE_WINDOW: Duration = Duration::from_secs(3);
+
+/// The bytes copied over the last [`RATE_WINDOW`] (since the start before that much has
+/// passed): the pace the figures show.
+struct Pace {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl Pace {
+    fn new(started: Instant) -> Pace {
+        Pace {
+            samples: std::collections::VecDeque::from([(started, 0)]),
+        }
+    }
+
+    /// Records `copied` now; returns the bytes and the time of the window.
+    fn update(&mut self, copied: u64) -> (u64, Duration) {
+        let now = Instant::now();
+        self.samples.push_back((now, copied));
+        while self.samples.len() > 2 && now - self.samples[1].0 >= RATE_WINDOW {
+            self.samples.pop_front();
+        }
+        let (t0, c0) = self.samples[0];
+        (copied.saturating_sub(c0), now - t0)
+    }
+}
+
 impl Reporter {
-    /// Starts reporting on `counters` for a job of `end` guest bytes under cap `speed`.
-    pub fn start(mode: Mode, end: u64, speed: u64, counters: Arc<Counters>) -> Reporter {
+    /// Starts reporting on `counters` for a job of `end` guest bytes under `cap`.
+    pub fn start(mode: Mode, end: u64, cap: Cap, counters: Arc<Counters>) -> Reporter {
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let thread = match mode {
             Mode::Off => None,
             Mode::Json => {
-                let (stop, counters) = (stop.clone(), counters.clone());
+                let (stop, counters, cap) = (stop.clone(), counters.clone(), cap.clone());
                 // At least one line, however short the job, so that readers see the same
                 // sequence every time.
                 Some(std::thread::spawn(move || loop {
-                    eprintln!("{}", json_line(&counters, end, speed));
+                    eprintln!("{}", json_line(&counters, end, cap()));
                     sleep_unless(&stop, Duration::from_millis(500));
                     if stop.load(Ordering::Relaxed) {
                         break;
@@ -73,19 +106,17 @@ impl Reporter {
             }
             Mode::Bar if !std::io::stderr().is_terminal() => {
                 // Forced with -p but not on a terminal (a log): qemu-img's percentage lines.
-                let (stop, counters) = (stop.clone(), counters.clone());
+                let (stop, counters, cap) = (stop.clone(), counters.clone(), cap.clone());
                 Some(std::thread::spawn(move || {
-                    let line = |c: &Counters| {
+                    let mut pace = Pace::new(started);
+                    let mut line = |c: &Counters| {
                         let done = c.done.load(Ordering::Relaxed);
                         let pct = if end == 0 {
                             100.0
                         } else {
                             done as f64 * 100.0 / end as f64
                         };
-                        eprintln!(
-                            "    ({pct:.2}/100%) {}",
-                            figures(c, end, started.elapsed(), speed)
-                        );
+                        eprintln!("    ({pct:.2}/100%) {}", figures(c, end, &mut pace, cap()));
                     };
                     while !stop.load(Ordering::Relaxed) {
                         line(&counters);
@@ -95,7 +126,7 @@ impl Reporter {
                 }))
             }
             Mode::Bar => {
-                let (stop, counters) = (stop.clone(), counters.clone());
+                let (stop, counters, cap) = (stop.clone(), counters.clone(), cap.clone());
                 Some(std::thread::spawn(move || {
                     let bar = indicatif::ProgressBar::new(end);
                     // Not indicatif's rate and ETA: they follow the position, which jumps over
@@ -107,9 +138,10 @@ impl Reporter {
                         .expect("valid template"),
                     );
                     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
-                    let update = |bar: &indicatif::ProgressBar| {
+                    let mut pace = Pace::new(started);
+                    let mut update = |bar: &indicatif::ProgressBar| {
                         bar.set_position(counters.done.load(Ordering::Relaxed));
-                        bar.set_message(figures(&counters, end, started.elapsed(), speed));
+                        bar.set_message(figures(&counters, end, &mut pace, cap()));
                     };
                     while !stop.load(Ordering::Relaxed) {
                         update(&bar);
@@ -123,7 +155,7 @@ impl Reporter {
         Reporter {
             mode,
             end,
-            speed,
+            cap,
             counters,
             stop,
             thread,
@@ -150,7 +182,7 @@ impl Reporter {
                 self.end,
                 c.done.load(Ordering::Relaxed),
                 c.copied.load(Ordering::Relaxed),
-                self.speed,
+                (self.cap)(),
                 self.started.elapsed().as_secs_f64(),
                 error
             );
@@ -158,25 +190,33 @@ impl Reporter {
     }
 }
 
-/// "copied 40.0 MiB at 20.0 MiB/s, ETA 8s": the rate is the bytes actually copied over the
-/// time taken, and the ETA what is left of the job at that rate (at most the cap `speed`; at
-/// the cap while nothing is copied yet; unknown, "?", without either).
-fn figures(c: &Counters, end: u64, elapsed: Duration, speed: u64) -> String {
+/// "copied 40.0 MiB at 20.0 MiB/s, ETA 8s (cap 20.0 MiB/s)": the rate is the bytes actually
+/// copied over the last few seconds, the ETA what is left of the job at that rate (at most the
+/// cap `speed`; at the cap while nothing is copied yet; unknown, "?", without either), and
+/// the cap the one in force now.
+fn figures(c: &Counters, end: u64, pace: &mut Pace, speed: u64) -> String {
     let copied = c.copied.load(Ordering::Relaxed);
     let left = end.saturating_sub(c.done.load(Ordering::Relaxed));
-    let (rate, eta) = rate_and_eta(copied, left, elapsed, speed);
+    let (recent, window) = pace.update(copied);
+    let (rate, eta) = rate_and_eta(recent, left, window, speed);
     let eta = match eta {
         Some(eta) => format_eta(eta),
         None => "?".to_string(),
     };
+    let cap = if speed > 0 {
+        format!(" (cap {}/s)", indicatif::BinaryBytes(speed))
+    } else {
+        String::new()
+    };
     format!(
-        "copied {} at {}/s, ETA {eta}",
+        "copied {} at {}/s, ETA {eta}{cap}",
         indicatif::BinaryBytes(copied),
         indicatif::BinaryBytes(rate as u64)
     )
 }
 
-/// Bytes per second copied so far, and the time `left` bytes take at that rate (or the cap).
+/// Bytes per second of `copied` bytes over `elapsed`, and the time `left` bytes take at that
+/// rate (or the cap).
 fn rate_and_eta(copied: u64, left: u64, elapsed: Duration, speed: u64) -> (f64, Option<Duration>) {
     let secs = elapsed.as_secs_f64();
     let mut rate = if secs > 0.0 {

@@ -663,3 +663,60 @@ fn wait_exits_with_a_failing_jobs_status() {
     assert!(last["data"]["error"].as_str().unwrap().contains("EIO"));
     s.assert_clean("top.qcow2");
 }
+
+/// Progress lines (`-p` on a log) show the cap in force and a rate over the last seconds: after
+/// `job set-speed`, both follow the new cap.
+#[test]
+fn progress_shows_the_new_cap_after_set_speed() {
+    let s = Scratch::new();
+    chain(&s, 64);
+    let mut job = start(
+        &s,
+        &[
+            "stream",
+            "-p",
+            "--speed",
+            "4M",
+            "--job-id",
+            "pg",
+            "top.qcow2",
+        ],
+        "pg",
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    ok(&s, &["job", "set-speed", "pg", "24M"]);
+    let (st, _, err) = job.finish();
+    assert_eq!(st, 0, "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("/100%)")).collect();
+    let at = |l: &str| -> f64 {
+        let rate = l.split(" at ").nth(1).and_then(|r| r.split("/s").next());
+        let (num, unit) = rate.and_then(|r| r.split_once(' ')).expect("a rate");
+        let scale = match unit {
+            "B" => 1.0,
+            "KiB" => 1024.0,
+            "MiB" => MIB as f64,
+            "GiB" => 1024.0 * MIB as f64,
+            u => panic!("unit {u} in {l}"),
+        };
+        num.parse::<f64>().expect("a number") * scale
+    };
+    let before: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains("(cap 4.00 MiB/s)"))
+        .collect();
+    let after: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains("(cap 24.00 MiB/s)"))
+        .collect();
+    assert!(before.len() >= 2, "{err}");
+    assert!(!after.is_empty(), "no line shows the new cap: {err}");
+    assert!(
+        before.iter().all(|l| at(l) <= 4.0 * MIB as f64 * 1.01),
+        "{err}"
+    );
+    assert!(
+        after.iter().any(|l| at(l) > 6.0 * MIB as f64),
+        "the rate does not follow the new cap: {err}"
+    );
+    s.assert_clean("top.qcow2");
+}

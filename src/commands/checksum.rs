@@ -65,7 +65,7 @@ fn one(a: &Args, file: &str, cancel: &AtomicBool) -> Result<serde_json::Value> {
         &a.control,
     )?;
     let job = &session.handle;
-    let reporter = Reporter::start(a.progress, chain.size(), 0, counters.clone());
+    let reporter = Reporter::start(a.progress, chain.size(), job.cap(), counters.clone());
     job.start();
     let result = checksum(
         &chain,

@@ -336,7 +336,7 @@ fn copy(
         &a.control,
     )?;
     let job = &session.handle;
-    let reporter = Reporter::start(a.progress, size, a.speed, counters.clone());
+    let reporter = Reporter::start(a.progress, size, job.cap(), counters.clone());
     job.start();
     let result = (|| -> Result<()> {
         for (i, (chain, (shift, extents))) in sources.iter().zip(&plans).enumerate() {

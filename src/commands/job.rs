@@ -60,7 +60,7 @@ pub fn run<T>(
         &o.control,
     )?;
     let job = &session.handle;
-    let reporter = Reporter::start(o.progress, plan.range_len, o.speed, counters.clone());
+    let reporter = Reporter::start(o.progress, plan.range_len, job.cap(), counters.clone());
     let started = Instant::now();
     let settings = Settings {
         jobs: o.jobs,

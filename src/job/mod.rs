@@ -175,6 +175,12 @@ impl JobHandle {
         self.spec.kind
     }
 
+    /// The job's cap as progress reports read it: the current one, `job set-speed` included.
+    pub fn cap(self: &Arc<Self>) -> crate::progress::Cap {
+        let job = self.clone();
+        Arc::new(move || job.limiter().rate())
+    }
+
     /// The limiter the copy workers must use: its cap is the one `block-job-set-speed` changes.
     pub fn limiter(&self) -> &RateLimiter {
         &self.limiter
