@@ -482,3 +482,36 @@ fn serve_stream_job_cancel_keeps_serving_and_the_rerun_resumes() {
     s.assert_clean("ov.qcow2");
     assert!(s.same("base.qcow2", "ov.qcow2"));
 }
+
+/// `job pause` of serve's stream commits what it copied: kill -9 of the server then loses
+/// nothing, and `serve --stream` again copies exactly the rest.
+#[test]
+fn serve_stream_paused_then_killed_then_rerun_copies_the_rest() {
+    let s = Scratch::new();
+    two_layers(&s);
+    let dir = s.dir.path().to_string_lossy().into_owned();
+    let env = [("XDG_RUNTIME_DIR", dir.as_str())];
+    let srv = Served::start_env(
+        &s,
+        "ov.qcow2",
+        &["--stream", "--speed", "2M", "--job-id", "pk"],
+        &env,
+    );
+    job_query(&s, "pk");
+    std::thread::sleep(Duration::from_millis(700));
+    let (st, out, err) = job(&s, &["pause", "pk"]);
+    assert_eq!(st, 0, "{out}{err}");
+    let copied = job_query(&s, "pk")["copied"].as_u64().expect("copied");
+    assert!(copied > 0 && copied < 16 << 20, "{copied}");
+    srv.kill9();
+    s.assert_clean("ov.qcow2");
+    assert_eq!(s.own_data("ov.qcow2"), copied);
+    // The stale control socket is replaced by the rerun's job of the same id.
+    let srv = Served::start_env(&s, "ov.qcow2", &["--stream", "--job-id", "pk"], &env);
+    wait_backing(&s, "ov.qcow2", None, 30);
+    let (st, err) = srv.stop();
+    assert_eq!(st, 0, "{err}");
+    assert_eq!(copied_bytes(&err), (16 << 20) - copied, "{err}");
+    s.assert_clean("ov.qcow2");
+    assert!(s.same("base.qcow2", "ov.qcow2"));
+}
