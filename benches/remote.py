@@ -90,6 +90,7 @@ def main():
     ap.add_argument("--size", default="1G", help="virtual size of the base (default 1G)")
     ap.add_argument("--data", default="256M", help="data in it, in 8 MiB runs (default 256M)")
     ap.add_argument("--delays", default="2ms,10ms", help="nbdkit delay-read values")
+    ap.add_argument("--runs", type=int, default=3, help="runs per tool (the median is shown)")
     ap.add_argument("--cowimg", help="the binary (default: cargo build --release)")
     a = ap.parse_args()
     cow = a.cowimg and os.path.abspath(a.cowimg)
@@ -131,13 +132,15 @@ def main():
         ]
         print(f"Base: {total >> 20} MiB raw holding {data >> 20} MiB in {runs} runs of 8 MiB, "
               f"behind nbdkit's delay filter.\n")
-        print("| delay | operation | tool | s | read requests | bytes read | ratio cowimg/peer |")
+        print("| delay | operation | tool | median s | read requests | bytes read | ratio cowimg/peer |")
         print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
         for delay in a.delays.split(","):
             for op, tools in rows:
                 times = []
                 for label, cmd, prepare, result in tools:
-                    elapsed, reqs, nbytes = run_one(d, delay, cmd, prepare)
+                    tries = [run_one(d, delay, cmd, prepare) for _ in range(a.runs)]
+                    elapsed = sorted(t[0] for t in tries)[len(tries) // 2]
+                    _, reqs, nbytes = tries[-1]
                     fmt = "qcow2" if result.endswith("qcow2") else "raw"
                     c = subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", "raw", result, "base.raw"],
                                        cwd=d, capture_output=True, text=True)
