@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """`cowimg serve` against `qemu-nbd` on the same image (issue 17): `nbdcopy` reading the whole
-export, and 4 KiB random reads and writes at queue depth 16 through one connection (libnbd's
-asynchronous API), both servers on a Unix socket, started and stopped by PID by this script.
+export, 4 KiB random reads and writes at queue depth 16 through one connection (libnbd's
+asynchronous API), the same reads of an overlay whose backing file is an NBD export 2 ms away
+(nbdkit's delay filter), and a client's read latency during `serve --stream`; every server on
+a Unix socket, started and stopped by PID by this script.
 
     python3 benches/serve.py                 # 2 GiB qcow2 holding 2 GiB, 3 rounds
     python3 benches/serve.py --size 512M --rounds 1
 
-Needs qemu-img, qemu-io, qemu-nbd, nbdcopy and Debian's python3-libnbd (this script re-runs
+Needs qemu-img, qemu-io, qemu-nbd, nbdkit, nbdcopy and Debian's python3-libnbd (this script re-runs
 itself under /usr/bin/python3 when the first python3 on PATH lacks the module). Builds cowimg
 with cargo unless --cowimg names a binary. Prints Markdown tables.
 """
@@ -184,6 +186,29 @@ def main():
                 latency[name] = read_latency(srv.url, min(a.seconds, 0.8 * total / size(a.stream_speed)))
             finally:
                 srv.stop()
+        # Random reads through a backing file that is 2 ms away (nbdkit's delay filter): each
+        # request waits on the network, so one connection's requests must run at once.
+        sh("truncate", "-s", str(256 * MiB), "remote.raw", cwd=d)
+        sh("qemu-io", "-f", "raw", "-c", f"write -P 0x3c 0 {256 * MiB}", "remote.raw", cwd=d)
+        base_sock = os.path.join(d, "base.sock")
+        nbdkit = Server(["nbdkit", "-f", "-U", base_sock, "--filter=delay", "file", "remote.raw",
+                         "delay-read=2ms"], base_sock, d)
+        remote_iops = {}
+        try:
+            sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", f"nbd+unix:///?socket={base_sock}",
+               "-F", "raw", "ovr.qcow2", cwd=d)
+            for name, cmd in (
+                ("cowimg serve", [cow, "serve", "-t", "-k", sock, "ovr.qcow2"]),
+                ("qemu-nbd", ["qemu-nbd", "-t", "-k", sock, "-f", "qcow2", "--cache=writeback",
+                              "ovr.qcow2"]),
+            ):
+                srv = Server(cmd, sock, d)
+                try:
+                    remote_iops[name] = random_io(srv.url, False, a.seconds)
+                finally:
+                    srv.stop()
+        finally:
+            nbdkit.stop()
         med = {n: {k: statistics.median(v) for k, v in res.items()} for n, res in results.items()}
         c, q = med["cowimg serve"], med["qemu-nbd"]
         print(f"{a.rounds} rounds, {total >> 20} MiB qcow2 (all data), one connection per run\n")
@@ -194,6 +219,9 @@ def main():
         for k in ("randread", "randwrite"):
             print(f"| 4 KiB random {k[4:]}s, QD 16 (IOPS, median) | {c[k]:.0f} | {q[k]:.0f} "
                   f"| {c[k] / q[k]:.2f} (rate) |")
+        c_r, q_r = remote_iops["cowimg serve"], remote_iops["qemu-nbd"]
+        print(f"| 4 KiB random reads, QD 16, of an overlay whose backing file is 2 ms away "
+              f"(IOPS, one run) | {c_r:.0f} | {q_r:.0f} | {c_r / q_r:.2f} (rate) |")
         print("\n| 4 KiB random reads, QD 1, on an overlay of the image | median us | p99 us |")
         print("| --- | ---: | ---: |")
         for name, (p50, p99) in latency.items():

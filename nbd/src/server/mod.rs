@@ -1,8 +1,9 @@
 //! An NBD server: the fixed newstyle handshake and the transmission phase, generic over a
 //! [`Backend`] that holds the data, so that the protocol is tested without images.
 //!
-//! One call of [`Server::handle`] serves one connection, one request after the other (replies
-//! leave in request order). Connections run in parallel on the caller's threads and share the
+//! One call of [`Server::handle`] serves one connection: one request after the other while
+//! requests are quick, several at once on a few workers once one is slow (see
+//! `transmission`). Connections run in parallel on the caller's threads and share the
 //! backend: its writes are visible to every connection at once and a FLUSH on one makes every
 //! completed write durable, which is what `CAN_MULTI_CONN` promises.
 //!
@@ -128,7 +129,7 @@ impl Server {
     pub fn handle(
         &self,
         reader: impl Read,
-        writer: impl Write,
+        writer: impl Write + Send,
     ) -> std::result::Result<(), ConnectionError> {
         self.handle_then(reader, writer, || ())
     }
@@ -139,7 +140,7 @@ impl Server {
     pub fn handle_then(
         &self,
         reader: impl Read,
-        writer: impl Write,
+        writer: impl Write + Send,
         negotiated: impl FnOnce(),
     ) -> std::result::Result<(), ConnectionError> {
         let mut conn = handshake::Conn {

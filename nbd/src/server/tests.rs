@@ -12,14 +12,26 @@ struct Mem {
     data: Mutex<Vec<u8>>,
     written: Mutex<Vec<bool>>,
     writable: bool,
+    /// How long a read takes (a slow device or a remote layer).
+    read_delay: std::time::Duration,
+    /// Reads running now, and the most that ran at once.
+    reading: std::sync::atomic::AtomicUsize,
+    most_reading: std::sync::atomic::AtomicUsize,
 }
 
 impl Mem {
     fn new(size: usize, writable: bool) -> Arc<Mem> {
+        Mem::slow(size, writable, std::time::Duration::ZERO)
+    }
+
+    fn slow(size: usize, writable: bool, read_delay: std::time::Duration) -> Arc<Mem> {
         Arc::new(Mem {
             data: Mutex::new(vec![0; size]),
             written: Mutex::new(vec![false; size.div_ceil(4096)]),
             writable,
+            read_delay,
+            reading: Default::default(),
+            most_reading: Default::default(),
         })
     }
 }
@@ -32,8 +44,15 @@ impl Backend for Mem {
         self.writable
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> BackendResult<()> {
-        let d = self.data.lock().unwrap();
-        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.reading.fetch_add(1, SeqCst) + 1;
+        self.most_reading.fetch_max(now, SeqCst);
+        std::thread::sleep(self.read_delay);
+        {
+            let d = self.data.lock().unwrap();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        }
+        self.reading.fetch_sub(1, SeqCst);
         Ok(())
     }
     fn write(&self, offset: u64, data: &[u8]) -> BackendResult<()> {
@@ -382,4 +401,36 @@ fn holes_and_req_one() {
         vec![e(50, 3)]
     );
     assert_eq!(transmission::clip(vec![], 50, false), vec![e(50, 0)]);
+}
+
+/// Reads that wait (a slow device, a remote layer) turn the connection to workers: requests
+/// pipelined on one connection then run at once, and every reply reaches its own request
+/// (replies leave in any order, matched by cookie). Quick requests afterwards turn it back.
+#[test]
+fn slow_requests_of_one_connection_run_at_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mem = Mem::slow(1 << 20, true, transmission::SLOW * 5);
+    {
+        let mut d = mem.data.lock().unwrap();
+        for (i, b) in d.iter_mut().enumerate() {
+            *b = (i / 4096) as u8 ^ (i % 251) as u8;
+        }
+    }
+    let want = mem.data.lock().unwrap()[..64 * 4096].to_vec();
+    let (_dir, target) = serve(mem.clone());
+    let c = Client::connect(&target).unwrap();
+    // 64 reads of 4 KiB, 16 in flight at a time on the one connection.
+    let mut buf = vec![0u8; 64 * 4096];
+    crate::client::read_across(&[&c], 0, 0, &mut buf, 4096).unwrap();
+    assert_eq!(buf, want);
+    let most = mem.most_reading.load(SeqCst);
+    assert!(most >= 2, "at most {most} read ran at once");
+    // Writes pipelined meanwhile land where they belong.
+    let data: Vec<u8> = (0..32 * 4096).map(|i| (i % 253) as u8).collect();
+    crate::client::write_across(&[&c], 0, 65536, &data, 4096, false).unwrap();
+    c.flush().unwrap();
+    assert_eq!(
+        mem.data.lock().unwrap()[65536..65536 + data.len()],
+        data[..]
+    );
 }

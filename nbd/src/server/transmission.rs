@@ -1,6 +1,20 @@
-//! The transmission phase: requests, checked, then answered in order.
+//! The transmission phase: requests, checked, then answered.
+//!
+//! The connection's thread reads the requests and answers them itself, one after the other,
+//! while they are quick (data in the page cache: a hand-off to another thread would cost
+//! more than the request). A request whose backend call takes [`SLOW`] or more (it waited on
+//! a device or on a remote layer) turns the connection to workers: the reader hands requests
+//! to [`WORKERS`] threads that answer several at once, each reply written whole under the
+//! writer's lock, and it turns back once [`FAST_STREAK`] requests in a row were quick.
+//! Replies may then leave in any order, as the protocol allows (clients match them by
+//! cookie); a FLUSH covers every write replied to before it arrived, since a reply is sent
+//! only once the backend is done. Requests handed to workers hold at most
+//! [`IN_FLIGHT_BYTES`] of payload; the reader waits for room.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use super::handshake::{Conn, Session};
 use super::{BackendError, BackendResult, ConnectionError, MAX_PAYLOAD};
@@ -12,23 +26,215 @@ type Result<T> = std::result::Result<T, ConnectionError>;
 /// scan works in these blocks (aligned to the export, so that holes line up with clusters).
 const HOLE_BLOCK: u64 = 4096;
 
-/// Answers requests until the client disconnects.
-pub(super) fn serve<R: Read, W: Write>(c: &mut Conn<R, W>, s: &Session) -> Result<()> {
+/// A READ or WRITE that waits at least this long (beyond moving its bytes) makes the
+/// connection's requests slow.
+pub(super) const SLOW: Duration = Duration::from_millis(1);
+/// Quick requests in a row (under a quarter of [`SLOW`]) that make a connection's requests
+/// quick again.
+const FAST_STREAK: u32 = 256;
+/// Workers of a connection whose requests are slow: as many requests in flight as qemu-nbd
+/// runs per connection (16 coroutines), each mostly waiting.
+const WORKERS: usize = 16;
+/// Payload bytes (WRITE data, READ results) the requests handed to workers may hold.
+const IN_FLIGHT_BYTES: u64 = 64 << 20;
+
+/// A byte budget: the reader takes a request's share before handing it over, the worker
+/// gives it back once the reply is sent.
+struct Budget {
+    left: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn take(&self, n: u64) {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        while *left < n {
+            left = self.freed.wait(left).unwrap_or_else(|e| e.into_inner());
+        }
+        *left -= n;
+    }
+
+    fn give(&self, n: u64) {
+        *self.left.lock().unwrap_or_else(|e| e.into_inner()) += n;
+        self.freed.notify_all();
+    }
+}
+
+/// A request handed to a worker: the request, a WRITE's data, its share of the budget.
+struct Job {
+    req: Request,
+    data: Vec<u8>,
+    share: u64,
+}
+
+/// What the reader and the workers of one connection share.
+struct Shared<'w, W: Write> {
+    writer: Mutex<&'w mut W>,
+    budget: Budget,
+    /// Requests go to workers.
+    slow: AtomicBool,
+    /// Quick requests the workers answered in a row.
+    streak: AtomicU32,
+    /// The first reply a worker could not send: the connection is over.
+    failed: Mutex<Option<ConnectionError>>,
+}
+
+impl<W: Write> Shared<'_, W> {
+    /// Notes how long a READ or WRITE took, less the time its bytes take to move (at
+    /// 1 GiB/s, a byte a nanosecond): a wait turns the connection to workers, a streak of
+    /// quick ones back to the reader. Other requests do not count: a FLUSH is slow by
+    /// nature, and a block status or zeroing of a large range takes its time without waiting.
+    fn timed(&self, req: &Request, took: Duration) {
+        if req.kind != cmd::READ && req.kind != cmd::WRITE {
+            return;
+        }
+        let waited = took.saturating_sub(Duration::from_nanos(u64::from(req.len)));
+        if waited >= SLOW {
+            self.streak.store(0, Ordering::Relaxed);
+            self.slow.store(true, Ordering::Relaxed);
+        } else if waited < SLOW / 4
+            && self.slow.load(Ordering::Relaxed)
+            && self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= FAST_STREAK
+        {
+            self.slow.store(false, Ordering::Relaxed);
+        }
+    }
+
+    fn fail(&self, e: ConnectionError) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(e);
+    }
+
+    fn has_failed(&self) -> bool {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+}
+
+/// Answers requests until the client disconnects; requests handed to workers are answered
+/// before this returns.
+pub(super) fn serve<R: Read, W: Write + Send>(c: &mut Conn<R, W>, s: &Session) -> Result<()> {
+    let shared = Shared {
+        writer: Mutex::new(&mut c.writer),
+        budget: Budget {
+            left: Mutex::new(IN_FLIGHT_BYTES),
+            freed: Condvar::new(),
+        },
+        slow: AtomicBool::new(false),
+        streak: AtomicU32::new(0),
+        failed: Mutex::new(None),
+    };
+    let (tx, rx) = mpsc::sync_channel::<Job>(WORKERS);
+    let rx = Mutex::new(rx);
+    let reader = &mut c.reader;
+    let read_result = std::thread::scope(|scope| {
+        // Owned here, so that however the loop ends the workers see the end of the channel
+        // (and the scope can join them).
+        let tx = tx;
+        let mut workers = false;
+        let r = loop {
+            if shared.has_failed() {
+                break Ok(());
+            }
+            let Some((req, data)) = next_request(reader)? else {
+                break Ok(());
+            };
+            if shared.slow.load(Ordering::Relaxed) {
+                if !workers {
+                    for _ in 0..WORKERS {
+                        scope.spawn(|| work(&rx, &shared, s));
+                    }
+                    workers = true;
+                }
+                let share = match req.kind {
+                    cmd::READ | cmd::WRITE => u64::from(req.len.min(MAX_PAYLOAD)),
+                    _ => 0,
+                };
+                shared.budget.take(share);
+                if tx.send(Job { req, data, share }).is_err() {
+                    break Ok(());
+                }
+                continue;
+            }
+            // Answered here, straight into the writer (held: a worker finishing a request
+            // handed over earlier waits for this reply).
+            let mut w = shared.writer.lock().unwrap_or_else(|e| e.into_inner());
+            let t = Instant::now();
+            answer(&mut **w, s, &req, data)?;
+            let took = t.elapsed();
+            w.flush()?;
+            drop(w);
+            shared.timed(&req, took);
+        };
+        drop(tx);
+        r
+    });
+    // A reply that could not be sent ends the connection as a read error would.
+    match shared
+        .failed
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+    {
+        Some(e) => Err(e),
+        None => read_result,
+    }
+}
+
+/// The next request and a WRITE's data; `None` at DISC or the end of input.
+fn next_request<R: Read>(reader: &mut R) -> Result<Option<(Request, Vec<u8>)>> {
+    let mut h = [0u8; 28];
+    match reader.read_exact(&mut h) {
+        Ok(()) => {}
+        // A client that hangs up without NBD_CMD_DISC: nothing is pending, so it is an
+        // end like any other.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let req = Request::decode(&h)?;
+    if req.kind == cmd::DISC {
+        return Ok(None);
+    }
+    let mut data = Vec::new();
+    if req.kind == cmd::WRITE {
+        if req.len > MAX_PAYLOAD {
+            // Its data cannot be skipped without reading it all: hang up.
+            return Err(crate::codec::ProtocolError(format!(
+                "a write of {} bytes (at most {MAX_PAYLOAD} served)",
+                req.len
+            ))
+            .into());
+        }
+        data = vec![0u8; req.len as usize];
+        reader.read_exact(&mut data)?;
+    }
+    Ok(Some((req, data)))
+}
+
+/// A worker: requests handed over, each answered into a buffer that is then written whole.
+fn work<W: Write>(rx: &Mutex<mpsc::Receiver<Job>>, shared: &Shared<'_, W>, s: &Session) {
     loop {
-        let mut h = [0u8; 28];
-        match c.reader.read_exact(&mut h) {
-            Ok(()) => {}
-            // A client that hangs up without NBD_CMD_DISC: nothing is pending, so it is an
-            // end like any other.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+        let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+            Ok(job) => job,
+            Err(_) => return, // the reader is done
+        };
+        let mut reply = Vec::new();
+        let t = Instant::now();
+        let answered = answer(&mut reply, s, &job.req, job.data);
+        shared.timed(&job.req, t.elapsed());
+        let sent = answered.and_then(|()| {
+            let mut w = shared.writer.lock().unwrap_or_else(|e| e.into_inner());
+            w.write_all(&reply)?;
+            w.flush()?;
+            Ok(())
+        });
+        shared.budget.give(job.share);
+        if let Err(e) = sent {
+            shared.fail(e);
         }
-        let req = Request::decode(&h)?;
-        if req.kind == cmd::DISC {
-            return Ok(());
-        }
-        answer(c, s, &req)?;
-        c.writer.flush()?;
     }
 }
 
@@ -61,7 +267,7 @@ fn writable(s: &Session, req: &Request) -> BackendResult<()> {
     }
 }
 
-fn answer<R: Read, W: Write>(c: &mut Conn<R, W>, s: &Session, req: &Request) -> Result<()> {
+fn answer<W: Write>(w: &mut W, s: &Session, req: &Request, data: Vec<u8>) -> Result<()> {
     let backend = &*s.export.backend;
     let (offset, len) = (req.offset, req.len as u64);
     let fua = req.flags & cmd_flags::FUA != 0;
@@ -70,23 +276,11 @@ fn answer<R: Read, W: Write>(c: &mut Conn<R, W>, s: &Session, req: &Request) -> 
         r => r,
     };
     let outcome = match req.kind {
-        cmd::READ => return read(c, s, req),
-        cmd::BLOCK_STATUS => return block_status(c, s, req),
-        cmd::WRITE => {
-            if req.len > MAX_PAYLOAD {
-                // Its data cannot be skipped without reading it all: hang up.
-                return Err(crate::codec::ProtocolError(format!(
-                    "a write of {} bytes (at most {MAX_PAYLOAD} served)",
-                    req.len
-                ))
-                .into());
-            }
-            let mut data = vec![0u8; req.len as usize];
-            c.reader.read_exact(&mut data)?;
-            writable(s, req)
-                .and_then(|_| in_range(s, req))
-                .and_then(|_| flush_if_fua(backend.write(offset, &data)))
-        }
+        cmd::READ => return read(w, s, req),
+        cmd::BLOCK_STATUS => return block_status(w, s, req),
+        cmd::WRITE => writable(s, req)
+            .and_then(|_| in_range(s, req))
+            .and_then(|_| flush_if_fua(backend.write(offset, &data))),
         cmd::FLUSH => backend.flush(),
         cmd::TRIM => writable(s, req)
             .and_then(|_| in_range(s, req))
@@ -104,7 +298,7 @@ fn answer<R: Read, W: Write>(c: &mut Conn<R, W>, s: &Session, req: &Request) -> 
         Ok(()) => 0,
         Err(e) => e.errno,
     };
-    c.writer.write_all(
+    w.write_all(
         &ReplyHeader::Simple {
             error,
             cookie: req.cookie,
@@ -151,7 +345,7 @@ fn send_error<W: Write>(w: &mut W, s: &Session, req: &Request, e: &BackendError)
     }
 }
 
-fn read<R: Read, W: Write>(c: &mut Conn<R, W>, s: &Session, req: &Request) -> Result<()> {
+fn read<W: Write>(w: &mut W, s: &Session, req: &Request) -> Result<()> {
     let checked = in_range(s, req).and_then(|_| {
         if req.len > MAX_PAYLOAD {
             return Err(einval(format!(
@@ -165,9 +359,8 @@ fn read<R: Read, W: Write>(c: &mut Conn<R, W>, s: &Session, req: &Request) -> Re
     });
     let buf = match checked {
         Ok(b) => b,
-        Err(e) => return send_error(&mut c.writer, s, req, &e),
+        Err(e) => return send_error(w, s, req, &e),
     };
-    let w = &mut c.writer;
     if !s.structured {
         w.write_all(
             &ReplyHeader::Simple {
@@ -227,8 +420,7 @@ pub(super) fn split_holes(offset: u64, buf: &[u8]) -> Vec<(usize, usize, bool)> 
     out
 }
 
-fn block_status<R: Read, W: Write>(c: &mut Conn<R, W>, s: &Session, req: &Request) -> Result<()> {
-    let w = &mut c.writer;
+fn block_status<W: Write>(w: &mut W, s: &Session, req: &Request) -> Result<()> {
     if !s.structured || s.contexts.is_empty() {
         let e = einval("block status needs structured replies and a metadata context selected");
         return send_error(w, s, req, &e);
