@@ -543,7 +543,7 @@ impl Qcow2 {
                 || m.header.incompatible_features & super::header::INCOMPAT_DIRTY != 0
             {
                 return Err(Error::Corrupt(
-                    "Could not repair dirty image: corruption remains; see `cowimg check` for details".into(),
+                    "Could not repair dirty image: corruption remains".into(),
                 ));
             }
         }

@@ -215,8 +215,7 @@ impl Qcow2 {
             || sn.l1_table_offset.saturating_add(bytes) > m.file_len
         {
             return Err(Error::Corrupt(format!(
-                "snapshot {} ({}) has an invalid L1 table (offset {:#x}, {} entries); \
-                 see `cowimg check`",
+                "snapshot {} ({}) has an invalid L1 table (offset {:#x}, {} entries)",
                 sn.id, sn.name, sn.l1_table_offset, sn.l1_size
             )));
         }

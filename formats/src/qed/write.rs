@@ -78,7 +78,7 @@ impl Qed {
             let report = super::check::run(self, m, crate::CheckMode::RepairAll, &mut |_| {})?;
             if report.check_errors > 0 || m.header.features & header::F_NEED_CHECK != 0 {
                 return Err(Error::Corrupt(
-                    "the image needs a consistency check (QED need-check bit) and the repair could not fix it; see `cowimg check`".into(),
+                    "the image needs a consistency check (QED need-check bit) and the repair could not fix it".into(),
                 ));
             }
         }
