@@ -189,8 +189,8 @@ fn next_request<R: Read>(reader: &mut R) -> Result<Option<(Request, Vec<u8>)>> {
     let mut h = [0u8; 28];
     match reader.read_exact(&mut h) {
         Ok(()) => {}
-        // A client that hangs up without NBD_CMD_DISC: nothing is pending, so it is an
-        // end like any other.
+        // A client that hangs up without NBD_CMD_DISC: an end like any other (requests
+        // handed to workers are still answered).
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
