@@ -97,7 +97,7 @@ impl ImageBackend {
     ) -> Result<Streamed> {
         let started = Instant::now();
         let counters = Arc::new(Counters::default());
-        let (plan, keep_base, backing, device) = {
+        let (plan, backing, device) = {
             let chain = self.chain();
             if base <= 1 || chain.layers.len() == 1 {
                 return Ok(Streamed {
@@ -116,7 +116,7 @@ impl ImageBackend {
                 name: stream::backing_name(&chain, base),
                 format: Some(chain.layers[base].format.name().to_string()),
             });
-            (plan, keep_base, backing, chain.top().filename.clone())
+            (plan, backing, chain.top().filename.clone())
         };
         // Ranges needing nothing count as done from the start, as QEMU's progress counts them.
         counters.done.store(
@@ -136,8 +136,7 @@ impl ImageBackend {
         )?;
         let job = &session.handle;
         job.start();
-        let result =
-            self.copy_and_switch(base, &plan, keep_base, backing.as_ref(), jobs, cancel, job);
+        let result = self.copy_and_switch(base, &plan, backing.as_ref(), jobs, cancel, job);
         session.finish(result.as_ref().map(|_| ()));
         result?;
         Ok(Streamed {
@@ -148,18 +147,18 @@ impl ImageBackend {
         })
     }
 
-    /// The stream job's body: the copy under the job's cap and requests, then the switch.
-    #[allow(clippy::too_many_arguments)]
+    /// The stream job's body: the copy under the job's cap and requests, then the switch to
+    /// `backing` (the layer `base`, kept; none: the image becomes standalone).
     fn copy_and_switch(
         &self,
         base: usize,
         plan: &stream::Plan,
-        keep_base: bool,
         backing: Option<&BackingRef>,
         jobs: usize,
         cancel: &AtomicBool,
         job: &JobHandle,
     ) -> Result<()> {
+        let keep_base = backing.is_some();
         {
             let chain = self.chain();
             let settings = Settings {
