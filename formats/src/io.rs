@@ -154,12 +154,13 @@ impl Storage for FileStorage {
     /// A hole punched in a regular file (the length kept), the file extended for what lies
     /// past its end; zeros written where the file system cannot punch, or into a device.
     fn write_zeroes_unmap(&self, offset: u64, len: u64) -> io::Result<()> {
-        if !self.file.metadata()?.is_file() {
+        let meta = self.file.metadata()?;
+        if !meta.is_file() {
             return self.write_zeroes(offset, len);
         }
         fault_point();
         let end = offset.saturating_add(len);
-        let file_len = self.len()?;
+        let file_len = meta.len();
         let inside = end.min(file_len).saturating_sub(offset);
         if inside > 0 {
             use std::os::unix::io::AsRawFd;

@@ -8,7 +8,6 @@ use super::cache::Meta;
 use super::header::{self, Header};
 use super::table::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use super::{snapshot, Qcow2};
-use crate::util::be64;
 use crate::{Error, Result};
 
 impl Qcow2 {
@@ -79,14 +78,7 @@ impl Qcow2 {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .any(|sn| {
-                let disk_size = if sn.extra.len() >= 16 {
-                    be64(&sn.extra, 8)
-                } else {
-                    size
-                };
-                sn.vm_state_size > u64::from(u32::MAX) || disk_size != size
-            });
+            .any(|sn| sn.vm_state_size > u64::from(u32::MAX) || sn.disk_size(size) != size);
         if snapshots_differ {
             return Err(Error::Refused(
                 "Internal snapshots prevent downgrade of image".into(),
@@ -217,7 +209,7 @@ impl Qcow2 {
                 "Refcount width must be a power of two and may not exceed 64 bits".into(),
             ));
         }
-        let h: Header = self.header_for_change()?;
+        let h = self.header_for_change()?;
         if h.refcount_bits() == bits {
             return Ok(());
         }

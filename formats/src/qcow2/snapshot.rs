@@ -32,6 +32,16 @@ impl Snapshot {
     pub fn is_incomplete(&self) -> bool {
         self.extra.len() < 16
     }
+
+    /// The disk size the entry records, or `image_size` where it records none (an old v2
+    /// entry: qemu takes the image's size then).
+    pub fn disk_size(&self, image_size: u64) -> u64 {
+        if self.extra.len() >= 16 {
+            be64(&self.extra, 8)
+        } else {
+            image_size
+        }
+    }
 }
 
 /// Encodes `snapshots` as a snapshot table, as qemu writes one: every entry with (at least)
@@ -42,14 +52,12 @@ pub fn encode_table(snapshots: &[Snapshot], size: u64) -> Vec<u8> {
     for sn in snapshots {
         out.resize(align_up(out.len() as u64, 8) as usize, 0);
         let mut extra = sn.extra.clone();
-        let known = |at: usize, or: u64| -> u64 {
-            if sn.extra.len() >= at + 8 {
-                be64(&sn.extra, at)
-            } else {
-                or
-            }
+        let icount = if sn.extra.len() >= 24 {
+            be64(&sn.extra, 16)
+        } else {
+            u64::MAX
         };
-        let fields = [sn.vm_state_size, known(8, size), known(16, u64::MAX)];
+        let fields = [sn.vm_state_size, sn.disk_size(size), icount];
         if extra.len() < FULL_EXTRA {
             extra.resize(FULL_EXTRA, 0);
         }
