@@ -42,11 +42,35 @@ const MAX_CACHED_RUNS: usize = 1 << 20;
 /// The largest block status request (the 32-bit length, aligned down to 64 KiB).
 const STATUS_REQUEST: u64 = 0xffff_0000;
 
+/// Attempts at a read whose connection breaks: the first and three after reconnecting.
+const ATTEMPTS: u32 = 4;
+
+/// The wait before reconnecting for attempt `attempt` (2, 3, 4): 0.25, 0.5, 1 s, as the
+/// HTTP client's retries.
+fn backoff(attempt: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(250 << (attempt.saturating_sub(2)).min(4))
+}
+
+/// Whether `e` is the connection's fault (dropped, reset, timed out, refused on reconnecting)
+/// rather than the server's answer to the request. ESHUTDOWN is an answer, but one that says
+/// the server is going away (it answers the requests in flight so while it stops): asking
+/// again is what the NBD protocol tells the client to do.
+fn connection_lost(e: &client::Error) -> bool {
+    matches!(
+        e,
+        client::Error::Broken(_) | client::Error::Io { .. } | client::Error::Connect { .. }
+    ) || matches!(e, client::Error::Command { code, .. } if *code == errno::ESHUTDOWN)
+}
+
 /// An NBD export.
 #[derive(Debug)]
 pub struct NbdStorage {
     /// The canonical name (qemu's), shown as the layer's file name.
     name: PathBuf,
+    /// Where the export is, to reconnect.
+    target: Target,
+    /// What the first connection established: the pin every later connection must match.
+    info: client::ExportInfo,
     pool: Arc<Pool>,
     next: AtomicUsize,
     writable: bool,
@@ -152,6 +176,8 @@ impl NbdStorage {
         }
         Ok(NbdStorage {
             name: PathBuf::from(target.to_string()),
+            target: target.clone(),
+            info: info.clone(),
             pool,
             next: AtomicUsize::new(0),
             writable,
@@ -165,13 +191,81 @@ impl NbdStorage {
         self.pool.conns.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on the next connection, round-robin.
-    fn with_conn<T>(&self, f: impl FnOnce(&Client) -> client::Result<T>) -> io::Result<T> {
-        self.with_conn_raw(f).map_err(io_error)
+    /// Runs `read(connections, first)` (a read or block status: requests that may be sent
+    /// again), reconnecting when a connection breaks under it: a read-only export is asked
+    /// again over a new connection after 0.25, 0.5 and 1 s, [`ATTEMPTS`] in all. A writable
+    /// export is not: writes it acknowledged but had not flushed may have been lost with the
+    /// connection, and only the command run again can write them again.
+    fn reading<T>(
+        &self,
+        mut read: impl FnMut(&[&Client], usize) -> client::Result<T>,
+    ) -> io::Result<T> {
+        let mut attempt = 1;
+        loop {
+            let r = {
+                let conns = self.conns();
+                let refs: Vec<&Client> = conns.iter().collect();
+                read(&refs, self.next.fetch_add(1, Ordering::Relaxed))
+            };
+            let mut err = match r {
+                Ok(v) => return Ok(v),
+                Err(e) if self.writable || !connection_lost(&e) => return Err(io_error(e)),
+                Err(e) => e,
+            };
+            // Reconnect (the server may be restarting), then ask again.
+            loop {
+                if attempt >= ATTEMPTS {
+                    return Err(io::Error::other(format!(
+                        "{err} (after {attempt} attempts)"
+                    )));
+                }
+                attempt += 1;
+                std::thread::sleep(backoff(attempt));
+                match self.reconnect() {
+                    Ok(()) => break,
+                    Err(e) if connection_lost(&e) => err = e,
+                    Err(e) => return Err(io_error(e)),
+                }
+            }
+        }
     }
 
-    /// As [`NbdStorage::with_conn`], keeping the client's error (to tell refusals apart).
-    fn with_conn_raw<T>(&self, f: impl FnOnce(&Client) -> client::Result<T>) -> client::Result<T> {
+    /// Replaces the broken connections with new ones to the same export, which must be the
+    /// one pinned (same size and flags). Nothing is replaced until a new connection works,
+    /// so the pool is never empty; another thread's reconnection makes this one a no-op.
+    fn reconnect(&self) -> client::Result<()> {
+        let mut conns = self.pool.conns.write().unwrap_or_else(|e| e.into_inner());
+        let broken = conns.iter().filter(|c| c.is_broken()).count();
+        if broken == 0 {
+            return Ok(());
+        }
+        let mut fresh = Vec::with_capacity(broken);
+        for i in 0..broken {
+            match Client::connect(&self.target) {
+                Ok(c) if *c.info() == self.info => fresh.push(c),
+                Ok(c) => {
+                    return Err(client::Error::Invalid(format!(
+                        "the export changed while the connection was re-established: it was \
+                         {} bytes with flags {:#x}, and is now {} bytes with flags {:#x}",
+                        self.info.size,
+                        self.info.flags,
+                        c.info().size,
+                        c.info().flags
+                    )))
+                }
+                // One connection is enough to go on with; the rest were extra (multi-conn).
+                Err(_) if i > 0 => break,
+                Err(e) => return Err(e),
+            }
+        }
+        conns.retain(|c| !c.is_broken());
+        conns.extend(fresh);
+        Ok(())
+    }
+
+    /// Runs `f` on the next connection, round-robin, keeping the client's error (to tell refusals
+    /// apart).
+    fn with_conn<T>(&self, f: impl FnOnce(&Client) -> client::Result<T>) -> client::Result<T> {
         let conns = self.conns();
         let i = self.next.fetch_add(1, Ordering::Relaxed) % conns.len();
         f(&conns[i])
@@ -193,7 +287,8 @@ impl NbdStorage {
     fn fetch_status(&self, pos: u64, end: u64) -> io::Result<Vec<(u64, u64, bool)>> {
         let until = if self.writable { end } else { self.size };
         let len = (until - pos).min(STATUS_REQUEST) as u32;
-        let runs: Vec<(u64, u64, bool)> = match self.with_conn(|c| c.block_status(pos, len))? {
+        let status = self.reading(|conns, i| conns[i % conns.len()].block_status(pos, len))?;
+        let runs: Vec<(u64, u64, bool)> = match status {
             // No block status: all data.
             None => vec![(pos, until, true)],
             Some(extents) => {
@@ -239,10 +334,7 @@ impl Storage for NbdStorage {
         if head.is_empty() {
             return Ok(());
         }
-        let conns = self.conns();
-        let refs: Vec<&Client> = conns.iter().collect();
-        let first = self.next.fetch_add(1, Ordering::Relaxed);
-        read_across(&refs, first, offset, head, PIECE).map_err(io_error)
+        self.reading(|conns, first| read_across(conns, first, offset, head, PIECE))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -274,8 +366,8 @@ impl Storage for NbdStorage {
         loop {
             let mode = ZeroMode::from_u8(self.zero_mode.load(Ordering::Relaxed));
             let r = match mode {
-                ZeroMode::Fast => self.with_conn_raw(|c| c.write_zeroes(offset, len, true, true)),
-                ZeroMode::Plain => self.with_conn_raw(|c| c.write_zeroes(offset, len, false, true)),
+                ZeroMode::Fast => self.with_conn(|c| c.write_zeroes(offset, len, true, true)),
+                ZeroMode::Plain => self.with_conn(|c| c.write_zeroes(offset, len, false, true)),
                 ZeroMode::Data => {
                     let zeros = vec![0u8; ZERO_DATA.min(len as usize)];
                     let mut pos = offset;

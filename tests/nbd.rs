@@ -334,3 +334,114 @@ fn stream_down_to_an_nbd_base_named_in_another_form() {
     s.qemu_img(&["convert", "-O", "raw", "top.qcow2", "after.raw"]);
     assert_eq!(s.read_file("before.raw"), s.read_file("after.raw"));
 }
+
+/// Bytes read through nbdkit's log filter, from its log file.
+fn bytes_read(log: &std::path::Path) -> u64 {
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains(" Read "))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("count=0x"))
+        })
+        .map(|c| u64::from_str_radix(c, 16).unwrap())
+        .sum()
+}
+
+/// nbdkit serving "base.raw" of `s` on `sock`, logging to `log`.
+fn base_server(s: &Scratch, sock: &std::path::Path, log: &str) -> Server {
+    let _ = std::fs::remove_file(sock);
+    let logfile = format!("logfile={}", s.path(log).display());
+    Server::nbdkit_at(
+        sock,
+        &["--filter=log"],
+        &["file", s.path("base.raw").to_str().unwrap(), &logfile],
+    )
+}
+
+/// A stream at 8 MiB/s of an overlay on a 24 MiB export: about 3 s, long enough to stop the
+/// server under it.
+fn slow_stream_setup(s: &Scratch) -> std::path::PathBuf {
+    s.write_file("base.raw", &common::noise(24 << 20, 11));
+    let sock = s.path("base.sock");
+    let url = format!("nbd+unix:///?socket={}", sock.display());
+    let srv = base_server(s, &sock, "setup.log");
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &url, "-F", "raw", "ov.qcow2",
+    ]);
+    drop(srv);
+    sock
+}
+
+#[test]
+fn a_server_restarted_mid_stream_is_reconnected_and_the_stream_finishes() {
+    let s = Scratch::new();
+    let sock = slow_stream_setup(&s);
+    let first = base_server(&s, &sock, "first.log");
+    let r = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| s.cowimg(&["stream", "--speed", "8M", "ov.qcow2"]));
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        // The server goes away mid-stream and comes back on the same socket.
+        drop(first);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let second = base_server(&s, &sock, "second.log");
+        let r = stream.join().unwrap();
+        drop(second);
+        r
+    });
+    assert_eq!(r.status, 0, "{}", r.show());
+    let (before, after) = (
+        bytes_read(&s.path("first.log")),
+        bytes_read(&s.path("second.log")),
+    );
+    assert!(
+        before > 0 && after > 0 && before < 24 << 20,
+        "read {before} bytes before the restart, {after} after"
+    );
+    // Standalone and the base's bytes, and clean.
+    assert!(!s.qemu_img(&["info", "ov.qcow2"]).contains("backing file"));
+    s.qemu_img(&["convert", "-O", "raw", "ov.qcow2", "out.raw"]);
+    assert!(s.read_file("out.raw") == s.read_file("base.raw"));
+    s.assert_clean("ov.qcow2");
+}
+
+#[test]
+fn a_server_gone_for_good_fails_the_stream_after_retries_and_a_rerun_resumes() {
+    let s = Scratch::new();
+    let sock = slow_stream_setup(&s);
+    let url = format!("nbd+unix:///?socket={}", sock.display());
+    let first = base_server(&s, &sock, "first.log");
+    let r = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| s.cowimg(&["stream", "--speed", "8M", "ov.qcow2"]));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        drop(first);
+        stream.join().unwrap()
+    });
+    assert_eq!(r.status, 1, "{}", r.show());
+    assert!(
+        r.stderr.contains(&format!("socket={}", sock.display()))
+            && r.stderr.contains("Connection refused")
+            && r.stderr.contains("(after 4 attempts)"),
+        "{}",
+        r.stderr
+    );
+    // What was committed stays, the image is consistent (qemu-img check opens the backing
+    // file: once the server is back), and the backing file is kept.
+    assert!(s.qemu_img(&["info", "ov.qcow2"]).contains("backing file"));
+    let again = base_server(&s, &sock, "again.log");
+    s.assert_clean("ov.qcow2");
+    // Back again: the rerun copies only the rest.
+    let copied = s.own_data("ov.qcow2");
+    assert!(copied > 0, "nothing was committed before the server went");
+    let _ = std::fs::remove_file(s.path("again.log"));
+    s.cowimg_ok(&["stream", "ov.qcow2"]);
+    drop(again);
+    let rest = bytes_read(&s.path("again.log"));
+    assert!(
+        rest < (24 << 20) - copied + (1 << 20),
+        "the rerun read {rest} bytes, {copied} were already copied"
+    );
+    s.qemu_img(&["convert", "-O", "raw", "ov.qcow2", "out.raw"]);
+    assert!(s.read_file("out.raw") == s.read_file("base.raw"));
+    s.assert_clean("ov.qcow2");
+}

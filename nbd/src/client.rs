@@ -38,6 +38,9 @@ pub const MAX_IN_FLIGHT_BYTES: u64 = 128 << 20;
 /// How long the server may leave a started handshake, or requests in flight, without a byte
 /// of progress before the connection is given up.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest the handshake may wait for the server: a server that accepts a connection and
+/// stays silent (one shutting down) must not hold a reconnection for [`IO_TIMEOUT`].
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the reader thread wakes while waiting, to check for a stalled server.
 const POLL: Duration = Duration::from_millis(500);
 /// Disjoint pieces one read reply may come in (a hostile server could otherwise make the
@@ -215,7 +218,11 @@ fn io_err(context: &str) -> impl FnOnce(io::Error) -> Error + '_ {
         ) {
             io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("no answer for {} s", IO_TIMEOUT.as_secs()),
+                format!(
+                    "no answer in time ({} s in the handshake, {} s with requests in flight)",
+                    HANDSHAKE_TIMEOUT.as_secs(),
+                    IO_TIMEOUT.as_secs()
+                ),
             )
         } else if source.kind() == io::ErrorKind::UnexpectedEof {
             io::Error::new(
@@ -579,15 +586,26 @@ impl Shared {
         lock(&self.state).pending.insert(cookie, p);
     }
 
-    fn complete(&self, p: Pending) {
+    /// Hands a finished request its outcome. Returns whether the server answered that it is
+    /// shutting down (ESHUTDOWN): it then takes no more requests, and the connection is to
+    /// be closed so that it can stop (a caller may reconnect once it is back).
+    fn complete(&self, p: Pending) -> bool {
         {
             let mut st = lock(&self.state);
             st.in_flight_bytes = st.in_flight_bytes.saturating_sub(p.cost);
         }
         self.room.notify_all();
+        let shutting_down = p
+            .error
+            .as_ref()
+            .is_some_and(|(code, _)| *code == codec::errno::ESHUTDOWN);
         p.finish(self.info.structured);
+        shutting_down
     }
 }
+
+/// The reason a connection is closed after the server said ESHUTDOWN.
+const SHUTTING_DOWN: &str = "the server is shutting down (ESHUTDOWN)";
 
 /// Reads exactly `buf`, waiting at most [`IO_TIMEOUT`] without progress. With `idle`, the
 /// wait for the first byte is unlimited while no request is in flight, and `Ok(false)` means
@@ -655,7 +673,9 @@ fn read_replies(shared: &Shared, sock: &mut Socket) -> Result<()> {
                 if let Err(e) = read_simple(shared, sock, &mut p, error) {
                     return Err(p.abandon(e));
                 }
-                shared.complete(p);
+                if shared.complete(p) {
+                    return Err(Error::Broken(SHUTTING_DOWN.into()));
+                }
             }
             ReplyHeader::Chunk {
                 flags,
@@ -674,7 +694,9 @@ fn read_replies(shared: &Shared, sock: &mut Socket) -> Result<()> {
                     return Err(p.abandon(e));
                 }
                 if flags & chunk::FLAG_DONE != 0 {
-                    shared.complete(p);
+                    if shared.complete(p) {
+                        return Err(Error::Broken(SHUTTING_DOWN.into()));
+                    }
                 } else {
                     shared.put_back(cookie, p);
                 }
@@ -826,8 +848,9 @@ impl Client {
             context: "setting up the socket".into(),
             source: e,
         };
-        sock.set_timeouts(IO_TIMEOUT).map_err(setup)?;
+        sock.set_timeouts(HANDSHAKE_TIMEOUT).map_err(setup)?;
         let info = negotiate(&mut sock, &target.export)?;
+        sock.set_timeouts(IO_TIMEOUT).map_err(setup)?;
         let mut reader_sock = sock.try_clone().map_err(setup)?;
         reader_sock.set_timeouts(POLL).map_err(setup)?;
         let shared = Arc::new(Shared {
@@ -848,6 +871,7 @@ impl Client {
             .spawn(move || {
                 let reason = match read_replies(&s, &mut reader_sock) {
                     Ok(()) => "the connection was closed".to_string(),
+                    Err(Error::Broken(reason)) => reason,
                     Err(e) => e.to_string(),
                 };
                 s.fail(reason, &reader_sock);
@@ -865,6 +889,12 @@ impl Client {
     /// What the handshake established.
     pub fn info(&self) -> &ExportInfo {
         &self.shared.info
+    }
+
+    /// Whether the connection broke (closed, reset, silent too long, or a protocol error):
+    /// every request on it fails from then on.
+    pub fn is_broken(&self) -> bool {
+        lock(&self.shared.state).broken.is_some()
     }
 
     /// Sends a request (waiting for room in the table of requests in flight).

@@ -50,6 +50,12 @@ impl Server {
     /// `filters` come before the plugin (`--filter=delay`, ...).
     pub fn nbdkit(dir: &Path, options: &[&str], plugin_and_args: &[&str]) -> Server {
         let sock = dir.join(format!("nbdkit-{}.sock", unique()));
+        Server::nbdkit_at(&sock, options, plugin_and_args)
+    }
+
+    /// As [`Server::nbdkit`], on the socket `sock` (a server restarted where it was).
+    pub fn nbdkit_at(sock: &Path, options: &[&str], plugin_and_args: &[&str]) -> Server {
+        let sock = sock.to_path_buf();
         let mut args: Vec<String> = ["-f", "--exit-with-parent", "-U"]
             .iter()
             .map(|s| s.to_string())
