@@ -409,7 +409,6 @@ fn a_server_restarted_mid_stream_is_reconnected_and_the_stream_finishes() {
 fn a_server_gone_for_good_fails_the_stream_after_retries_and_a_rerun_resumes() {
     let s = Scratch::new();
     let sock = slow_stream_setup(&s);
-    let url = format!("nbd+unix:///?socket={}", sock.display());
     let first = base_server(&s, &sock, "first.log");
     let r = std::thread::scope(|scope| {
         let stream = scope.spawn(|| s.cowimg(&["stream", "--speed", "8M", "ov.qcow2"]));

@@ -969,7 +969,7 @@ impl Client {
 
     fn check_range(&self, what: &str, offset: u64, len: u64) -> Result<()> {
         let size = self.info().size;
-        if offset.checked_add(len).map_or(true, |e| e > size) {
+        if offset.checked_add(len).is_none_or(|e| e > size) {
             return Err(Error::Invalid(format!(
                 "a {what} of {len} bytes at offset {offset} is past the end of the export ({size} bytes)"
             )));

@@ -975,7 +975,7 @@ impl<'a, 'l> Checker<'a, 'l> {
                 || bm
                     .table_offset
                     .checked_add(bytes)
-                    .map_or(true, |e| e > self.file_len)
+                    .is_none_or(|e| e > self.file_len)
             {
                 self.say(format!(
                     "ERROR bitmap '{}': the bitmap table is invalid",
@@ -1488,7 +1488,7 @@ impl<'a, 'l> Checker<'a, 'l> {
         let blocks: Vec<u64> = below.into_iter().chain(first_block..=last_block).collect();
         if rt
             .checked_mul(cs)
-            .map_or(true, |b| b > header::MAX_REFTABLE_BYTES)
+            .is_none_or(|b| b > header::MAX_REFTABLE_BYTES)
             || rt > u64::from(u32::MAX)
         {
             return Err(Error::Unsupported(
