@@ -10,6 +10,7 @@ use std::fs;
 use std::io::Seek;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cowimg_formats::probe::{probe, Probed};
@@ -114,6 +115,8 @@ pub struct Chain {
     pub layers: Vec<Layer>,
     /// Set when reads copy backing data into the top (copy-on-read asked for at open).
     cor: Option<CopyOnRead>,
+    /// The network counter's value up to which [`Chain::network_since`] has answered.
+    network_seen: AtomicU64,
 }
 
 /// Copy-on-read state: fills are serialised (two readers must never allocate the same
@@ -326,7 +329,11 @@ pub fn parse_format(name: &str) -> Result<Format> {
 impl Chain {
     /// A chain of layers opened by the caller (top first), e.g. over test storage.
     pub fn from_layers(layers: Vec<Layer>) -> Chain {
-        Chain { layers, cor: None }
+        Chain {
+            layers,
+            cor: None,
+            network_seen: AtomicU64::new(0),
+        }
     }
 
     /// As [`Chain::from_layers`], with reads copying what the backing chain provides into the
@@ -337,6 +344,7 @@ impl Chain {
             cor: Some(CopyOnRead {
                 lock: Mutex::new(0),
             }),
+            network_seen: AtomicU64::new(0),
         }
     }
 
@@ -350,7 +358,16 @@ impl Chain {
         let cor = (self.cor.is_some() && layers.len() > 1).then(|| CopyOnRead {
             lock: Mutex::new(0),
         });
-        Chain { layers, cor }
+        let chain = Chain {
+            layers,
+            cor,
+            network_seen: AtomicU64::new(0),
+        };
+        // What the layers read before is not this chain's to charge.
+        chain
+            .network_seen
+            .store(chain.transferred(), Ordering::Relaxed);
+        chain
     }
 
     pub fn open(filename: &str, opts: OpenOptions) -> Result<Chain> {
@@ -377,6 +394,7 @@ impl Chain {
         let mut chain = Chain {
             layers: vec![top],
             cor,
+            network_seen: AtomicU64::new(0),
         };
         if opts.backing {
             chain.open_backing(if opts.force_share {
@@ -450,6 +468,23 @@ impl Chain {
             })?;
             self.layers.push(layer);
         }
+    }
+
+    /// Bytes the chain's remote layers have read over the network so far
+    /// ([`cowimg_formats::Storage::transferred`]).
+    pub fn transferred(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| l.image.storage().transferred())
+            .sum()
+    }
+
+    /// The network bytes read since the last call (by anyone reading these layers: the
+    /// copy's workers, a server's clients), each counted once however many threads ask: what
+    /// a rate cap on the network is charged.
+    pub fn network_since(&self) -> u64 {
+        let now = self.transferred();
+        now.saturating_sub(self.network_seen.fetch_max(now, Ordering::Relaxed))
     }
 
     pub fn top(&self) -> &Layer {

@@ -578,7 +578,10 @@ impl Copier<'_> {
             }
             pos = end;
         }
-        self.limiter.wait(p.data_bytes());
+        // The cap bounds what is stored and what crosses the network, whichever is more: a
+        // remote source's zeros and metadata are transferred too.
+        let network = self.source.network_since() + self.compare.map_or(0, Chain::network_since);
+        self.limiter.wait(p.data_bytes().max(network));
         p.buf = buf;
         Ok(p)
     }

@@ -275,7 +275,8 @@ enum Command {
         /// The backing file to keep (matched by resolved path); default: none.
         #[arg(short = 'b', long)]
         base: Option<String>,
-        /// Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited).
+        /// Cap on bytes copied per second, or read over the network where more (K, M, G
+        /// suffixes; 0 = unlimited).
         #[arg(long, default_value = "0")]
         speed: String,
         /// Copy workers (default: number of cores).
@@ -392,7 +393,8 @@ enum Command {
         /// Unsafe: change only the pointer (the new backing file need not exist).
         #[arg(short = 'u')]
         unsafe_mode: bool,
-        /// Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited).
+        /// Cap on bytes copied per second, or read over the network where more (K, M, G
+        /// suffixes; 0 = unlimited).
         #[arg(long, default_value = "0")]
         speed: String,
         /// Copy workers (default: number of cores).
@@ -436,7 +438,8 @@ enum Command {
         /// Keep TOP's data: skip emptying it after the commit (qemu-img's -d, --drop).
         #[arg(short = 'd', long = "drop")]
         keep_top: bool,
-        /// Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited).
+        /// Cap on bytes copied per second, or read over the network where more (K, M, G
+        /// suffixes; 0 = unlimited).
         #[arg(short = 'r', long, alias = "rate", default_value = "0")]
         speed: String,
         /// Copy workers (default: number of cores).
@@ -658,7 +661,8 @@ file or with internal snapshots, persistent bitmaps or an external data file.")]
         /// 0 writes every byte (a fully allocated DST). Default: every zero allocation unit.
         #[arg(short = 'S', long = "sparse-size", value_name = "SIZE")]
         sparse_size: Option<String>,
-        /// Cap on bytes copied per second (K, M, G suffixes; 0 = unlimited).
+        /// Cap on bytes copied per second, or read over the network where more (K, M, G
+        /// suffixes; 0 = unlimited).
         #[arg(short = 'r', long, alias = "rate", default_value = "0")]
         speed: String,
         /// Parallel requests, as qemu-img's coroutines (1 to 16): the copy workers, unless

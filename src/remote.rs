@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use cowimg_formats::Storage;
@@ -79,6 +79,8 @@ pub struct NbdStorage {
     zero_mode: AtomicU8,
     /// Block status answers of a read-only export (start -> end, data), disjoint.
     status: Mutex<BTreeMap<u64, (u64, bool)>>,
+    /// Bytes read from the export ([`Storage::transferred`]).
+    transferred: AtomicU64,
 }
 
 /// The connections to the export; more join in the background.
@@ -184,6 +186,7 @@ impl NbdStorage {
             size: info.size,
             zero_mode: AtomicU8::new(ZeroMode::initial(&info) as u8),
             status: Mutex::new(BTreeMap::new()),
+            transferred: AtomicU64::new(0),
         })
     }
 
@@ -334,7 +337,14 @@ impl Storage for NbdStorage {
         if head.is_empty() {
             return Ok(());
         }
-        self.reading(|conns, first| read_across(conns, first, offset, head, PIECE))
+        self.reading(|conns, first| read_across(conns, first, offset, head, PIECE))?;
+        self.transferred
+            .fetch_add(head.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn transferred(&self) -> u64 {
+        self.transferred.load(Ordering::Relaxed)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

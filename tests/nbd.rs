@@ -444,3 +444,30 @@ fn a_server_gone_for_good_fails_the_stream_after_retries_and_a_rerun_resumes() {
     assert!(s.read_file("out.raw") == s.read_file("base.raw"));
     s.assert_clean("ov.qcow2");
 }
+
+#[test]
+fn speed_caps_the_bytes_read_over_the_network_not_only_those_stored() {
+    let s = Scratch::new();
+    // 2 MiB of data, then 14 MiB of written zeros: the server reports all of it as data, so
+    // all 16 MiB cross the network, although only 2 MiB are stored.
+    let mut base = common::noise(2 << 20, 5);
+    base.resize(16 << 20, 0);
+    s.write_file("base.raw", &base);
+    let sock = s.path("base.sock");
+    let url = format!("nbd+unix:///?socket={}", sock.display());
+    let srv = base_server(&s, &sock, "base.log");
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &url, "-F", "raw", "ov.qcow2",
+    ]);
+    let t = std::time::Instant::now();
+    s.cowimg_ok(&["stream", "--speed", "8M", "ov.qcow2"]);
+    let took = t.elapsed().as_secs_f64();
+    drop(srv);
+    assert!(bytes_read(&s.path("base.log")) >= 16 << 20);
+    // Charged for what was stored (2 MiB) it would take a quarter of a second; for the
+    // network's 16 MiB at 8 MiB/s, two seconds.
+    assert!(took >= 1.5, "took {took:.2} s");
+    s.qemu_img(&["convert", "-O", "raw", "ov.qcow2", "out.raw"]);
+    assert!(s.read_file("out.raw") == base);
+    s.assert_clean("ov.qcow2");
+}

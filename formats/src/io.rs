@@ -48,6 +48,12 @@ pub trait Storage: Send + Sync + Debug {
     fn allocated_bytes(&self) -> io::Result<u64>;
     /// The path the storage was opened from, for messages.
     fn path(&self) -> &Path;
+    /// Bytes of image data this storage has read over the network since it was opened
+    /// (remote storage: an NBD export, an HTTP file); local storage reads none. A rate cap
+    /// charges them, so that `--speed` bounds what crosses the network.
+    fn transferred(&self) -> u64 {
+        0
+    }
     /// The qemu protocol driver this storage stands for (`info`'s "protocol type").
     fn protocol(&self) -> &'static str {
         "file"

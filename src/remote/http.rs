@@ -250,6 +250,8 @@ pub struct HttpStorage {
     https: bool,
     agent: ureq::Agent,
     pin: Pin,
+    /// Body bytes received ([`Storage::transferred`]), retried requests included.
+    transferred: std::sync::atomic::AtomicU64,
 }
 
 /// Where the TLS roots come from: `SSL_CERT_FILE` (the convention OpenSSL, curl and rustls'
@@ -403,6 +405,7 @@ impl HttpStorage {
                 etag: None,
                 last_modified: None,
             },
+            transferred: Default::default(),
         };
         storage.pin = storage.retrying("GET bytes=0-0", || storage.probe())?;
         Ok(storage)
@@ -553,7 +556,10 @@ impl HttpStorage {
 
     fn fetch_piece(&self, offset: u64, buf: &mut [u8]) -> Result<(), HttpError> {
         let op = format!("GET bytes={}-{}", offset, offset + buf.len() as u64 - 1);
-        self.retrying(&op, || self.fetch(offset, buf))
+        self.retrying(&op, || self.fetch(offset, buf))?;
+        self.transferred
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -627,6 +633,10 @@ impl Storage for HttpStorage {
             io::ErrorKind::Unsupported,
             "a web server does not say how much space a file uses",
         ))
+    }
+
+    fn transferred(&self) -> u64 {
+        self.transferred.load(Ordering::Relaxed)
     }
 
     fn path(&self) -> &Path {
