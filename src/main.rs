@@ -30,6 +30,10 @@ Run 'cowimg COMMAND --help' for a command's options.")]
 // Visible to the crate root so that the docs generator (examples/generate-docs.rs) and the
 // help tests, which include this file as a module, can walk the definitions.
 pub(crate) struct Cli {
+    /// Trust the CAs in this PEM file (instead of the system's, and of SSL_CERT_FILE) for
+    /// https:// images and backing files: a private or test CA.
+    #[arg(long, global = true, value_name = "PEM")]
+    ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -1444,6 +1448,9 @@ fn main() -> ExitCode {
         }
     };
     cowimg::chain::raise_descriptor_limit();
+    if let Some(ca) = &cli.ca_file {
+        cowimg::remote::http::set_ca_file(ca);
+    }
     let after_interrupt = after_interrupt(&cli.command);
     // SIGINT and SIGTERM ask the running job to stop at the next chunk and commit what it
     // copied; a second signal falls back to the default action.

@@ -373,8 +373,9 @@ fn a_base_replaced_mid_stream_stops_the_job_and_a_rerun_finishes() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1200));
-    // A new version of the file, as a deployment would put it in place.
-    std::fs::rename(www.join("base.raw"), www.join("base.orig")).unwrap();
+    // A new version of the file, as a deployment would put it in place: renamed over the old
+    // one (kept under another name by a hard link), so the URL never answers 404 meanwhile.
+    std::fs::hard_link(www.join("base.raw"), www.join("base.orig")).unwrap();
     replace(&www, "base.raw", &noise(16 << 20, 9), "2021-01-01 00:00:00");
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -448,7 +449,7 @@ fn cowimg_with_ca(s: &Scratch, ca: Option<&Path>, args: &[&str]) -> (i32, String
 }
 
 #[test]
-fn https_with_a_test_ca_given_by_ssl_cert_file() {
+fn https_with_a_test_ca_given_by_ssl_cert_file_or_ca_file() {
     let s = Scratch::new();
     let www = disk_files(&s);
     let pki = s.path("pki");
@@ -483,6 +484,31 @@ fn https_with_a_test_ca_given_by_ssl_cert_file() {
     // A CA file that is not one is an error, not a silent fallback to other roots.
     s.write_file("bad.pem", b"not a certificate\n");
     let (st, err) = cowimg_with_ca(&s, Some(&s.path("bad.pem")), &["info", &url]);
+    assert_eq!(st, 1);
+    assert!(
+        err.contains("bad.pem") && err.contains("no PEM certificate"),
+        "{err}"
+    );
+    // --ca-file, before or after the command, trusts the test CA with no variable set, and
+    // wins over SSL_CERT_FILE.
+    let ca = ca.to_str().unwrap();
+    let (st, err) = cowimg_with_ca(
+        &s,
+        None,
+        &["--ca-file", ca, "compare", &url, "www/base.raw"],
+    );
+    assert_eq!(st, 0, "{err}");
+    let (st, err) = cowimg_with_ca(
+        &s,
+        Some(&s.path("bad.pem")),
+        &["info", "--ca-file", ca, &url],
+    );
+    assert_eq!(st, 0, "{err}");
+    let (st, err) = cowimg_with_ca(
+        &s,
+        Some(Path::new(ca)),
+        &["info", "--ca-file", "bad.pem", &url],
+    );
     assert_eq!(st, 1);
     assert!(
         err.contains("bad.pem") && err.contains("no PEM certificate"),

@@ -200,12 +200,16 @@ _cowimg() {
 
     case "${cmd}" in
         cowimg)
-            opts="-h -V --help --version create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset job convert help"
+            opts="-h -V --ca-file --help --version create info check map compare checksum stream serve rebase commit resize measure amend snapshot reset job convert help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -214,7 +218,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__amend)
-            opts="-o -f -h --format --copy-on-read --help"
+            opts="-o -f -h --format --copy-on-read --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -236,6 +240,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -W "on off" -- "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -244,7 +252,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__check)
-            opts="-f -r -q -U -h --format --repair --output --quiet --force-share --help"
+            opts="-f -r -q -U -h --format --repair --output --quiet --force-share --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -270,6 +278,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -W "human json" -- "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -278,7 +290,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__checksum)
-            opts="-f -a -p -U -h --format --algorithm --jobs --output --force-share --job-id --control --events --help"
+            opts="-f -a -p -U -h --format --algorithm --jobs --output --force-share --job-id --control --events --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -320,6 +332,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -328,7 +344,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__commit)
-            opts="-f -b -d -r -p -q -h --format --base --drop --speed --jobs --progress --output --job-id --control --events --help"
+            opts="-f -b -d -r -p -q -h --format --base --drop --speed --jobs --progress --output --job-id --control --events --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -382,6 +398,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -390,7 +410,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__compare)
-            opts="-f -F -s -q -U -h --force-share --copy-on-read --no-copy-on-read --diff --max --output --help"
+            opts="-f -F -s -q -U -h --force-share --copy-on-read --no-copy-on-read --diff --max --output --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -412,6 +432,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -W "human json" -- "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -420,7 +444,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__convert)
-            opts="-f -O -o -p -U -c -n -B -F -S -r -m -W -t -T -q -l -h --progress --jobs --force-share --copy-on-read --no-copy-on-read --backing --backing-format --sparse-size --speed --parallel --oob-writes --target-cache --source-cache --quiet --source-snapshot --target-is-zero --job-id --control --events --help"
+            opts="-f -O -o -p -U -c -n -B -F -S -r -m -W -t -T -q -l -h --progress --jobs --force-share --copy-on-read --no-copy-on-read --backing --backing-format --sparse-size --speed --parallel --oob-writes --target-cache --source-cache --quiet --source-snapshot --target-is-zero --job-id --control --events --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -522,6 +546,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -530,7 +558,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__create)
-            opts="-f -b -F -o -u -q -h --format --backing --backing-format --options --cluster-size --copy-on-read --force --quiet --help"
+            opts="-f -b -F -o -u -q -h --format --backing --backing-format --options --cluster-size --copy-on-read --force --quiet --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -569,6 +597,10 @@ _cowimg() {
                     return 0
                     ;;
                 --cluster-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -944,7 +976,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__info)
-            opts="-f -U -h --format --backing-chain --output --force-share --help"
+            opts="-f -U -h --format --backing-chain --output --force-share --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -962,6 +994,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -W "human json" -- "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -970,12 +1006,16 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__job)
-            opts="-h --help list query set-speed pause resume cancel wait help"
+            opts="-h --ca-file --help list query set-speed pause resume cancel wait help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -984,12 +1024,16 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__job__subcmd__cancel)
-            opts="-h --help"
+            opts="-h --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1124,7 +1168,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__job__subcmd__list)
-            opts="-h --output --help"
+            opts="-h --output --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1132,6 +1176,10 @@ _cowimg() {
             case "${prev}" in
                 --output)
                     COMPREPLY=($(compgen -W "human json" -- "${cur}"))
+                    return 0
+                    ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)
@@ -1142,12 +1190,16 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__job__subcmd__pause)
-            opts="-h --help"
+            opts="-h --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1156,7 +1208,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__job__subcmd__query)
-            opts="-h --output --help"
+            opts="-h --output --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1164,6 +1216,10 @@ _cowimg() {
             case "${prev}" in
                 --output)
                     COMPREPLY=($(compgen -W "human json" -- "${cur}"))
+                    return 0
+                    ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)
@@ -1174,12 +1230,16 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__job__subcmd__resume)
-            opts="-h --help"
+            opts="-h --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1188,12 +1248,16 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__job__subcmd__set__subcmd__speed)
-            opts="-h --help"
+            opts="-h --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1202,12 +1266,16 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__job__subcmd__wait)
-            opts="-h --events --help"
+            opts="-h --events --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1216,7 +1284,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__map)
-            opts="-f -U -h --format --output --force-share --start-offset --max-length --help"
+            opts="-f -U -h --format --output --force-share --start-offset --max-length --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1242,6 +1310,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1250,7 +1322,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__measure)
-            opts="-f -O -o -c -U -h --format --size --output --force-share --help"
+            opts="-f -O -o -c -U -h --format --size --output --force-share --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1280,6 +1352,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -W "human json" -- "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1288,7 +1364,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__rebase)
-            opts="-f -b -F -u -p -U -c -h --format --backing --backing-format --speed --jobs --progress --output --force-share --compress --job-id --control --events --help"
+            opts="-f -b -F -u -p -U -c -h --format --backing --backing-format --speed --jobs --progress --output --force-share --compress --job-id --control --events --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1346,6 +1422,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1354,7 +1434,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__reset)
-            opts="-f -h --format --help"
+            opts="-f -h --format --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1368,6 +1448,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1376,7 +1460,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__resize)
-            opts="-f -q -h --format --shrink --preallocation --help"
+            opts="-f -q -h --format --shrink --preallocation --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1394,6 +1478,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -W "off metadata falloc full" -- "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1402,7 +1490,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__serve)
-            opts="-f -k -b -p -x -D -r -e -t -h --format --socket --bind --port --export-name --description --read-only --copy-on-read --no-copy-on-read --shared --persistent --pid-file --stream --base --speed --handshake-limit --job-id --control --events --help"
+            opts="-f -k -b -p -x -D -r -e -t -h --format --socket --bind --port --export-name --description --read-only --copy-on-read --no-copy-on-read --shared --persistent --pid-file --stream --base --speed --handshake-limit --job-id --control --events --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1492,6 +1580,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1500,7 +1592,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__snapshot)
-            opts="-l -c -a -d -f -U -q -h --list --format --force-share --help"
+            opts="-l -c -a -d -f -U -q -h --list --format --force-share --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1526,6 +1618,10 @@ _cowimg() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1534,7 +1630,7 @@ _cowimg() {
             return 0
             ;;
         cowimg__subcmd__stream)
-            opts="-f -b -p -c -h --format --base --speed --jobs --progress --output --offset --length --compress --job-id --control --events --help"
+            opts="-f -b -p -c -h --format --base --speed --jobs --progress --output --offset --length --compress --job-id --control --events --ca-file --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1589,6 +1685,10 @@ _cowimg() {
                     return 0
                     ;;
                 --events)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ca-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_cowimg_global_optspecs
-    string join \n h/help V/version
+    string join \n ca-file= h/help V/version
 end
 
 function __fish_cowimg_needs_command
@@ -24,6 +24,7 @@ function __fish_cowimg_using_subcommand
     contains -- $cmd[1] $argv
 end
 
+complete -c cowimg -n "__fish_cowimg_needs_command" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_needs_command" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_needs_command" -s V -l version -d 'Print version'
 complete -c cowimg -n "__fish_cowimg_needs_command" -f -a "create" -d 'Create a new image, optionally over a backing file'
@@ -49,6 +50,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s b -l backing -d
 complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s F -l backing-format -d 'Format of the backing file (required with -b, as in qemu-img)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s o -l options -d 'Format options, qemu-img style: cluster_size=64K,compat=v3,lazy_refcounts=on,...' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand create" -l cluster-size -d 'Cluster size (same as -o cluster_size=)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand create" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand create" -l copy-on-read -d 'Store cowimg\'s copy-on-read flag: reads through cowimg copy backing data in'
 complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s u -d 'Do not open the backing file (then SIZE is required)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand create" -l force -d 'Replace FILE if it exists (refused by default)'
@@ -57,6 +59,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand create" -s h -l help -d 'P
 complete -c cowimg -n "__fish_cowimg_using_subcommand info" -s f -l format -d 'Format of FILE (qcow2, qed or raw); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand info" -l output -d 'Output format: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
 json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand info" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand info" -l backing-chain -d 'Show every image of the backing chain'
 complete -c cowimg -n "__fish_cowimg_using_subcommand info" -s U -l force-share -d 'Read even if another process is writing the image (force share)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand info" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -64,6 +67,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand check" -s f -l format -d '
 complete -c cowimg -n "__fish_cowimg_using_subcommand check" -s r -l repair -d 'Repair: `leaks` frees leaked clusters, `all` fixes errors too' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand check" -l output -d 'Output format: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
 json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand check" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand check" -s q -l quiet -d 'Print nothing; the exit status tells the result (0 clean, 2 corrupt, 3 leaks)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand check" -s U -l force-share -d 'Check even if another process is writing the image (results may be stale)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand check" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -72,6 +76,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand map" -l output -d 'Output 
 json\t'One JSON document on stdout, with qemu-img\'s keys'"
 complete -c cowimg -n "__fish_cowimg_using_subcommand map" -l start-offset -d 'Guest offset to start mapping at (K, M, G, T suffixes)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand map" -l max-length -d 'Map at most this many bytes from --start-offset (default: to the end)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand map" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand map" -s U -l force-share -d 'Read even if another process is writing the image (force share)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand map" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s f -d 'Format of A (qcow2, qed or raw); probed when absent' -r
@@ -79,6 +84,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s F -d 'Format o
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -l max -d 'With --diff: stop after this many ranges' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -l output -d 'With --diff: output format, human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
 json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s s -d 'Strict: sizes and allocation must match too'
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s q -d 'Print nothing; the exit status tells (0 identical, 1 different, 2 error)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand compare" -s U -l force-share -d 'Read even if another process is writing the images (force share)'
@@ -94,6 +100,7 @@ json\t'One JSON document on stdout, with qemu-img\'s keys'"
 complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -l job-id -d 'The job\'s id, for \'cowimg job ...\' (default: the image\'s file name, with -2, -3, ... added while a job of that name runs)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -l control -d 'The job\'s control socket (default: $XDG_RUNTIME_DIR/cowimg/ID.sock, else /tmp/cowimg-$UID/ID.sock)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -l events -d 'Write the job\'s events (created, running, paused, resumed, speed-changed, completed, cancelled, error) as JSON lines to FILE, or stdout with \'-\'' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -s p -d 'Show a progress bar even when stderr is not a terminal'
 complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -s U -l force-share -d 'Read even if another process is writing the images (force share)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -109,6 +116,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l length -d 'Leng
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l job-id -d 'The job\'s id, for \'cowimg job ...\' (default: the image\'s file name, with -2, -3, ... added while a job of that name runs)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l control -d 'The job\'s control socket (default: $XDG_RUNTIME_DIR/cowimg/ID.sock, else /tmp/cowimg-$UID/ID.sock)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l events -d 'Write the job\'s events (created, running, paused, resumed, speed-changed, completed, cancelled, error) as JSON lines to FILE, or stdout with \'-\'' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s p -d 'Show a progress bar even when stderr is not a terminal'
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s c -l compress -d 'Write the copied clusters compressed (qcow2), for an archive-ready image'
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -126,6 +134,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l handshake-limit 
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l job-id -d 'The job\'s id, for \'cowimg job ...\' (default: the image\'s file name, with -2, -3, ... added while a job of that name runs)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l control -d 'The job\'s control socket (default: $XDG_RUNTIME_DIR/cowimg/ID.sock, else /tmp/cowimg-$UID/ID.sock)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l events -d 'Write the job\'s events (created, running, paused, resumed, speed-changed, completed, cancelled, error) as JSON lines to FILE, or stdout with \'-\'' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -s r -l read-only -d 'Refuse client writes (copy-on-read still fills the image)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l copy-on-read -d 'Copy what clients read from the backing chain into IMAGE, whatever its flag says'
 complete -c cowimg -n "__fish_cowimg_using_subcommand serve" -l no-copy-on-read -d 'Never copy on read, whatever the image\'s flag says'
@@ -143,6 +152,7 @@ json\t'One JSON document on stdout, with qemu-img\'s keys'"
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l job-id -d 'The job\'s id, for \'cowimg job ...\' (default: the image\'s file name, with -2, -3, ... added while a job of that name runs)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l control -d 'The job\'s control socket (default: $XDG_RUNTIME_DIR/cowimg/ID.sock, else /tmp/cowimg-$UID/ID.sock)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l events -d 'Write the job\'s events (created, running, paused, resumed, speed-changed, completed, cancelled, error) as JSON lines to FILE, or stdout with \'-\'' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s u -d 'Unsafe: change only the pointer (the new backing file need not exist)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s p -d 'Show a progress bar even when stderr is not a terminal'
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s U -l force-share -d 'Open the new backing file shared (it may be in use elsewhere)'
@@ -158,6 +168,7 @@ json\t'One JSON document on stdout, with qemu-img\'s keys'"
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l job-id -d 'The job\'s id, for \'cowimg job ...\' (default: the image\'s file name, with -2, -3, ... added while a job of that name runs)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l control -d 'The job\'s control socket (default: $XDG_RUNTIME_DIR/cowimg/ID.sock, else /tmp/cowimg-$UID/ID.sock)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l events -d 'Write the job\'s events (created, running, paused, resumed, speed-changed, completed, cancelled, error) as JSON lines to FILE, or stdout with \'-\'' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s d -l drop -d 'Keep TOP\'s data: skip emptying it after the commit (qemu-img\'s -d, --drop)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s p -d 'Show a progress bar'
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s q -d 'Print nothing on success'
@@ -167,6 +178,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand resize" -l preallocation -
 metadata\t'qcow2: tables and clusters allocated, the data left a hole in the file'
 falloc\t'The space reserved (cowimg writes zeros, which reserves it as well)'
 full\t'Zeros written over the new range'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand resize" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand resize" -l shrink -d 'Allow the new size to be smaller (the data past it is lost)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand resize" -s q -d 'Print nothing on success'
 complete -c cowimg -n "__fish_cowimg_using_subcommand resize" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -176,6 +188,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s o -d 'Options 
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -l size -d 'Measure an empty image of this size instead of FILE' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -l output -d 'Output format of the result: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
 json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s c -d 'Estimate the compressed size (qcow2) from a sample of FILE'
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s U -l force-share -d 'Read even if another process is writing the image (force share)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand measure" -s h -l help -d 'Print help (see more with \'--help\')'
@@ -183,17 +196,21 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -s o -d 'qemu-img\'
 complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -l copy-on-read -d 'Set or clear cowimg\'s copy-on-read flag (qcow2, qed)' -r -f -a "on\t''
 off\t''"
+complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand amend" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s c -d 'Create a snapshot of the current state named NAME' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s a -d 'Apply (revert to) the snapshot with this ID or name: data and size' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s d -d 'Delete the (first) snapshot with this name' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s f -l format -d 'Format of FILE (qcow2, qed or raw); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s l -l list -d 'List the snapshots (the default)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s U -l force-share -d 'Read even if another process is writing the image (force share; -l only)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s q -d 'Quiet (accepted as in qemu-img; the changes print nothing anyway)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand snapshot" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand reset" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand reset" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand reset" -s h -l help -d 'Print help'
+complete -c cowimg -n "__fish_cowimg_using_subcommand job; and not __fish_seen_subcommand_from list query set-speed pause resume cancel wait help" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and not __fish_seen_subcommand_from list query set-speed pause resume cancel wait help" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and not __fish_seen_subcommand_from list query set-speed pause resume cancel wait help" -f -a "list" -d 'List the running jobs of this user'
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and not __fish_seen_subcommand_from list query set-speed pause resume cancel wait help" -f -a "query" -d 'Show a job\'s state, cur/end, bytes copied, current speed, cap, elapsed time and ETA'
@@ -205,14 +222,21 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand job; and not __fish_seen_s
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and not __fish_seen_subcommand_from list query set-speed pause resume cancel wait help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from list" -l output -d 'Output format: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
 json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from list" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from query" -l output -d 'Output format: human or json (query-block-jobs\' entry)' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
 json\t'One JSON document on stdout, with qemu-img\'s keys'"
+complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from query" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from query" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from set-speed" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from set-speed" -s h -l help -d 'Print help'
+complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from pause" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from pause" -s h -l help -d 'Print help'
+complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from resume" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from resume" -s h -l help -d 'Print help'
+complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from cancel" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from cancel" -s h -l help -d 'Print help'
+complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from wait" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from wait" -l events -d 'Print the job\'s events as JSON lines on stdout as they come'
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from wait" -s h -l help -d 'Print help'
 complete -c cowimg -n "__fish_cowimg_using_subcommand job; and __fish_seen_subcommand_from help" -f -a "list" -d 'List the running jobs of this user'
@@ -239,6 +263,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s l -l source-sn
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l job-id -d 'The job\'s id, for \'cowimg job ...\' (default: the image\'s file name, with -2, -3, ... added while a job of that name runs)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l control -d 'The job\'s control socket (default: $XDG_RUNTIME_DIR/cowimg/ID.sock, else /tmp/cowimg-$UID/ID.sock)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l events -d 'Write the job\'s events (created, running, paused, resumed, speed-changed, completed, cancelled, error) as JSON lines to FILE, or stdout with \'-\'' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l ca-file -d 'Trust the CAs in this PEM file (instead of the system\'s, and of SSL_CERT_FILE) for https:// images and backing files: a private or test CA' -r -F
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s p -d 'Show a progress bar'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s U -l force-share -d 'Read even if another process is writing SRC (force share)'
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l copy-on-read -d 'Copy what the source\'s backing chain provides into the source as it is read (opens it read-write). Without it the source is only read, flagged or not'

@@ -89,7 +89,7 @@ pub enum Cause {
     Protocol(String),
     /// The URL itself is unusable.
     BadUrl(String),
-    /// The CA file (`SSL_CERT_FILE`) cannot be used.
+    /// The CA file (`--ca-file`, `SSL_CERT_FILE`) cannot be used.
     CaFile(String),
     /// A write was asked of a read-only HTTP layer.
     ReadOnly,
@@ -116,7 +116,7 @@ impl fmt::Display for Cause {
             Cause::Tls { message, untrusted } => {
                 write!(f, "TLS failure: {message}")?;
                 if *untrusted {
-                    write!(f, " (the server's certificate is not trusted: name the CA that signed it with SSL_CERT_FILE=PATH)")?;
+                    write!(f, " (the server's certificate is not trusted: name the CA that signed it with --ca-file PATH or SSL_CERT_FILE=PATH)")?;
                 }
                 Ok(())
             }
@@ -254,8 +254,24 @@ pub struct HttpStorage {
     transferred: std::sync::atomic::AtomicU64,
 }
 
-/// Where the TLS roots come from: `SSL_CERT_FILE` (the convention OpenSSL, curl and rustls'
-/// native-certs share) replaces the system's bundle; without either, Mozilla's roots.
+/// The CA file named for this process ([`set_ca_file`]).
+static CA_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Trusts the certificates of the PEM file `path` (and no others) for every https layer
+/// opened from now on in this process, over `SSL_CERT_FILE` and the system's bundle: the
+/// CLI's `--ca-file`. The first call wins; a file that cannot be read, or holds no
+/// certificate, fails each https open with that reason.
+///
+/// ```no_run
+/// cowimg::remote::http::set_ca_file(std::path::Path::new("/etc/cowimg/test-ca.pem"));
+/// ```
+pub fn set_ca_file(path: &Path) {
+    let _ = CA_FILE.set(path.to_path_buf());
+}
+
+/// Where the TLS roots come from: the CA file given by [`set_ca_file`], else `SSL_CERT_FILE`
+/// (the convention OpenSSL, curl and rustls' native-certs share), which replaces the system's
+/// bundle; without any, Mozilla's roots.
 fn root_certs() -> Result<RootCerts, Cause> {
     const BUNDLES: [&str; 5] = [
         "/etc/ssl/certs/ca-certificates.crt",
@@ -264,7 +280,11 @@ fn root_certs() -> Result<RootCerts, Cause> {
         "/etc/pki/tls/cacert.pem",
         "/etc/ssl/cert.pem",
     ];
-    let (path, explicit) = match std::env::var_os("SSL_CERT_FILE") {
+    let named = CA_FILE
+        .get()
+        .map(|p| p.clone().into_os_string())
+        .or_else(|| std::env::var_os("SSL_CERT_FILE"));
+    let (path, explicit) = match named {
         Some(p) if !p.is_empty() => (PathBuf::from(p), true),
         _ => match BUNDLES.iter().map(Path::new).find(|p| p.is_file()) {
             Some(p) => (p.to_path_buf(), false),
