@@ -471,3 +471,33 @@ fn speed_caps_the_bytes_read_over_the_network_not_only_those_stored() {
     assert!(s.read_file("out.raw") == base);
     s.assert_clean("ov.qcow2");
 }
+
+#[test]
+fn a_server_restarted_on_another_export_size_stops_the_stream_before_mixing() {
+    let s = Scratch::new();
+    let sock = slow_stream_setup(&s);
+    let first = base_server(&s, &sock, "first.log");
+    let r = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| s.cowimg(&["stream", "--speed", "8M", "ov.qcow2"]));
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        drop(first);
+        // Back on the same socket, but with another file: 32 MiB instead of 24.
+        s.write_file("other.raw", &common::noise(32 << 20, 12));
+        let _ = std::fs::remove_file(&sock);
+        let second =
+            Server::nbdkit_at(&sock, &[], &["file", s.path("other.raw").to_str().unwrap()]);
+        let r = stream.join().unwrap();
+        drop(second);
+        r
+    });
+    assert_eq!(r.status, 1, "{}", r.show());
+    assert!(r.stderr.contains("the export changed"), "{}", r.stderr);
+    // Nothing of the other file was stored: with the first server back, the image reads as
+    // the base and the rerun finishes.
+    let again = base_server(&s, &sock, "again.log");
+    s.assert_clean("ov.qcow2");
+    s.cowimg_ok(&["stream", "ov.qcow2"]);
+    drop(again);
+    s.qemu_img(&["convert", "-O", "raw", "ov.qcow2", "out.raw"]);
+    assert!(s.read_file("out.raw") == s.read_file("base.raw"));
+}
