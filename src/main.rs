@@ -283,7 +283,7 @@ enum Command {
         /// suffixes; 0 = unlimited).
         #[arg(long, default_value = "0")]
         speed: String,
-        /// Copy workers (default: number of cores).
+        /// Copy workers (default: number of cores; 16 when reading an http(s):// layer).
         #[arg(long)]
         jobs: Option<usize>,
         /// Show a progress bar even when stderr is not a terminal.
@@ -401,7 +401,7 @@ enum Command {
         /// suffixes; 0 = unlimited).
         #[arg(long, default_value = "0")]
         speed: String,
-        /// Copy workers (default: number of cores).
+        /// Copy workers (default: number of cores; 16 when reading an http(s):// layer).
         #[arg(long)]
         jobs: Option<usize>,
         /// Show a progress bar even when stderr is not a terminal.
@@ -446,7 +446,7 @@ enum Command {
         /// suffixes; 0 = unlimited).
         #[arg(short = 'r', long, alias = "rate", default_value = "0")]
         speed: String,
-        /// Copy workers (default: number of cores).
+        /// Copy workers (default: number of cores; 16 when reading an http(s):// layer).
         #[arg(long)]
         jobs: Option<usize>,
         /// Show a progress bar.
@@ -633,7 +633,7 @@ file or with internal snapshots, persistent bitmaps or an external data file.")]
         /// Progress as JSON lines on stderr: --progress json.
         #[arg(long = "progress", value_name = "json")]
         progress_format: Option<String>,
-        /// Copy workers (default: number of cores).
+        /// Copy workers (default: number of cores; 16 when reading an http(s):// layer).
         #[arg(long)]
         jobs: Option<usize>,
         /// Read even if another process is writing SRC (force share).
@@ -804,7 +804,16 @@ fn progress_json(v: Option<&str>) -> Result<bool> {
 /// far beyond (`--jobs 100000`) would exhaust threads and memory instead of being refused.
 const MAX_JOBS: usize = 256;
 
-/// The number of copy workers: `--jobs`, checked, or one per core (at most [`MAX_JOBS`]).
+/// The number of copy workers of a copy (stream, rebase, commit, convert): `--jobs`,
+/// checked, or 0 for the copy's own choice (one per core; more for an HTTP source).
+fn copy_jobs(j: Option<usize>) -> Result<usize> {
+    match j {
+        None => Ok(0),
+        j => jobs(j),
+    }
+}
+
+/// The number of workers: `--jobs`, checked, or one per core (at most [`MAX_JOBS`]).
 fn jobs(j: Option<usize>) -> Result<usize> {
     match j {
         None => Ok(std::thread::available_parallelism()
@@ -1052,7 +1061,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         format: fmt_opt(&format)?,
                         base,
                         speed: size_arg("speed (--speed)", "--speed", &speed)?,
-                        jobs: jobs(j)?,
+                        jobs: copy_jobs(j)?,
                         progress: Mode::choose(json, progress, json_out),
                         json: json_out,
                         offset: offset
@@ -1162,7 +1171,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         backing_format,
                         unsafe_mode,
                         speed: size_arg("speed (--speed)", "--speed", &speed)?,
-                        jobs: jobs(j)?,
+                        jobs: copy_jobs(j)?,
                         progress: Mode::choose(json, progress, true),
                         json: json_out,
                         force_share,
@@ -1196,7 +1205,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         base,
                         keep_top,
                         speed: size_arg("rate limit (-r/--speed)", "--speed", &speed)?,
-                        jobs: jobs(j)?,
+                        jobs: copy_jobs(j)?,
                         progress: Mode::choose(json, progress, true),
                         json: matches!(output, Output::Json),
                         quiet,
@@ -1359,7 +1368,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         if let Some(m) = m {
                             parallel_arg(&m)?;
                         }
-                        jobs(j)?
+                        copy_jobs(j)?
                     }
                 };
                 let sparse = sparse_size.as_deref().map(sparse_arg).transpose()?;
