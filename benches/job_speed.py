@@ -17,12 +17,7 @@ import sys
 import tempfile
 import time
 
-MiB = 1 << 20
-
-
-def size(s):
-    units = {"K": 1 << 10, "M": MiB, "G": 1 << 30}
-    return int(float(s[:-1]) * units[s[-1]]) if s[-1] in units else int(s)
+from benchlib import MiB, add_cowimg_arg, cowimg, size
 
 
 def main():
@@ -33,12 +28,9 @@ def main():
     ap.add_argument("--settle", type=float, default=3.0, help="seconds before set-speed")
     ap.add_argument("--window", type=float, default=10.0, help="seconds measured after it")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--cowimg", help="the binary (default: cargo build --release)")
+    add_cowimg_arg(ap)
     a = ap.parse_args()
-    cow = a.cowimg and os.path.abspath(a.cowimg)
-    if not cow:
-        subprocess.run(["cargo", "build", "--release", "-q"], check=True)
-        cow = os.path.abspath("target/release/cowimg")
+    cow = cowimg(a)
     new = size(a.new)
     total = size(a.size)
     need = size(a.old) * a.settle + new * (a.window + 1)

@@ -25,19 +25,9 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
-MiB = 1 << 20
+from benchlib import MiB, add_cowimg_arg, check_same, cowimg, sh, size, stop, timed, wait_socket
 UNITS = {"bytes": 1, "KiB": 1 << 10, "MiB": MiB, "GiB": 1 << 30, "TiB": 1 << 40}
-
-
-def size(s):
-    units = {"K": 1 << 10, "M": MiB, "G": 1 << 30}
-    return int(float(s[:-1]) * units[s[-1]]) if s[-1] in units else int(s)
-
-
-def sh(*cmd, cwd=None):
-    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
 
 
 def served_reads(statsfile):
@@ -60,27 +50,11 @@ def run_one(d, delay, cmd, prepare):
                             "file", os.path.join(d, "base.raw"), f"delay-read={delay}",
                             f"statsfile={stats}"], stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 20
-        while not os.path.exists(sock):
-            if srv.poll() is not None or time.time() > deadline:
-                sys.exit(f"nbdkit did not listen: {srv.stderr.read().decode()}")
-            time.sleep(0.01)
+        wait_socket(sock, srv, "nbdkit")
         prepare()
-        # What earlier steps left dirty is written back first: else the first sync of a run
-        # (cowimg's; an ext4 journal commit) pays for it.
-        os.sync()
-        t = time.monotonic()
-        r = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
-        elapsed = time.monotonic() - t
-        if r.returncode != 0:
-            sys.exit(f"{' '.join(cmd)} failed: {r.stderr}")
+        elapsed = timed(cmd, d)
     finally:
-        srv.terminate()
-        try:
-            srv.wait(10)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        stop(srv)
     reqs, nbytes = served_reads(stats)
     return elapsed, reqs, nbytes
 
@@ -91,12 +65,9 @@ def main():
     ap.add_argument("--data", default="256M", help="data in it, in 8 MiB runs (default 256M)")
     ap.add_argument("--delays", default="2ms,10ms", help="nbdkit delay-read values")
     ap.add_argument("--runs", type=int, default=3, help="runs per tool (the median is shown)")
-    ap.add_argument("--cowimg", help="the binary (default: cargo build --release)")
+    add_cowimg_arg(ap)
     a = ap.parse_args()
-    cow = a.cowimg and os.path.abspath(a.cowimg)
-    if not cow:
-        sh("cargo", "build", "--release", "-q")
-        cow = os.path.abspath("target/release/cowimg")
+    cow = cowimg(a)
     total, data = size(a.size), size(a.data)
     runs = data // (8 * MiB)
     step = total // runs
@@ -141,11 +112,7 @@ def main():
                     tries = [run_one(d, delay, cmd, prepare) for _ in range(a.runs)]
                     elapsed = sorted(t[0] for t in tries)[len(tries) // 2]
                     _, reqs, nbytes = tries[-1]
-                    fmt = "qcow2" if result.endswith("qcow2") else "raw"
-                    c = subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", "raw", result, "base.raw"],
-                                       cwd=d, capture_output=True, text=True)
-                    if c.returncode != 0:
-                        sys.exit(f"{label}: the result differs from the base: {c.stdout}{c.stderr}")
+                    check_same(label, result, "base.raw", d)
                     times.append(elapsed)
                     # The peer is the last tool of the row; each cowimg variant against it.
                     ratio = " / ".join(f"**{t / elapsed:.2f}**" for t in times[:-1]) \

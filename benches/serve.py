@@ -29,16 +29,7 @@ except ImportError:
         os.execv("/usr/bin/python3", ["/usr/bin/python3", *sys.argv])
     sys.exit("needs python3-libnbd (Debian: apt-get install python3-libnbd)")
 
-MiB = 1 << 20
-
-
-def size(s):
-    units = {"K": 1 << 10, "M": MiB, "G": 1 << 30}
-    return int(float(s[:-1]) * units[s[-1]]) if s[-1] in units else int(s)
-
-
-def sh(*cmd, cwd=None):
-    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+from benchlib import MiB, add_cowimg_arg, cowimg, sh, size
 
 
 class Server:
@@ -135,12 +126,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="rounds, servers alternating")
     ap.add_argument("--seconds", type=float, default=5.0, help="seconds per random-I/O run")
     ap.add_argument("--stream-speed", default="100M", help="the stream's cap in the latency row")
-    ap.add_argument("--cowimg", help="the binary (default: cargo build --release)")
+    add_cowimg_arg(ap)
     a = ap.parse_args()
-    cow = a.cowimg and os.path.abspath(a.cowimg)
-    if not cow:
-        sh("cargo", "build", "--release", "-q")
-        cow = os.path.abspath("target/release/cowimg")
+    cow = cowimg(a)
     total = size(a.size)
     with tempfile.TemporaryDirectory() as d:
         sh("qemu-img", "create", "-q", "-f", "qcow2", "img.qcow2", str(total), cwd=d)
