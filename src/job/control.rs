@@ -14,7 +14,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -119,13 +119,44 @@ pub fn bind(path: &Path) -> Result<Option<UnixListener>> {
     Ok(Some(listener))
 }
 
+/// The job's end, as the accept loop sees it: its polling sleeps end as soon as it is set, so
+/// that a job's end (and the command's) never waits for a poll interval.
+#[derive(Default)]
+struct Closing {
+    set: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Closing {
+    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.set.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self) {
+        *self.lock() = true;
+        self.changed.notify_all();
+    }
+
+    fn is_set(&self) -> bool {
+        *self.lock()
+    }
+
+    /// Waits `d`, or less when the job ends meanwhile.
+    fn sleep(&self, d: Duration) {
+        let set = self.lock();
+        if !*set {
+            let _ = self.changed.wait_timeout(set, d);
+        }
+    }
+}
+
 /// A running control server; dropping it stops it, lets clients that connected read their
 /// replies (at most two seconds), and removes the socket.
 pub struct ControlServer {
     path: PathBuf,
     /// Set when the job has ended: the accept loop takes the connections still queued, then
     /// ends.
-    closing: Arc<AtomicBool>,
+    closing: Arc<Closing>,
     /// Set last: client threads stop.
     stop: Arc<AtomicBool>,
     /// Connections being served, and `job-wait`s in progress.
@@ -139,7 +170,7 @@ impl ControlServer {
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io("control socket", e))?;
-        let closing = Arc::new(AtomicBool::new(false));
+        let closing = Arc::new(Closing::default());
         let stop = Arc::new(AtomicBool::new(false));
         let clients = Arc::new(AtomicUsize::new(0));
         let thread = {
@@ -169,7 +200,7 @@ impl Drop for ControlServer {
         // racing the job's end) is accepted by the loop's last round and still gets its
         // reply, which now says how the job ended.
         let _ = std::fs::remove_file(&self.path);
-        self.closing.store(true, Ordering::SeqCst);
+        self.closing.set();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -184,14 +215,14 @@ impl Drop for ControlServer {
 fn accept_loop(
     job: Arc<JobHandle>,
     listener: UnixListener,
-    closing: &AtomicBool,
+    closing: &Closing,
     stop: Arc<AtomicBool>,
     clients: Arc<AtomicUsize>,
 ) {
     let mut last_sample = Instant::now();
     loop {
         // Read before accepting: once it is set, this round empties the queue and ends.
-        let last_round = closing.load(Ordering::SeqCst);
+        let last_round = closing.is_set();
         if last_sample.elapsed() >= Duration::from_millis(250) {
             job.sample();
             last_sample = Instant::now();
@@ -212,11 +243,11 @@ fn accept_loop(
                 if spawned.is_err() {
                     // Out of threads: that client is dropped; the job goes on.
                     counted.fetch_sub(1, Ordering::SeqCst);
-                    std::thread::sleep(POLL);
+                    closing.sleep(POLL);
                 }
             }
             Err(_) if last_round => return,
-            Err(_) => std::thread::sleep(POLL),
+            Err(_) => closing.sleep(POLL),
         }
     }
 }
