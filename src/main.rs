@@ -283,7 +283,7 @@ enum Command {
         /// suffixes; 0 = unlimited).
         #[arg(long, default_value = "0")]
         speed: String,
-        /// Copy workers (default: number of cores; 16 when reading an http(s):// layer).
+        /// Copy workers (default: number of cores; at least 8 for an NBD source, 16 for HTTP(S)).
         #[arg(long)]
         jobs: Option<usize>,
         /// Show a progress bar even when stderr is not a terminal.
@@ -401,7 +401,7 @@ enum Command {
         /// suffixes; 0 = unlimited).
         #[arg(long, default_value = "0")]
         speed: String,
-        /// Copy workers (default: number of cores; 16 when reading an http(s):// layer).
+        /// Copy workers (default: number of cores; at least 8 for an NBD source, 16 for HTTP(S)).
         #[arg(long)]
         jobs: Option<usize>,
         /// Show a progress bar even when stderr is not a terminal.
@@ -446,7 +446,7 @@ enum Command {
         /// suffixes; 0 = unlimited).
         #[arg(short = 'r', long, alias = "rate", default_value = "0")]
         speed: String,
-        /// Copy workers (default: number of cores; 16 when reading an http(s):// layer).
+        /// Copy workers (default: number of cores; at least 8 for an NBD source, 16 for HTTP(S)).
         #[arg(long)]
         jobs: Option<usize>,
         /// Show a progress bar.
@@ -633,7 +633,7 @@ file or with internal snapshots, persistent bitmaps or an external data file.")]
         /// Progress as JSON lines on stderr: --progress json.
         #[arg(long = "progress", value_name = "json")]
         progress_format: Option<String>,
-        /// Copy workers (default: number of cores; 16 when reading an http(s):// layer).
+        /// Copy workers (default: number of cores; at least 8 for an NBD source, 16 for HTTP(S)).
         #[arg(long)]
         jobs: Option<usize>,
         /// Read even if another process is writing SRC (force share).

@@ -107,7 +107,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand checksum" -s h -l help -d 
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s f -l format -d 'Format of FILE (qcow2 or qed); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -s b -l base -d 'The backing file to keep (matched by resolved path); default: none' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l speed -d 'Cap on bytes copied per second, or read over the network where more (K, M, G suffixes; 0 = unlimited)' -r
-complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l jobs -d 'Copy workers (default: number of cores; 16 when reading an http(s):// layer)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l jobs -d 'Copy workers (default: number of cores; at least 8 for an NBD source, 16 for HTTP(S))' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l progress -d 'Progress as JSON lines on stderr: --progress json' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand stream" -l output -d 'Output format of the result: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
 json\t'One JSON document on stdout, with qemu-img\'s keys'"
@@ -145,7 +145,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s f -l format -d 
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s b -l backing -d 'The new backing file, stored as given (relative to FILE\'s directory); "" for none' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s F -l backing-format -d 'Format of the new backing file (required with a non-empty -b)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l speed -d 'Cap on bytes copied per second, or read over the network where more (K, M, G suffixes; 0 = unlimited)' -r
-complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l jobs -d 'Copy workers (default: number of cores; 16 when reading an http(s):// layer)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l jobs -d 'Copy workers (default: number of cores; at least 8 for an NBD source, 16 for HTTP(S))' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l progress -d 'Progress as JSON lines on stderr: --progress json' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -l output -d 'Output format of the result: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
 json\t'One JSON document on stdout, with qemu-img\'s keys'"
@@ -161,7 +161,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand rebase" -s h -l help -d 'P
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s f -l format -d 'Format of TOP (qcow2, qed or raw); probed from its contents when absent' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s b -l base -d 'The image to commit into (in TOP\'s backing chain; default: TOP\'s backing file). Implies -d; the images between BASE and TOP no longer read as before' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -s r -l speed -d 'Cap on bytes copied per second, or read over the network where more (K, M, G suffixes; 0 = unlimited)' -r
-complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l jobs -d 'Copy workers (default: number of cores; 16 when reading an http(s):// layer)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l jobs -d 'Copy workers (default: number of cores; at least 8 for an NBD source, 16 for HTTP(S))' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l progress -d 'Progress as JSON lines on stderr: --progress json' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand commit" -l output -d 'Output format of the result: human or json' -r -f -a "human\t'Text for people, laid out as qemu-img lays it out'
 json\t'One JSON document on stdout, with qemu-img\'s keys'"
@@ -251,7 +251,7 @@ complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s f -d 'Format o
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s O -d 'Output format: raw, qcow2 or qed' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s o -d 'Options of the output format, as for create: cluster_size=2M,compression_type=zstd,...' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l progress -d 'Progress as JSON lines on stderr: --progress json' -r
-complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l jobs -d 'Copy workers (default: number of cores; 16 when reading an http(s):// layer)' -r
+complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -l jobs -d 'Copy workers (default: number of cores; at least 8 for an NBD source, 16 for HTTP(S))' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s B -l backing -d 'Make DST an overlay of BACKING holding only what SRC\'s top layer holds (as qemu-img: SRC\'s own backing chain is assumed to read as BACKING does)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s F -l backing-format -d 'Format of BACKING (required with -B, as qemu-img requires it)' -r
 complete -c cowimg -n "__fish_cowimg_using_subcommand convert" -s S -l sparse-size -d 'Zeros must run this long (a multiple of 512, up to 16M) to be left as holes; 0 writes every byte (a fully allocated DST). Default: every zero allocation unit' -r
