@@ -191,6 +191,52 @@ fn qemu_nbd_exports_of_qcow2_over_tcp_and_unix_in_every_url_form() {
 }
 
 #[test]
+fn qemu_nbd_with_allocation_depth_exports_a_chain_that_reads_and_maps_as_in_qemu() {
+    let s = Scratch::new();
+    sparse_source(&s, "src.raw");
+    s.qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "src.raw",
+        "base.qcow2",
+    ]);
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    s.qemu_io("top.qcow2", &["write -P 0x5a 4M 128k", "write -z 8M 64k"]);
+    s.qemu_img(&["convert", "-O", "raw", "top.qcow2", "chain.raw"]);
+    // -A adds the qemu:allocation-depth context beside base:allocation; the client asks
+    // for base:allocation only and must get its answers, not the other context's.
+    let srv = Server::qemu_nbd_unix(
+        s.dir.path(),
+        "top",
+        &["-r", "-t", "-A", "-f", "qcow2"],
+        &s.path("top.qcow2"),
+    );
+    converts_like_qemu(&s, &srv.url, "raw", Some("chain.raw"));
+    maps_like_qemu(&s, &srv.url, &["-f", "raw"]);
+    // And as the backing file of a local overlay, streamed into it.
+    s.qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &srv.url, "-F", "raw", "ov.qcow2",
+    ]);
+    s.cowimg_ok(&["stream", "ov.qcow2"]);
+    s.assert_clean("ov.qcow2");
+    s.qemu_img(&["convert", "-O", "raw", "ov.qcow2", "ov.raw"]);
+    assert_eq!(s.read_file("ov.raw"), s.read_file("chain.raw"));
+}
+
+#[test]
 fn overlays_on_an_nbd_backing_read_map_and_stream_without_writing_the_base() {
     let s = Scratch::new();
     let (srv, log) = logged_sparse_export(&s);
