@@ -547,3 +547,50 @@ fn a_server_restarted_on_another_export_size_stops_the_stream_before_mixing() {
     s.qemu_img(&["convert", "-O", "raw", "ov.qcow2", "out.raw"]);
     assert!(s.read_file("out.raw") == s.read_file("base.raw"));
 }
+
+/// The connections that served `Read`s, from nbdkit's log filter.
+fn read_connections(log: &std::path::Path) -> std::collections::BTreeSet<u32> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" Read "))
+        .map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("connection="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no connection in {l}"))
+        })
+        .collect()
+}
+
+#[test]
+fn reads_spread_over_connections_only_when_the_server_allows_multi_conn() {
+    let s = Scratch::new();
+    // 24 MiB of data 2 ms a read away: long enough for the background connections to join.
+    s.qemu_img(&["create", "-q", "-f", "raw", "big.raw", "32M"]);
+    s.qemu_io("big.raw", &["write -P 0x5a 0 24M"]);
+    for (mode, several) in [("emulate", true), ("disable", false)] {
+        let log = s.path(&format!("{mode}.log"));
+        let srv = Server::nbdkit(
+            s.dir.path(),
+            &["--filter=log", "--filter=multi-conn", "--filter=delay"],
+            &[
+                "file",
+                s.path("big.raw").to_str().unwrap(),
+                &format!("logfile={}", log.display()),
+                &format!("multi-conn-mode={mode}"),
+                "delay-read=2ms",
+            ],
+        );
+        s.cowimg_ok(&["convert", "-f", "raw", "-O", "raw", &srv.url, "out.raw"]);
+        assert_eq!(s.read_file("out.raw"), s.read_file("big.raw"), "{mode}");
+        drop(srv);
+        let conns = read_connections(&log);
+        if several {
+            assert!(conns.len() >= 2, "multi-conn offered, reads on {conns:?}");
+        } else {
+            assert_eq!(conns.len(), 1, "no multi-conn, reads on {conns:?}");
+        }
+        std::fs::remove_file(s.path("out.raw")).unwrap();
+    }
+}
