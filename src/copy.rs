@@ -32,24 +32,28 @@ const ZERO_PIECE: u64 = 1 << 30;
 
 /// Test hook for the crash tests: `COWIMG_TEST_ABORT_AFTER_CHUNKS=N` aborts the process (as a
 /// kill would) once N chunks have been written, whether or not their batch was committed.
+/// Only in builds with the `fault-injection` feature (the tests'); else always `None`.
 fn fault_hook() -> Option<u64> {
     static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
-    *LIMIT.get_or_init(|| {
-        std::env::var("COWIMG_TEST_ABORT_AFTER_CHUNKS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    })
+    test_env(&LIMIT, "COWIMG_TEST_ABORT_AFTER_CHUNKS")
 }
 
 /// Test hook: `COWIMG_TEST_BATCH_BYTES` sets the data per commit, so that crash tests see
-/// several commits in a small image.
+/// several commits in a small image (`fault-injection` builds only).
 fn test_batch_bytes() -> Option<u64> {
     static BYTES: OnceLock<Option<u64>> = OnceLock::new();
-    *BYTES.get_or_init(|| {
-        std::env::var("COWIMG_TEST_BATCH_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    })
+    test_env(&BYTES, "COWIMG_TEST_BATCH_BYTES")
+}
+
+/// The number in the environment variable `name`, read once into `cell`.
+#[cfg(feature = "fault-injection")]
+fn test_env(cell: &OnceLock<Option<u64>>, name: &str) -> Option<u64> {
+    *cell.get_or_init(|| std::env::var(name).ok().and_then(|v| v.parse().ok()))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn test_env(_: &OnceLock<Option<u64>>, _: &str) -> Option<u64> {
+    None
 }
 
 static CHUNKS_DONE: AtomicU64 = AtomicU64::new(0);

@@ -9,8 +9,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 /// Byte-addressed storage under an image (a file, or a test double).
 pub trait Storage: Send + Sync + Debug {
@@ -76,8 +75,12 @@ const ZERO_PIECE: u64 = 1 << 20;
 /// the process kills itself (SIGKILL, as `kill -9` would) just before its Nth change to a file:
 /// a write, sync or resize of [`FileStorage`], or a step of renaming a new output into place.
 /// Running with N = 1, 2, ... until a run completes visits every write/sync boundary.
-/// Without the variable this is one load of a cached `None`.
+/// Without the variable this is one load of a cached `None`; without the `fault-injection`
+/// feature (a normal build), nothing at all.
+#[cfg(feature = "fault-injection")]
 pub fn fault_point() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
     static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
     static COUNT: AtomicU64 = AtomicU64::new(0);
     let limit = *LIMIT.get_or_init(|| {
@@ -94,6 +97,11 @@ pub fn fault_point() {
         }
     }
 }
+
+/// A normal build has no fault points (see the `fault-injection` feature).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn fault_point() {}
 
 /// Writes at least this large get an early writeback hint.
 const WRITEBACK_HINT_MIN: usize = 256 << 10;
