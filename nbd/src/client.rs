@@ -55,34 +55,52 @@ const MAX_ZERO_REQUEST: u64 = 0xffff_0000;
 /// What went wrong talking to a server.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The connection could not be opened.
     #[error("cannot connect to {address}: {source}")]
     Connect {
+        /// The server's address as given (`host:port` or a socket path).
         address: String,
+        /// Why (refused, no such socket, ...).
         #[source]
         source: io::Error,
     },
+    /// Reading or writing the socket failed.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done.
         context: String,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
+    /// The server sent something the protocol does not allow.
     #[error("the server broke the NBD protocol: {0}")]
     Protocol(#[from] ProtocolError),
+    /// The server answered an option of the handshake with an error.
     #[error("the server refused {option}: {reason}{}", if .message.is_empty() { String::new() } else { format!(" ({})", .message) })]
     Refused {
+        /// The option (`NBD_OPT_GO`, ...).
         option: &'static str,
+        /// The error reply, in words ("export not found", ...).
         reason: &'static str,
+        /// The server's own message, if it sent one.
         message: String,
     },
+    /// The server answered a request with an error.
     #[error("the server failed a {command} of {len} bytes at offset {offset}: {}{}", codec::errno::describe(*.code), if .message.is_empty() { String::new() } else { format!(": {}", .message) })]
     Command {
+        /// The command (`read`, `write`, ...).
         command: &'static str,
+        /// Where the request started.
         offset: u64,
+        /// Its length.
         len: u64,
+        /// The NBD error code ([`codec::errno`]).
         code: u32,
+        /// The server's message from a structured error chunk, if any.
         message: String,
     },
+    /// The connection failed earlier (or timed out) and takes no more requests.
     #[error("the connection to the server is broken: {0}")]
     Broken(String),
     /// A request the export cannot take (out of range, read-only, not offered).
@@ -90,6 +108,7 @@ pub enum Error {
     Invalid(String),
 }
 
+/// The client's results.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// What the handshake established about the export.
@@ -112,10 +131,12 @@ pub struct ExportInfo {
 }
 
 impl ExportInfo {
+    /// The export refuses writes.
     pub fn read_only(&self) -> bool {
         self.flags & tflags::READ_ONLY != 0
     }
 
+    /// The transmission flag `flag` ([`tflags`]) is set.
     pub fn has(&self, flag: u16) -> bool {
         self.flags & flag != 0
     }
@@ -799,7 +820,7 @@ fn read_chunk(
     Ok(())
 }
 
-/// A request sent; [`Ticket::wait`] gives its outcome.
+/// A request sent; [`Ticket::done`] or [`Ticket::data`] gives its outcome.
 pub struct Ticket {
     rx: mpsc::Receiver<Result<Done>>,
 }
@@ -1147,7 +1168,7 @@ impl Drop for Client {
 
 /// Reads `buf.len()` bytes at `offset` through `clients` (connections to one export; several
 /// when the server allows multi-conn), in pieces of at most `piece` bytes handed out
-/// round-robin from connection `first`, up to [`READ_DEPTH`] per connection in flight.
+/// round-robin from connection `first`, up to `READ_DEPTH` (16) per connection in flight.
 /// Unaligned reads are widened to the minimum block size.
 pub fn read_across(
     clients: &[&Client],
@@ -1202,7 +1223,7 @@ pub fn read_across(
 
 /// Writes `data` at `offset` through `clients` (connections to one export; several when the
 /// server allows multi-conn), in pieces of at most `piece` bytes (aligned to the minimum block
-/// size) handed out round-robin from connection `first`, up to [`READ_DEPTH`] per connection
+/// size) handed out round-robin from connection `first`, up to `READ_DEPTH` (16) per connection
 /// in flight. Returns once every piece is answered: a FLUSH sent afterwards covers them all.
 pub fn write_across(
     clients: &[&Client],

@@ -35,75 +35,125 @@ pub const MAX_EXTENTS: usize = 1 << 20;
 
 /// Handshake flags (server greeting) and client flags share bit meanings.
 pub mod handshake {
+    /// The server speaks the fixed newstyle negotiation (option haggling with replies).
     pub const FIXED_NEWSTYLE: u16 = 1 << 0;
+    /// The 124 bytes of zeros after the export info of `NBD_OPT_EXPORT_NAME` are left out.
     pub const NO_ZEROES: u16 = 1 << 1;
 }
 
 /// Option codes.
 pub mod opt {
+    /// `NBD_OPT_EXPORT_NAME`: choose an export and end the handshake (no error reply possible).
     pub const EXPORT_NAME: u32 = 1;
+    /// `NBD_OPT_ABORT`: end the negotiation without using an export.
     pub const ABORT: u32 = 2;
+    /// `NBD_OPT_LIST`: list the exports.
     pub const LIST: u32 = 3;
+    /// `NBD_OPT_STARTTLS`: upgrade to TLS (not offered by cowimg).
     pub const STARTTLS: u32 = 5;
+    /// `NBD_OPT_INFO`: ask about an export without choosing it.
     pub const INFO: u32 = 6;
+    /// `NBD_OPT_GO`: choose an export and end the handshake, with errors reported.
     pub const GO: u32 = 7;
+    /// `NBD_OPT_STRUCTURED_REPLY`: replies come in chunks (needed for block status).
     pub const STRUCTURED_REPLY: u32 = 8;
+    /// `NBD_OPT_LIST_META_CONTEXT`: ask which metadata contexts an export has.
     pub const LIST_META_CONTEXT: u32 = 9;
+    /// `NBD_OPT_SET_META_CONTEXT`: choose the metadata contexts block status reports.
     pub const SET_META_CONTEXT: u32 = 10;
+    /// `NBD_OPT_EXTENDED_HEADERS`: 64-bit lengths in requests and replies (not used).
     pub const EXTENDED_HEADERS: u32 = 11;
 }
 
 /// Option reply types; errors have bit 31 set.
 pub mod rep {
+    /// `NBD_REP_ACK`: the option is done.
     pub const ACK: u32 = 1;
+    /// `NBD_REP_SERVER`: one export of a list.
     pub const SERVER: u32 = 2;
+    /// `NBD_REP_INFO`: one piece of information about an export.
     pub const INFO: u32 = 3;
+    /// `NBD_REP_META_CONTEXT`: one metadata context and its id.
     pub const META_CONTEXT: u32 = 4;
+    /// Set in every error reply type.
     pub const ERR_BIT: u32 = 1 << 31;
+    /// `NBD_REP_ERR_UNSUP`: the option is not known to the server.
     pub const ERR_UNSUP: u32 = ERR_BIT | 1;
+    /// `NBD_REP_ERR_POLICY`: the server forbids it.
     pub const ERR_POLICY: u32 = ERR_BIT | 2;
+    /// `NBD_REP_ERR_INVALID`: the option is malformed.
     pub const ERR_INVALID: u32 = ERR_BIT | 3;
+    /// `NBD_REP_ERR_PLATFORM`: not supported on the server's platform.
     pub const ERR_PLATFORM: u32 = ERR_BIT | 4;
+    /// `NBD_REP_ERR_TLS_REQD`: TLS must be negotiated first.
     pub const ERR_TLS_REQD: u32 = ERR_BIT | 5;
+    /// `NBD_REP_ERR_UNKNOWN`: no such export.
     pub const ERR_UNKNOWN: u32 = ERR_BIT | 6;
+    /// `NBD_REP_ERR_SHUTDOWN`: the server is shutting down.
     pub const ERR_SHUTDOWN: u32 = ERR_BIT | 7;
+    /// `NBD_REP_ERR_BLOCK_SIZE_REQD`: the client must ask for block sizes.
     pub const ERR_BLOCK_SIZE_REQD: u32 = ERR_BIT | 8;
+    /// `NBD_REP_ERR_TOO_BIG`: the request or reply would be too large.
     pub const ERR_TOO_BIG: u32 = ERR_BIT | 9;
+    /// `NBD_REP_ERR_EXT_HEADER_REQD`: extended headers must be negotiated first.
     pub const ERR_EXT_HEADER_REQD: u32 = ERR_BIT | 10;
 }
 
 /// Information types of `NBD_OPT_INFO`/`NBD_OPT_GO`.
 pub mod info {
+    /// `NBD_INFO_EXPORT`: the export's size and transmission flags.
     pub const EXPORT: u16 = 0;
+    /// `NBD_INFO_NAME`: the export's canonical name.
     pub const NAME: u16 = 1;
+    /// `NBD_INFO_DESCRIPTION`: a human-readable description.
     pub const DESCRIPTION: u16 = 2;
+    /// `NBD_INFO_BLOCK_SIZE`: minimum, preferred and maximum block sizes.
     pub const BLOCK_SIZE: u16 = 3;
 }
 
 /// Transmission flags of an export.
 pub mod tflags {
+    /// `NBD_FLAG_HAS_FLAGS`: the other flags are meaningful (always set).
     pub const HAS_FLAGS: u16 = 1 << 0;
+    /// `NBD_FLAG_READ_ONLY`: writes are refused.
     pub const READ_ONLY: u16 = 1 << 1;
+    /// `NBD_FLAG_SEND_FLUSH`: the server accepts `NBD_CMD_FLUSH`.
     pub const SEND_FLUSH: u16 = 1 << 2;
+    /// `NBD_FLAG_SEND_FUA`: the server honours the FUA flag.
     pub const SEND_FUA: u16 = 1 << 3;
+    /// `NBD_FLAG_ROTATIONAL`: the storage is a spinning disk (a scheduling hint).
     pub const ROTATIONAL: u16 = 1 << 4;
+    /// `NBD_FLAG_SEND_TRIM`: the server accepts `NBD_CMD_TRIM`.
     pub const SEND_TRIM: u16 = 1 << 5;
+    /// `NBD_FLAG_SEND_WRITE_ZEROES`: the server accepts `NBD_CMD_WRITE_ZEROES`.
     pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
+    /// `NBD_FLAG_SEND_DF`: the server honours the DF (do not fragment) flag of reads.
     pub const SEND_DF: u16 = 1 << 7;
+    /// `NBD_FLAG_CAN_MULTI_CONN`: several connections see each other's writes and a flush on one covers all.
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
+    /// `NBD_FLAG_SEND_CACHE`: the server accepts `NBD_CMD_CACHE`.
     pub const SEND_CACHE: u16 = 1 << 10;
+    /// `NBD_FLAG_SEND_FAST_ZERO`: the server honours the FAST_ZERO flag of zero writes.
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
 }
 
 /// Command types.
 pub mod cmd {
+    /// `NBD_CMD_READ`.
     pub const READ: u16 = 0;
+    /// `NBD_CMD_WRITE`.
     pub const WRITE: u16 = 1;
+    /// `NBD_CMD_DISC`: the client disconnects.
     pub const DISC: u16 = 2;
+    /// `NBD_CMD_FLUSH`: what was acknowledged is made durable.
     pub const FLUSH: u16 = 3;
+    /// `NBD_CMD_TRIM`: the range may be discarded.
     pub const TRIM: u16 = 4;
+    /// `NBD_CMD_CACHE`: a prefetch hint.
     pub const CACHE: u16 = 5;
+    /// `NBD_CMD_WRITE_ZEROES`.
     pub const WRITE_ZEROES: u16 = 6;
+    /// `NBD_CMD_BLOCK_STATUS`: extents of the negotiated metadata contexts.
     pub const BLOCK_STATUS: u16 = 7;
 
     /// The command's name, for messages.
@@ -124,21 +174,33 @@ pub mod cmd {
 
 /// Command flags.
 pub mod cmd_flags {
+    /// `NBD_CMD_FLAG_FUA`: durable before it is answered.
     pub const FUA: u16 = 1 << 0;
+    /// `NBD_CMD_FLAG_NO_HOLE`: a zero write must allocate (not punch a hole).
     pub const NO_HOLE: u16 = 1 << 1;
+    /// `NBD_CMD_FLAG_DF`: the read's reply must not be fragmented.
     pub const DF: u16 = 1 << 2;
+    /// `NBD_CMD_FLAG_REQ_ONE`: one extent per context is enough.
     pub const REQ_ONE: u16 = 1 << 3;
+    /// `NBD_CMD_FLAG_FAST_ZERO`: fail rather than zero slowly.
     pub const FAST_ZERO: u16 = 1 << 4;
 }
 
 /// Structured reply chunk types and flags.
 pub mod chunk {
+    /// `NBD_REPLY_FLAG_DONE`: the last chunk of a reply.
     pub const FLAG_DONE: u16 = 1 << 0;
+    /// `NBD_REPLY_TYPE_NONE`: no payload (ends a reply).
     pub const NONE: u16 = 0;
+    /// `NBD_REPLY_TYPE_OFFSET_DATA`: data at an offset.
     pub const OFFSET_DATA: u16 = 1;
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE`: a range that reads as zeros.
     pub const OFFSET_HOLE: u16 = 2;
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS`: extents of one metadata context.
     pub const BLOCK_STATUS: u16 = 5;
+    /// `NBD_REPLY_TYPE_ERROR`: the request failed.
     pub const ERROR: u16 = (1 << 15) | 1;
+    /// `NBD_REPLY_TYPE_ERROR_OFFSET`: the request failed at an offset.
     pub const ERROR_OFFSET: u16 = (1 << 15) | 2;
     /// Chunk types with this bit are errors, known or not.
     pub const ERROR_BIT: u16 = 1 << 15;
@@ -146,7 +208,9 @@ pub mod chunk {
 
 /// `base:allocation` extent flags.
 pub mod state {
+    /// `NBD_STATE_HOLE`: not allocated.
     pub const HOLE: u32 = 1 << 0;
+    /// `NBD_STATE_ZERO`: reads as zeros.
     pub const ZERO: u32 = 1 << 1;
 }
 
@@ -155,13 +219,21 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// Error values of replies.
 pub mod errno {
+    /// Operation not permitted (a write to a read-only export).
     pub const EPERM: u32 = 1;
+    /// Input/output error.
     pub const EIO: u32 = 5;
+    /// Out of memory.
     pub const ENOMEM: u32 = 12;
+    /// Invalid argument.
     pub const EINVAL: u32 = 22;
+    /// No space left.
     pub const ENOSPC: u32 = 28;
+    /// Value too large (a request past the end, or too long).
     pub const EOVERFLOW: u32 = 75;
+    /// Not supported (FAST_ZERO that cannot be fast).
     pub const ENOTSUP: u32 = 95;
+    /// The server is shutting down.
     pub const ESHUTDOWN: u32 = 108;
 
     /// The error's name and meaning, for messages; values the specification does not define
@@ -304,11 +376,14 @@ pub fn decode_greeting(b: &[u8; 18]) -> Result<u16> {
 /// An option request: code and data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OptionRequest {
+    /// The option (`opt::*`).
     pub code: u32,
+    /// Its data.
     pub data: Vec<u8>,
 }
 
 impl OptionRequest {
+    /// The bytes sent on the wire.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.data.len());
         out.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -339,11 +414,14 @@ impl OptionRequest {
 /// The data of `NBD_OPT_INFO` and `NBD_OPT_GO`: an export name and the information asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GoRequest {
+    /// The export's name ("" for the default export).
     pub export: String,
+    /// The information asked for (`info::*`).
     pub infos: Vec<u16>,
 }
 
 impl GoRequest {
+    /// The bytes sent on the wire.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         put_string(&mut out, &self.export);
@@ -354,6 +432,7 @@ impl GoRequest {
         out
     }
 
+    /// Decodes what was received, checking every length against the bytes there.
     pub fn decode(b: &[u8]) -> Result<GoRequest> {
         let mut r = Reader::new(b, "NBD_OPT_GO data");
         let len = r.u32()? as usize;
@@ -368,11 +447,14 @@ impl GoRequest {
 /// The data of `NBD_OPT_SET_META_CONTEXT` / `NBD_OPT_LIST_META_CONTEXT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MetaContextRequest {
+    /// The export's name.
     pub export: String,
+    /// The contexts asked for (`base:allocation`, ...).
     pub queries: Vec<String>,
 }
 
 impl MetaContextRequest {
+    /// The bytes sent on the wire.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         put_string(&mut out, &self.export);
@@ -383,6 +465,7 @@ impl MetaContextRequest {
         out
     }
 
+    /// Decodes what was received, checking every length against the bytes there.
     pub fn decode(b: &[u8]) -> Result<MetaContextRequest> {
         let mut r = Reader::new(b, "meta context request data");
         let len = r.u32()? as usize;
@@ -403,12 +486,16 @@ impl MetaContextRequest {
 /// The header of an option reply (20 bytes); its data follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OptionReplyHeader {
+    /// The option answered.
     pub option: u32,
+    /// The reply type (`rep::*`).
     pub reply: u32,
+    /// The length of the data that follows.
     pub len: u32,
 }
 
 impl OptionReplyHeader {
+    /// The bytes sent on the wire.
     pub fn encode(&self) -> [u8; 20] {
         let mut b = [0u8; 20];
         b[..8].copy_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
@@ -464,15 +551,24 @@ pub fn option_error_name(reply: u32) -> &'static str {
 /// One `NBD_REP_INFO` payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Info {
+    /// `NBD_INFO_EXPORT`.
     Export {
+        /// The export's size in bytes.
         size: u64,
+        /// Its transmission flags ([`tflags`]).
         flags: u16,
     },
+    /// `NBD_INFO_NAME`: the canonical name.
     Name(String),
+    /// `NBD_INFO_DESCRIPTION`.
     Description(String),
+    /// `NBD_INFO_BLOCK_SIZE`.
     BlockSize {
+        /// Requests must be aligned to this.
         minimum: u32,
+        /// Requests of this size (and alignment) are served best.
         preferred: u32,
+        /// The largest payload the server takes.
         maximum: u32,
     },
     /// A type this codec does not know (clients ignore it).
@@ -480,6 +576,7 @@ pub enum Info {
 }
 
 impl Info {
+    /// The bytes sent on the wire.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self {
@@ -566,17 +663,21 @@ impl Info {
 /// One `NBD_REP_META_CONTEXT` payload: the id the server gave the context, and its name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MetaContext {
+    /// The id block status replies name the context by.
     pub id: u32,
+    /// The context's name (`base:allocation`, ...).
     pub name: String,
 }
 
 impl MetaContext {
+    /// The bytes sent on the wire.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = self.id.to_be_bytes().to_vec();
         out.extend_from_slice(self.name.as_bytes());
         out
     }
 
+    /// Decodes what was received, checking every length against the bytes there.
     pub fn decode(b: &[u8]) -> Result<MetaContext> {
         let mut r = Reader::new(b, "an NBD_REP_META_CONTEXT reply");
         let id = r.u32()?;
@@ -607,14 +708,20 @@ pub fn encode_export_name_reply(size: u64, flags: u16) -> [u8; 10] {
 /// A request header (28 bytes); a write's data follows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
+    /// Command flags (`cmd_flags::*`).
     pub flags: u16,
+    /// The command (`cmd::*`).
     pub kind: u16,
+    /// Chosen by the client; the reply carries it back.
     pub cookie: u64,
+    /// Where in the export.
     pub offset: u64,
+    /// How many bytes (a write's payload length).
     pub len: u32,
 }
 
 impl Request {
+    /// The bytes sent on the wire.
     pub fn encode(&self) -> [u8; 28] {
         let mut b = [0u8; 28];
         b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -626,6 +733,7 @@ impl Request {
         b
     }
 
+    /// Decodes what was received, checking every length against the bytes there.
     pub fn decode(b: &[u8; 28]) -> Result<Request> {
         let mut r = Reader::new(b, "a request");
         if r.u32()? != REQUEST_MAGIC {
@@ -645,12 +753,21 @@ impl Request {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplyHeader {
     /// A simple reply; a successful read's data follows (as long as the request).
-    Simple { error: u32, cookie: u64 },
+    Simple {
+        /// 0, or the NBD error code ([`errno`]).
+        error: u32,
+        /// The request's cookie.
+        cookie: u64,
+    },
     /// A structured reply chunk; `len` bytes of payload follow.
     Chunk {
+        /// Reply flags ([`chunk::FLAG_DONE`]).
         flags: u16,
+        /// The chunk type (`chunk::*`).
         kind: u16,
+        /// The request's cookie.
         cookie: u64,
+        /// The payload's length.
         len: u32,
     },
 }
@@ -692,6 +809,7 @@ impl ReplyHeader {
         Ok(Some((h, n)))
     }
 
+    /// The bytes sent on the wire.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(20);
         match *self {
@@ -720,34 +838,48 @@ impl ReplyHeader {
 /// One block status extent: `len` bytes with `flags` ([`state`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
+    /// Its length in bytes.
     pub len: u32,
+    /// Its state ([`state`]).
     pub flags: u32,
 }
 
 /// The payload of a structured reply chunk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Chunk<'a> {
+    /// No payload: the end of a reply.
     None,
     /// Data at an absolute offset of the export.
     OffsetData {
+        /// Where the data goes.
         offset: u64,
+        /// The bytes.
         data: &'a [u8],
     },
     /// A range that reads as zeros.
     OffsetHole {
+        /// Where it starts.
         offset: u64,
+        /// Its length.
         len: u32,
     },
+    /// The extents of one metadata context, back to back from the request's offset.
     BlockStatus {
+        /// The context's id ([`MetaContext::id`]).
         context: u32,
+        /// The extents.
         extents: Vec<Extent>,
     },
     /// An error; `offset` (from `ERROR_OFFSET`) is where it happened. `kind` is the chunk
     /// type (unknown types with the error bit are errors too).
     Error {
+        /// The chunk type.
         kind: u16,
+        /// The NBD error code ([`errno`]).
         code: u32,
+        /// The server's message.
         message: String,
+        /// Where the error happened, when the server says.
         offset: Option<u64>,
     },
 }
@@ -833,6 +965,7 @@ impl<'a> Chunk<'a> {
         Ok(c)
     }
 
+    /// The bytes sent on the wire.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self {

@@ -17,13 +17,21 @@ pub const DEFAULT_PORT: u16 = 10809;
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Address {
-    Tcp { host: String, port: u16 },
+    /// A TCP host (a name or an address; IPv6 without brackets) and port.
+    Tcp {
+        /// The host.
+        host: String,
+        /// The port ([`DEFAULT_PORT`] when the name gives none).
+        port: u16,
+    },
+    /// A Unix socket's path.
     Unix(PathBuf),
 }
 
 /// An export of a server: what an NBD name designates.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
+    /// Where the server listens.
     pub address: Address,
     /// The export name (`""` is the server's default export).
     pub export: String,

@@ -33,11 +33,14 @@ pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 /// message for structured error chunks and the server's log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendError {
+    /// The NBD error value ([`errno`]).
     pub errno: u32,
+    /// What happened, in words.
     pub message: String,
 }
 
 impl BackendError {
+    /// An error `errno` saying `message`.
     pub fn new(errno: u32, message: impl Into<String>) -> Self {
         BackendError {
             errno,
@@ -90,17 +93,21 @@ pub trait Backend: Send + Sync {
 
 /// One export: a name clients ask for, and the backend behind it.
 pub struct Export {
+    /// The name clients ask for (`""`: the default export).
     pub name: String,
     /// Shown by `nbdinfo` (`NBD_INFO_DESCRIPTION`, and `NBD_OPT_LIST`).
     pub description: String,
+    /// What serves its requests.
     pub backend: Arc<dyn Backend>,
 }
 
 /// Why a connection ended other than by the client's disconnect.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
+    /// The socket failed.
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// The client sent something the protocol does not allow.
     #[error("the client broke the NBD protocol: {0}")]
     Protocol(#[from] ProtocolError),
 }
