@@ -12,6 +12,7 @@ pub enum CheckMode {
 }
 
 impl CheckMode {
+    /// The mode writes (any repair).
     pub fn repairs(self) -> bool {
         self != CheckMode::ReadOnly
     }
@@ -26,6 +27,7 @@ pub struct LostData {
     pub layer: String,
     /// Guest byte range that no longer reads the old (broken) mapping.
     pub offset: u64,
+    /// Its length in bytes.
     pub length: u64,
     /// Why the mapping was broken, and what the range reads now.
     pub reason: String,
@@ -40,13 +42,19 @@ pub struct CheckReport {
     pub leaks: u64,
     /// Internal errors that kept the check from completing (unreadable metadata...).
     pub check_errors: u64,
+    /// Corruptions the repair fixed.
     pub corruptions_fixed: u64,
+    /// Leaked clusters the repair freed.
     pub leaks_fixed: u64,
     /// One past the last byte used by the image (qcow2 only).
     pub image_end_offset: u64,
+    /// Clusters of the virtual disk.
     pub total_clusters: u64,
+    /// Of those, the ones the image (its active layer) maps.
     pub allocated_clusters: u64,
+    /// Allocated clusters not right after the previous one in the file.
     pub fragmented_clusters: u64,
+    /// Allocated clusters stored compressed.
     pub compressed_clusters: u64,
     /// Per-problem lines, as qemu-img prints them on stderr. Filled by [`crate::Image::check`];
     /// [`crate::Image::check_logged`] hands them to its logger instead, as they happen.

@@ -13,7 +13,9 @@ pub enum Error {
     /// An I/O call failed; `context` says what was being done.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done ("reading the L1 table", ...).
         context: String,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
@@ -33,8 +35,11 @@ pub enum Error {
         "image is corrupt: {what} at {offset:#x} lies past the end of the file ({file_len} bytes)"
     )]
     PastEnd {
+        /// The structure ("an L2 table", ...).
         what: &'static str,
+        /// Its host offset.
         offset: u64,
+        /// The file's length.
         file_len: u64,
     },
     /// The image is marked corrupt, or its metadata was found inconsistent, in a way that a

@@ -336,11 +336,13 @@ impl MemStorage {
         }
     }
 
+    /// The same storage, refusing to grow past `max_len` bytes (a full disk, in tests).
     pub fn with_max_len(mut self, max_len: u64) -> MemStorage {
         self.max_len = max_len;
         self
     }
 
+    /// A copy of the bytes stored.
     pub fn contents(&self) -> Vec<u8> {
         self.bytes().clone()
     }

@@ -8,6 +8,36 @@
 //!
 //! All methods take `&self` and may be called from many threads: I/O is positional and
 //! metadata sits behind short locks.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use cowimg_formats::qcow2::{create, OpenOptions};
+//! use cowimg_formats::{open, Alloc, Format, MemStorage, Storage, ZerosBelow};
+//!
+//! # fn main() -> cowimg_formats::Result<()> {
+//! // A 4 MiB qcow2 image in memory (a FileStorage for a file).
+//! let storage: Arc<dyn Storage> = Arc::new(MemStorage::new(Vec::new(), "disk.qcow2"));
+//! create::create(&*storage, &create::Options { size: 4 << 20, ..Default::default() })?;
+//! let img = open(storage, Format::Qcow2, OpenOptions { writable: true, ..Default::default() })?;
+//!
+//! // A write is staged, then committed: data first, metadata after, in a crash-safe order.
+//! img.write(1 << 20, &[0xab; 4096], &ZerosBelow)?;
+//! img.commit()?;
+//!
+//! // The map says where it is; the cluster around it was completed with zeros below.
+//! let runs = img.map(0, img.virtual_size())?;
+//! assert_eq!(runs[0].alloc, Alloc::Unallocated);
+//! let data = runs.iter().find(|r| matches!(r.alloc, Alloc::Data { .. })).unwrap();
+//! assert_eq!((data.start, data.len), (1 << 20, 64 << 10));
+//! let Alloc::Data { host } = data.alloc else { unreachable!() };
+//! let mut buf = vec![0; 4096];
+//! img.read_host(host, &mut buf)?;
+//! assert_eq!(buf, [0xab; 4096]);
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
 
 pub mod check;
 pub mod clusters;
@@ -46,8 +76,11 @@ pub fn check_size(size: u64) -> Result<()> {
 /// An image format cowimg reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Format {
+    /// QEMU copy-on-write, version 2 or 3.
     Qcow2,
+    /// QEMU enhanced disk.
     Qed,
+    /// The guest's bytes as they are.
     Raw,
 }
 
@@ -91,12 +124,23 @@ pub struct BackingRef {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Alloc {
     /// Plain data at host offset `host` (of the first byte of the run; the run is contiguous).
-    Data { host: u64 },
+    Data {
+        /// Host offset of the run's first byte.
+        host: u64,
+    },
     /// A compressed cluster: compressed bytes start at `host` and span at most `len` bytes.
     /// The run lies inside one guest cluster.
-    Compressed { host: u64, len: u64 },
+    Compressed {
+        /// Host offset of the compressed bytes.
+        host: u64,
+        /// How many bytes they span at most.
+        len: u64,
+    },
     /// Reads as zeros and hides the backing file; `host` is a preallocated cluster, if any.
-    Zero { host: Option<u64> },
+    Zero {
+        /// The preallocated host cluster, if any.
+        host: Option<u64>,
+    },
     /// Not stored in this layer: reads come from the backing file (zeros without one).
     Unallocated,
 }
@@ -104,12 +148,16 @@ pub enum Alloc {
 /// A guest range with one kind of allocation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Run {
+    /// Guest offset of the first byte.
     pub start: u64,
+    /// Length in bytes.
     pub len: u64,
+    /// How it is stored.
     pub alloc: Alloc,
 }
 
 impl Run {
+    /// One past the last guest byte.
     pub fn end(&self) -> u64 {
         self.start + self.len
     }
@@ -144,8 +192,11 @@ pub fn push_run(runs: &mut Vec<Run>, run: Run) {
 /// status query (the end of an L2 table), so that a query's length can be reproduced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Status {
+    /// Guest offset of the first byte.
     pub start: u64,
+    /// Length in bytes.
     pub len: u64,
+    /// How it is stored.
     pub alloc: Alloc,
     /// For an unallocated run: the host offset of space its cluster keeps for it (extended L2:
     /// a subcluster not written inside an allocated cluster, qemu's UNALLOCATED_ALLOC). qemu
@@ -158,6 +209,7 @@ pub struct Status {
 }
 
 impl Status {
+    /// One past the last guest byte.
     pub fn end(&self) -> u64 {
         self.start + self.len
     }
@@ -319,13 +371,17 @@ impl Prealloc {
 /// Format-specific facts for `info`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Details {
+    /// A qcow2 image's version, features, snapshots, bitmaps...
     Qcow2(qcow2::Qcow2Details),
+    /// A QED image's table size and flags.
     Qed(qed::QedDetails),
+    /// Raw has none.
     Raw,
 }
 
 /// An open image of any format.
 pub trait Image: Send + Sync {
+    /// The image's format.
     fn format(&self) -> Format;
     /// Guest-visible size in bytes.
     fn virtual_size(&self) -> u64;

@@ -8,11 +8,13 @@ use crate::{Error, Format, Result};
 /// What the first bytes of a file say it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Probed {
+    /// A format cowimg reads (raw when nothing else matches).
     Known(Format),
     /// A format qemu knows and cowimg does not read (named as qemu names it).
     Other(&'static str),
 }
 
+/// Probes the first sector of `s`.
 pub fn probe(s: &dyn Storage) -> Result<Probed> {
     let mut b = [0u8; 512];
     s.read_at(&mut b, 0)
@@ -20,6 +22,17 @@ pub fn probe(s: &dyn Storage) -> Result<Probed> {
     Ok(probe_bytes(&b))
 }
 
+/// Probes a file's first sector.
+///
+/// ```
+/// use cowimg_formats::probe::{probe_bytes, Probed};
+/// use cowimg_formats::Format;
+///
+/// let mut sector = [0u8; 512];
+/// assert_eq!(probe_bytes(&sector), Probed::Known(Format::Raw));
+/// sector[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
+/// assert_eq!(probe_bytes(&sector), Probed::Known(Format::Qcow2));
+/// ```
 pub fn probe_bytes(b: &[u8; 512]) -> Probed {
     let starts = |m: &[u8]| b.starts_with(m);
     if starts(b"QFI\xfb") {

@@ -10,6 +10,7 @@ use crate::{
     Result, Run,
 };
 
+/// A raw image: the guest's bytes are the file's.
 pub struct Raw {
     storage: Arc<dyn Storage>,
     /// The virtual size (changed only by `resize`).
@@ -18,6 +19,7 @@ pub struct Raw {
 }
 
 impl Raw {
+    /// Opens `storage` as a raw image, for writing too when `writable`.
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Raw> {
         let len = storage
             .len()

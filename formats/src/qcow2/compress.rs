@@ -18,13 +18,17 @@ thread_local! {
     static ZSTD: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// The compression of a qcow2 image's compressed clusters (its header's compression type).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CompressionType {
+    /// Raw deflate (the default, and the only type of v2 images).
     Zlib,
+    /// Zstandard (qcow2 v3 with the compression type incompatible feature).
     Zstd,
 }
 
 impl CompressionType {
+    /// The name qemu gives it (`compression_type=`, info's `compression type`).
     pub fn name(self) -> &'static str {
         match self {
             CompressionType::Zlib => "zlib",
@@ -41,6 +45,8 @@ impl CompressionType {
         }
     }
 
+    /// The type a header's compression type byte names (0 zlib, 1 zstd; the header is
+    /// validated when the image opens).
     pub fn from_header(t: u8) -> CompressionType {
         if t == 1 {
             CompressionType::Zstd

@@ -26,6 +26,7 @@ pub struct Options {
     pub extended_l2: bool,
     /// `compression_type`.
     pub compression: CompressionType,
+    /// The backing file, if any.
     pub backing: Option<BackingRef>,
     /// cowimg's copy-on-read flag.
     pub copy_on_read: bool,

@@ -20,14 +20,12 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// Autoclear feature bits.
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
-pub const AUTOCLEAR_KNOWN: u64 = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
 
 /// Header extension types.
 pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 pub const EXT_BITMAPS: u32 = 0x2385_2875;
-pub const EXT_CRYPTO: u32 = 0x0537_be77;
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 /// cowimg's own extension ("cowi"): flags of the tool; bit 0 = copy-on-read.
 /// qemu ignores unknown extensions and keeps them through every header rewrite.

@@ -9,18 +9,18 @@
 mod alloc;
 mod amend;
 mod cache;
-pub mod check;
+pub(crate) mod check;
 pub mod compress;
 pub mod create;
-pub mod header;
-pub mod layout;
+pub(crate) mod header;
+pub(crate) mod layout;
 mod overlap;
-pub mod refcount;
+pub(crate) mod refcount;
 mod resize;
 pub mod snapshot;
 mod snapshot_ops;
 mod snapshot_view;
-pub mod table;
+pub(crate) mod table;
 pub use snapshot_view::SnapshotRef;
 mod write;
 
@@ -45,6 +45,7 @@ pub type Opener<'a> = &'a dyn Fn(&str) -> Result<Arc<dyn Storage>>;
 /// How to open an image.
 #[derive(Default)]
 pub struct OpenOptions<'a> {
+    /// For writing too.
     pub writable: bool,
     /// Opens the external data file by the name the header records; without it, images with
     /// an external data file are refused.
@@ -58,15 +59,25 @@ pub struct OpenOptions<'a> {
 /// What `info` shows of a qcow2 image.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Qcow2Details {
+    /// 2 or 3 (`compat` 0.10 or 1.1).
     pub version: u32,
+    /// `zlib` or `zstd`.
     pub compression_type: &'static str,
+    /// The lazy refcounts compatible feature.
     pub lazy_refcounts: bool,
+    /// Width of a refcount entry in bits.
     pub refcount_bits: u32,
+    /// The corrupt bit is set.
     pub corrupt: bool,
+    /// Extended L2 entries (subclusters).
     pub extended_l2: bool,
+    /// The persistent dirty bitmaps.
     pub bitmaps: Vec<Bitmap>,
+    /// The external data file's name, if any.
     pub data_file: Option<String>,
+    /// The external data file is a raw image valid on its own.
     pub data_file_raw: bool,
+    /// The internal snapshots.
     pub snapshots: Vec<Snapshot>,
 }
 
@@ -212,14 +223,12 @@ impl Qcow2 {
     }
 
     /// The current header (a copy).
-    pub fn header(&self) -> Header {
+    /// A copy of the header as it is now.
+    pub(crate) fn header(&self) -> Header {
         self.meta().header.clone()
     }
 
-    pub fn geometry(&self) -> Geometry {
-        self.geo
-    }
-
+    /// The compression of the image's compressed clusters.
     pub fn compression(&self) -> CompressionType {
         CompressionType::from_header(self.compression.load(Ordering::Relaxed))
     }

@@ -8,19 +8,29 @@ use crate::{Error, Result};
 /// One internal snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
+    /// Host offset of the snapshot's L1 table.
     pub l1_table_offset: u64,
+    /// Its entries.
     pub l1_size: u32,
+    /// The snapshot's id ("1", "2", ...), as text.
     pub id: String,
+    /// Its name, as text.
     pub name: String,
+    /// When it was taken: seconds since the epoch...
     pub date_sec: u32,
+    /// ...and nanoseconds.
     pub date_nsec: u32,
+    /// The guest clock then, in nanoseconds.
     pub vm_clock_nsec: u64,
+    /// Bytes of VM state saved with it (0 for a disk-only snapshot).
     pub vm_state_size: u64,
     /// Guest instruction count, when recorded (qemu 5.0+).
     pub icount: Option<u64>,
     /// The entry's extra data, ID and name as stored, for rewriting the table unchanged.
     pub extra: Vec<u8>,
+    /// The id's bytes as stored.
     pub id_raw: Vec<u8>,
+    /// The name's bytes as stored.
     pub name_raw: Vec<u8>,
 }
 
@@ -151,11 +161,17 @@ pub fn read_snapshots(
 /// One persistent dirty bitmap.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bitmap {
+    /// Its name.
     pub name: String,
+    /// Bytes of guest data per bit.
     pub granularity: u64,
+    /// In use by a running qemu (or left so by one that died): inconsistent.
     pub in_use: bool,
+    /// Tracks writes to the active layer automatically.
     pub auto: bool,
+    /// Host offset of its bitmap table.
     pub table_offset: u64,
+    /// Entries of the table.
     pub table_size: u32,
 }
 

@@ -14,7 +14,9 @@ use crate::{Error, Result};
 /// `snapshot.id=` and `snapshot.name=` options name it.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SnapshotRef<'a> {
+    /// The snapshot's id.
     pub id: Option<&'a str>,
+    /// The snapshot's name.
     pub name: Option<&'a str>,
 }
 

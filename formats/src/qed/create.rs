@@ -5,12 +5,18 @@ use crate::io::{sync, write_all, Storage};
 use crate::util::align_up;
 use crate::{BackingRef, Error, Result};
 
+/// What `qemu-img create -f qed` takes.
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// Virtual size in bytes.
     pub size: u64,
+    /// Cluster size in bytes (a power of two from 4 KiB to 64 MiB; default 64 KiB).
     pub cluster_size: u64,
+    /// Clusters per table (1 to 16, a power of two; default 4).
     pub table_size: u32,
+    /// The backing file, if any.
     pub backing: Option<BackingRef>,
+    /// Record cowimg's copy-on-read flag.
     pub copy_on_read: bool,
 }
 
@@ -26,6 +32,7 @@ impl Default for Options {
     }
 }
 
+/// Refuses options qemu refuses, with its words.
 pub fn validate(o: &Options) -> Result<()> {
     crate::check_size(o.size)?;
     if !o.cluster_size.is_power_of_two()

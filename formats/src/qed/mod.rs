@@ -4,9 +4,9 @@
 //! Module map: `header` (the 64-byte header and cowimg's record), `table` (cached pieces of
 //! L2 tables), `write` (guest writes, commit, header changes), `create`, `check`.
 
-pub mod check;
+pub(crate) mod check;
 pub mod create;
-pub mod header;
+pub(crate) mod header;
 mod table;
 mod write;
 
@@ -28,11 +28,15 @@ const MAX_L1_BYTES: u64 = 32 << 20;
 /// What `info` can show of a QED image (qemu shows none of it; cowimg's info adds a few).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QedDetails {
+    /// Clusters per table.
     pub table_size: u32,
+    /// Clusters of the header.
     pub header_size: u32,
+    /// The need-check flag (set while written; a clean close clears it).
     pub need_check: bool,
 }
 
+/// An open QED image.
 pub struct Qed {
     storage: Arc<dyn Storage>,
     writable: bool,
@@ -63,6 +67,7 @@ impl Drop for Qed {
 }
 
 impl Qed {
+    /// Opens the QED image in `storage`, for writing too when `writable`.
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Qed> {
         let file_len = storage
             .len()
@@ -127,7 +132,8 @@ impl Qed {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn header(&self) -> Header {
+    /// A copy of the header as it is now.
+    pub(crate) fn header(&self) -> Header {
         self.meta().header.clone()
     }
 
