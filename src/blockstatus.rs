@@ -18,11 +18,17 @@ use crate::error::{Error, Result};
 
 /// qemu's block status flags (include/block/block-common.h), for exact comparisons.
 pub mod flags {
+    /// `BDRV_BLOCK_DATA`: reads come from stored data.
     pub const DATA: u32 = 0x01;
+    /// `BDRV_BLOCK_ZERO`: reads as zeros.
     pub const ZERO: u32 = 0x02;
+    /// `BDRV_BLOCK_OFFSET_VALID`: a host offset is known.
     pub const OFFSET_VALID: u32 = 0x04;
+    /// `BDRV_BLOCK_ALLOCATED`: the layer itself decides the contents.
     pub const ALLOCATED: u32 = 0x10;
+    /// `BDRV_BLOCK_EOF`: the answer reaches the end of the image.
     pub const EOF: u32 = 0x20;
+    /// `BDRV_BLOCK_COMPRESSED`: stored compressed.
     pub const COMPRESSED: u32 = 0x80;
 }
 
@@ -32,13 +38,21 @@ const QCOW2_MAX_ANSWER: u64 = i32::MAX as u64;
 /// One range with one status (qemu-img's MapEntry).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
+    /// Guest offset of the first byte.
     pub start: u64,
+    /// Length in bytes.
     pub length: u64,
+    /// How many layers down the contents come from (0: the top image).
     pub depth: usize,
+    /// Some layer of the chain provides the contents (false: past every layer, zeros).
     pub present: bool,
+    /// Reads as zeros.
     pub zero: bool,
+    /// Reads from stored data.
     pub data: bool,
+    /// Stored compressed.
     pub compressed: bool,
+    /// Host offset of the data, when it has one.
     pub offset: Option<u64>,
     /// Layer index the entry's status comes from.
     pub layer: usize,
@@ -67,7 +81,9 @@ impl Entry {
 /// One answer of qemu's block status: `flags` hold for `[offset, offset + len)`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockStatus {
+    /// The [`flags`] that hold.
     pub flags: u32,
+    /// How many bytes the answer covers.
     pub len: u64,
     /// Host offset (with `OFFSET_VALID`).
     pub host: Option<u64>,
@@ -78,6 +94,7 @@ pub struct BlockStatus {
 }
 
 impl BlockStatus {
+    /// Whether flag `f` holds.
     pub fn has(&self, f: u32) -> bool {
         self.flags & f != 0
     }

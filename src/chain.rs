@@ -52,15 +52,18 @@ pub fn raise_descriptor_limit() {
 /// One image of a chain.
 #[derive(Clone)]
 pub struct Layer {
+    /// The open image.
     pub image: Arc<dyn Image>,
     /// The name qemu shows: as given for the top, the combined path for backing files.
     pub filename: String,
+    /// Its format.
     pub format: Format,
     /// The format was detected from the file's magic, not given or recorded.
     pub probed: bool,
 }
 
 impl Layer {
+    /// Its virtual size.
     pub fn size(&self) -> u64 {
         self.image.virtual_size()
     }
@@ -85,6 +88,7 @@ pub struct OpenOptions {
 }
 
 impl OpenOptions {
+    /// For reading, with the backing files; `force_share`: `-U`.
     pub fn read(format: Option<Format>, force_share: bool) -> Self {
         OpenOptions {
             format,
@@ -99,6 +103,7 @@ impl OpenOptions {
         }
     }
 
+    /// For writing the top image, with the backing files read.
     pub fn write(format: Option<Format>) -> Self {
         OpenOptions {
             format,
@@ -112,6 +117,8 @@ impl OpenOptions {
 
 /// An image and its backing files, top first.
 pub struct Chain {
+    /// The images, top first: `layers[0]` is the one named, each next one the backing file
+    /// of the one before.
     pub layers: Vec<Layer>,
     /// Set when reads copy backing data into the top (copy-on-read asked for at open).
     cor: Option<CopyOnRead>,
@@ -370,6 +377,8 @@ impl Chain {
         chain
     }
 
+    /// Opens `filename` (a path, or an `nbd://` / `http(s)://` name) and, with
+    /// `opts.backing`, its backing files, each locked as `opts` says.
     pub fn open(filename: &str, opts: OpenOptions) -> Result<Chain> {
         let mut top = open_image(filename, opts.format, opts.access)?;
         let mut cor = None;
@@ -487,10 +496,12 @@ impl Chain {
         now.saturating_sub(self.network_seen.fetch_max(now, Ordering::Relaxed))
     }
 
+    /// The image named.
     pub fn top(&self) -> &Layer {
         &self.layers[0]
     }
 
+    /// The guest disk's size: the top image's.
     pub fn size(&self) -> u64 {
         self.top().size()
     }

@@ -41,13 +41,18 @@ const WINDOW: u64 = 16 << 30;
 pub enum Algorithm {
     /// SHA-1 (kept for old tooling; not collision resistant).
     Sha1,
+    /// SHA-224.
     Sha224,
     /// blkhash's default.
     #[default]
     Sha256,
+    /// SHA-384.
     Sha384,
+    /// SHA-512.
     Sha512,
+    /// SHA-512/224.
     Sha512_224,
+    /// SHA-512/256.
     Sha512_256,
 }
 
@@ -112,6 +117,7 @@ impl Checksum {
 
 /// How to compute a checksum.
 pub struct Options<'a> {
+    /// The digest (of blocks and of the whole).
     pub algorithm: Algorithm,
     /// Threads hashing blocks (at least one).
     pub jobs: usize,

@@ -16,9 +16,17 @@ use crate::error::{Error, Result};
 pub enum Outcome {
     /// The disks read the same (`size_mismatch`: their sizes differ, and the longer one reads
     /// zeros past the shorter one's end).
-    Identical { size_mismatch: bool },
+    Identical {
+        /// The sizes differ.
+        size_mismatch: bool,
+    },
     /// The first differing sector is at `offset`.
-    Mismatch { offset: u64, size_mismatch: bool },
+    Mismatch {
+        /// Guest offset of the first differing sector.
+        offset: u64,
+        /// The sizes differ too.
+        size_mismatch: bool,
+    },
     /// Strict mode: the sizes differ.
     StrictSize,
     /// Strict mode: the block status differs at this offset.

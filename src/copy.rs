@@ -80,17 +80,27 @@ pub enum ZeroData {
     Mark,
 }
 
+/// The copy engine: extents of `source` copied into `target` by parallel workers, in
+/// batches committed one after the other, under a rate cap, until done or cancelled. Used by
+/// stream, rebase, commit and convert.
 pub struct Copier<'a> {
+    /// What is read.
     pub source: &'a Chain,
     /// Layer of `source` the data is read from (layers below it show through).
     pub source_layer: usize,
+    /// What is written.
     pub target: &'a dyn Image,
+    /// Its name, for errors.
     pub target_name: &'a str,
     /// What the target's unallocated ranges read (to complete partially written clusters).
     pub below: &'a dyn ReadBelow,
+    /// What zeros found in the data become.
     pub zero_data: ZeroData,
+    /// The rate cap.
     pub limiter: &'a RateLimiter,
+    /// Set (by a signal handler) to stop at the next chunk, committing what was copied.
     pub cancel: &'a AtomicBool,
+    /// Progress, for reporters.
     pub counters: &'a Counters,
     /// Copy workers; 0: chosen for the source ([`auto_jobs`]).
     pub jobs: usize,
@@ -128,7 +138,7 @@ const HTTP_JOBS: usize = 16;
 const NBD_JOBS: usize = 8;
 
 /// The default number of copy workers for `source`: one per core, and at least
-/// [`HTTP_JOBS`] or [`NBD_JOBS`] when a layer is remote (the larger when both are).
+/// 16 (`HTTP_JOBS`) or 8 (`NBD_JOBS`) when a layer is remote (the larger when both are).
 pub fn auto_jobs(source: &Chain) -> usize {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     source

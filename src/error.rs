@@ -7,8 +7,10 @@ use std::io;
 
 use crate::size::SizeError;
 
+/// cowimg's results.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// What went wrong, with the image it happened to.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Bad command-line input (values, combinations).
@@ -16,11 +18,18 @@ pub enum Error {
     Usage(String),
     /// An image (or one of its backing files) could not be opened.
     #[error("Could not open '{path}': {reason}")]
-    Open { path: String, reason: Box<Error> },
+    Open {
+        /// The image's name.
+        path: String,
+        /// Why.
+        reason: Box<Error>,
+    },
     /// The format layer failed on an image.
     #[error("{path}: {source}")]
     Image {
+        /// The image's name.
         path: String,
+        /// The format layer's error.
         #[source]
         source: cowimg_formats::Error,
     },
@@ -28,21 +37,32 @@ pub enum Error {
     /// failures a new backing pointer cures.
     #[error("Could not open '{image}': Could not open backing file: {reason}")]
     Backing {
+        /// The image whose backing file it is.
         image: String,
+        /// Which kind of failure.
         problem: BackingProblem,
+        /// The backing file's own error.
         reason: Box<Error>,
     },
     /// A size or offset that is not one, or is out of range: `message` in qemu-img's words,
     /// `option` as given on the command line ("SIZE", "--speed", "-o cluster_size=").
     #[error("{message}")]
     Size {
+        /// The message.
         message: String,
+        /// The option it was given to.
         option: String,
+        /// Which kind of mistake.
         problem: SizeError,
     },
     /// An error about `file`, named first as qemu-img names it ("x.qcow2: ...").
     #[error("{file}: {source}")]
-    In { file: String, source: Box<Error> },
+    In {
+        /// The file.
+        file: String,
+        /// The error.
+        source: Box<Error>,
+    },
     /// A file was to be created where a directory is.
     #[error("Could not create '{0}': Is a directory")]
     IsDirectory(String),
@@ -52,13 +72,19 @@ pub enum Error {
     /// Another process holds the image (qemu's wording and hint).
     #[error("Failed to get {} lock\nIs another process using the image [{path}]?", if *.shared { format!("shared \"{}\"", .perm) } else { format!("\"{}\"", .perm) })]
     Locked {
+        /// The image's file.
         path: String,
+        /// The permission qemu names ("write", "consistent read").
         perm: &'static str,
+        /// A shared lock was wanted (another process holds an exclusive one).
         shared: bool,
     },
+    /// An I/O call failed.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done.
         context: String,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
@@ -142,6 +168,7 @@ impl Error {
         }
     }
 
+    /// An [`Error::Io`] while doing `context`.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
             context: context.into(),
@@ -149,6 +176,7 @@ impl Error {
         }
     }
 
+    /// The format layer's `source` about image `path` (an interruption stays one).
     pub fn image(path: &str, source: cowimg_formats::Error) -> Self {
         match source {
             cowimg_formats::Error::Interrupted => Error::Interrupted(0),
@@ -159,6 +187,7 @@ impl Error {
         }
     }
 
+    /// Image `path` could not be opened because of `reason`.
     pub fn open(path: &str, reason: Error) -> Self {
         Error::Open {
             path: path.to_string(),

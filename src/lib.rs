@@ -87,6 +87,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod blockstatus;
 pub mod chain;
 pub mod checksum;

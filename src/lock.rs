@@ -46,6 +46,7 @@ impl Access {
         }
     }
 
+    /// The access writes.
     pub fn writable(self) -> bool {
         self == Access::Write
     }

@@ -44,12 +44,19 @@ pub fn check_nbd_format(dst: &str, format: Format) -> Result<()> {
 /// What to create.
 #[derive(Clone, Debug)]
 pub enum Spec {
+    /// A qcow2 image.
     Qcow2(qcow2::create::Options),
+    /// A QED image.
     Qed(qed::create::Options),
-    Raw { size: u64 },
+    /// A raw image.
+    Raw {
+        /// Its size in bytes.
+        size: u64,
+    },
 }
 
 impl Spec {
+    /// The format it creates.
     pub fn format(&self) -> Format {
         match self {
             Spec::Qcow2(_) => Format::Qcow2,
@@ -58,6 +65,7 @@ impl Spec {
         }
     }
 
+    /// Refuses what qemu-img refuses, before anything is written.
     pub fn validate(&self) -> Result<()> {
         match self {
             Spec::Qcow2(o) => qcow2::create::validate(o)?,
@@ -95,7 +103,10 @@ pub enum Existing<'a> {
     /// Replace it once the new image is complete (`convert`, `create --force`).
     Replace,
     /// Refuse; the message suggests `retry`, the same command with `--force`.
-    Refuse { retry: &'a str },
+    Refuse {
+        /// The command line to suggest.
+        retry: &'a str,
+    },
 }
 
 /// Most symlinks followed, as the kernel's limit (ELOOP).

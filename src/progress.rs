@@ -11,11 +11,14 @@ use std::time::{Duration, Instant};
 
 use crate::copy::Counters;
 
+/// How progress is shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
+    /// Not at all.
     Off,
     /// An indicatif bar on a terminal; plain percentage lines when stderr is not one.
     Bar,
+    /// JSON lines on stderr (`--progress json`).
     Json,
 }
 
@@ -36,6 +39,7 @@ impl Mode {
 /// so that `cowimg job set-speed` shows at once.
 pub type Cap = Arc<dyn Fn() -> u64 + Send + Sync>;
 
+/// A running progress display; [`Reporter::finish`] prints the last state and stops it.
 pub struct Reporter {
     mode: Mode,
     end: u64,

@@ -11,7 +11,7 @@
 //! * Writes (a writable export: a convert destination, a raw layer written in place) are cut
 //!   into [`PIECE`]-sized WRITEs pipelined across the connections; zeros go as WRITE_ZEROES,
 //!   with FAST_ZERO when offered, falling back to a plain WRITE_ZEROES and then to writing
-//!   zeros when the server refuses (see [`ZeroMode`]).
+//!   zeros when the server refuses (see `ZeroMode`).
 //! * Remote layers are not locked: NBD has no locks, the server decides who may write. A
 //!   layer opened read-only never sends a write.
 //!

@@ -30,12 +30,14 @@ enum Source {
 
 /// The plan: extents to copy or zero, aligned to the image's allocation unit.
 pub struct Plan {
+    /// The extents, in guest order.
     pub extents: Vec<Extent>,
     /// Guest bytes the plan covers (the streamed range).
     pub range_len: u64,
 }
 
 impl Plan {
+    /// Guest bytes of work: the extents' total length.
     pub fn work(&self) -> u64 {
         self.extents.iter().map(|e| e.len).sum()
     }
@@ -262,9 +264,13 @@ fn relative_to_image(image: &str, target: &str) -> Option<String> {
 
 /// Settings of one copy run.
 pub struct Settings<'a> {
+    /// Copy workers (0: the copy chooses, see [`crate::copy::auto_jobs`]).
     pub jobs: usize,
+    /// The rate cap.
     pub limiter: &'a RateLimiter,
+    /// Set to stop at the next chunk, committing what was copied.
     pub cancel: &'a AtomicBool,
+    /// Progress, for reporters.
     pub counters: &'a Counters,
     /// Write copied clusters compressed (qcow2).
     pub compress: bool,
@@ -358,6 +364,67 @@ pub fn find_base(chain: &Chain, file: &str, base: Option<&str>) -> Result<usize>
             )))
         }
     }
+}
+
+/// Streams the whole disk into the chain's top image, the way QEMU's block/stream.c reads:
+/// plan what the layers above `base` provide, copy it (see [`copy`]; progress in
+/// `s.counters`, the cap in `s.limiter`, a stop through `s.cancel`), then point the top at
+/// `base` (at nothing when `base` is past the last layer). Returns the new backing reference.
+///
+/// ```
+/// use std::sync::atomic::AtomicBool;
+/// use cowimg::chain::{Chain, OpenOptions};
+/// use cowimg::copy::Counters;
+/// use cowimg::ratelimit::RateLimiter;
+/// use cowimg::stream::{self, Settings};
+///
+/// # fn main() -> cowimg::Result<()> {
+/// # let dir = tempfile::tempdir().expect("temp dir");
+/// # let path = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+/// # std::fs::write(path("base.raw"), vec![7u8; 1 << 20]).expect("base");
+/// # cowimg::commands::create::run(&cowimg::commands::create::Args {
+/// #     file: path("top.qcow2"), size: None, format: cowimg_formats::Format::Qcow2,
+/// #     backing: Some("base.raw".into()), backing_format: Some("raw".into()), options: vec![],
+/// #     cluster_size: None, copy_on_read: false, unsafe_backing: false, force: false,
+/// #     quiet: true, retry: String::new(),
+/// # })?;
+/// let chain = Chain::open(&path("top.qcow2"), OpenOptions::write(None))?;
+/// let counters = Counters::default();
+/// let settings = Settings {
+///     jobs: 0,
+///     limiter: &RateLimiter::new(0),
+///     cancel: &AtomicBool::new(false),
+///     counters: &counters,
+///     compress: false,
+///     job: None,
+/// };
+/// // Layer 1 is the raw base; streaming down to past the last layer drops the backing file.
+/// let backing = stream::run(&chain, chain.layers.len(), &settings)?;
+/// assert!(backing.is_none());
+/// assert_eq!(counters.copied.load(std::sync::atomic::Ordering::Relaxed), 1 << 20);
+/// # Ok(())
+/// # }
+/// ```
+pub fn run(chain: &Chain, base: usize, s: &Settings) -> Result<Option<BackingRef>> {
+    let plan = plan(chain, base, 0, chain.size())?;
+    copy_and_switch(chain, base, &plan, s)
+}
+
+/// [`run`] with the plan already made (a job sizes itself by the plan first).
+pub fn copy_and_switch(
+    chain: &Chain,
+    base: usize,
+    plan: &Plan,
+    s: &Settings,
+) -> Result<Option<BackingRef>> {
+    let keep_base = base < chain.layers.len();
+    copy(chain, plan, keep_base, None, s)?;
+    let backing = keep_base.then(|| BackingRef {
+        name: backing_name(chain, base),
+        format: Some(chain.layers[base].format.name().to_string()),
+    });
+    switch(chain, backing.as_ref())?;
+    Ok(chain.top().image.backing())
 }
 
 /// Points the chain's top at its new backing file. Call only after a complete [`copy`]:

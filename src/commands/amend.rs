@@ -12,6 +12,7 @@ use crate::lock::Access;
 /// The `-o` changes asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Options {
+    /// `-o lazy_refcounts=on|off`.
     pub lazy_refcounts: Option<bool>,
     /// `compat=1.1` (true) or `compat=0.10` (false).
     pub compat_v3: Option<bool>,
@@ -25,11 +26,15 @@ impl Options {
     }
 }
 
+/// The arguments of `cowimg amend` (`cowimg amend --help` says what each flag does).
 pub struct Args {
+    /// The image.
     pub file: String,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
     /// `--copy-on-read=on|off`: set or clear cowimg's copy-on-read flag.
     pub copy_on_read: Option<bool>,
+    /// `-o` options, as given.
     pub options: Options,
 }
 
@@ -85,6 +90,7 @@ pub fn parse_options(lists: &[String]) -> Result<Options> {
     Ok(o)
 }
 
+/// Runs `cowimg amend`; returns the exit status.
 pub fn run(a: &Args) -> Result<i32> {
     if a.copy_on_read.is_none() && a.options.is_empty() {
         return Err(Error::Usage(

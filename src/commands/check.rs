@@ -14,15 +14,23 @@ use crate::chain::{open_image_for, Chain};
 use crate::error::{Error, Result};
 use crate::lock::Access;
 
+/// The arguments of `cowimg check` (`cowimg check --help` says what each flag does).
 pub struct Args {
+    /// The image.
     pub file: String,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
+    /// `-r leaks|all`: what to repair.
     pub repair: CheckMode,
+    /// JSON output (`--output json`).
     pub json: bool,
+    /// `-q`: print nothing on success.
     pub quiet: bool,
+    /// `-U`: read an image another process may be writing.
     pub force_share: bool,
 }
 
+/// Runs `cowimg check`; returns the exit status.
 pub fn run(a: &Args) -> Result<i32> {
     // Only the image itself is checked, but its backing chain is opened as qemu-img check
     // opens it: an image whose backing file cannot be opened is refused, never called clean.

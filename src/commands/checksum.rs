@@ -15,13 +15,21 @@ use crate::error::{Error, Result};
 use crate::job::{JobSpec, Session};
 use crate::progress::{Mode, Reporter};
 
+/// The arguments of `cowimg checksum` (`cowimg checksum --help` says what each flag does).
 pub struct Args {
+    /// The images.
     pub files: Vec<String>,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
+    /// `-a`: the digest.
     pub algorithm: Algorithm,
+    /// Hashing threads.
     pub jobs: usize,
+    /// How progress is shown.
     pub progress: Mode,
+    /// JSON output (`--output json`).
     pub json: bool,
+    /// `-U`: read an image another process may be writing.
     pub force_share: bool,
     /// `--job-id`, `--control`, `--events`: each image is one job (the default id is its
     /// file name).

@@ -13,22 +13,31 @@ use crate::error::{Error, Result};
 use crate::progress::Mode;
 use crate::stream;
 
+/// The arguments of `cowimg commit` (`cowimg commit --help` says what each flag does).
 pub struct Args {
+    /// The image.
     pub file: String,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
     /// `-b`: the image to commit into (by resolved path); default: TOP's backing file.
     pub base: Option<String>,
     /// `-d`: keep TOP's data after the commit.
     pub keep_top: bool,
+    /// The rate cap in bytes per second (0: none).
     pub speed: u64,
+    /// Workers (0: chosen for the source).
     pub jobs: usize,
+    /// How progress is shown.
     pub progress: Mode,
+    /// JSON output (`--output json`).
     pub json: bool,
+    /// `-q`: print nothing on success.
     pub quiet: bool,
     /// `--job-id`, `--control`, `--events`.
     pub control: crate::job::ControlOptions,
 }
 
+/// Runs `cowimg commit`; returns the exit status.
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let mut chain = Chain::open(&a.file, OpenOptions::write(a.format))?;
     if chain.layers.len() == 1 {

@@ -9,13 +9,21 @@ use crate::compare::{compare, Outcome};
 use crate::diff::{diff, Diff};
 use crate::error::Result;
 
+/// The arguments of `cowimg compare` (`cowimg compare --help` says what each flag does).
 pub struct Args {
+    /// The first image.
     pub a: String,
+    /// The second image.
     pub b: String,
+    /// `-f`: the first image's format.
     pub format_a: Option<Format>,
+    /// `-F`: the second image's format.
     pub format_b: Option<Format>,
+    /// `-s`: sizes and allocation must match too.
     pub strict: bool,
+    /// `-q`: print nothing on success.
     pub quiet: bool,
+    /// `-U`: read an image another process may be writing.
     pub force_share: bool,
     /// Copy what each image's backing chain provides into it as it is read (`--copy-on-read`);
     /// otherwise both images are only read, flagged copy-on-read or not.
@@ -28,9 +36,11 @@ pub struct Args {
 pub struct DiffArgs {
     /// `--max`: stop after this many ranges.
     pub max: Option<usize>,
+    /// JSON output (`--output json`).
     pub json: bool,
 }
 
+/// Runs `cowimg compare`; returns the exit status.
 pub fn run(a: &Args) -> Result<i32> {
     let open = |file: &str, format| {
         let mut opts = OpenOptions::read(format, a.force_share);

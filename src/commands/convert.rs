@@ -19,15 +19,23 @@ use crate::output;
 use crate::output::{Existing, Output};
 use crate::progress::{Mode, Reporter};
 
+/// The arguments of `cowimg convert` (`cowimg convert --help` says what each flag does).
 pub struct Args {
     /// The images to read, written one after the other (qemu-img concatenates them).
     pub srcs: Vec<String>,
+    /// The destination (a file, a device or an NBD export).
     pub dst: String,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
+    /// `-O`: the destination's format.
     pub out_format: Format,
+    /// `-o` options, as given.
     pub options: Vec<String>,
+    /// How progress is shown.
     pub progress: Mode,
+    /// Workers (0: chosen for the source).
     pub jobs: usize,
+    /// `-U`: read an image another process may be writing.
     pub force_share: bool,
     /// Copy what the source's backing chain provides into the source as it is read
     /// (`--copy-on-read`); otherwise the source is only read, flagged copy-on-read or not.
@@ -53,6 +61,7 @@ pub struct Args {
     pub control: crate::job::ControlOptions,
 }
 
+/// Runs `cowimg convert`; returns the exit status.
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let mut opts = OpenOptions::read(a.format, a.force_share);
     opts.copy_on_read = a.copy_on_read;

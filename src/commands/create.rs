@@ -10,18 +10,29 @@ use crate::lock::Access;
 use crate::output::{Existing, Output, Spec};
 use crate::size::{parse_size, size_arg, SizeError, MAX_SIZE};
 
+/// The arguments of `cowimg create` (`cowimg create --help` says what each flag does).
 pub struct Args {
+    /// The image.
     pub file: String,
+    /// SIZE as given (suffixes allowed); `None` takes the backing file's.
     pub size: Option<String>,
+    /// `-f`: the new image's format.
     pub format: Format,
+    /// `-b`: the backing file.
     pub backing: Option<String>,
+    /// `-F`: its format.
     pub backing_format: Option<String>,
     /// `-o` lists, in order.
     pub options: Vec<String>,
+    /// `--cluster-size` as given.
     pub cluster_size: Option<String>,
+    /// `--copy-on-read`: record the copy-on-read flag.
     pub copy_on_read: bool,
+    /// `-u`: do not open the backing file.
     pub unsafe_backing: bool,
+    /// `--force`: replace an existing file.
     pub force: bool,
+    /// `-q`: print nothing on success.
     pub quiet: bool,
     /// The command to suggest when FILE exists: this one with `--force`.
     pub retry: String,
@@ -30,15 +41,25 @@ pub struct Args {
 /// Options of a new image, from `-o` and the friendly flags.
 #[derive(Clone, Debug, Default)]
 pub struct ImageOptions {
+    /// The virtual size in bytes.
     pub size: Option<u64>,
+    /// `cluster_size=` in bytes.
     pub cluster_size: Option<u64>,
+    /// `compat=0.10|1.1` (qcow2 version 2 or 3).
     pub compat: Option<String>,
+    /// `lazy_refcounts=on|off`.
     pub lazy_refcounts: Option<bool>,
+    /// `refcount_bits=`.
     pub refcount_bits: Option<u32>,
+    /// `extended_l2=on|off`.
     pub extended_l2: Option<bool>,
+    /// `compression_type=zlib|zstd`.
     pub compression_type: Option<CompressionType>,
+    /// `table_size=` (QED).
     pub table_size: Option<u32>,
+    /// `backing_file=`.
     pub backing_file: Option<String>,
+    /// `backing_fmt=`.
     pub backing_fmt: Option<String>,
 }
 
@@ -243,6 +264,7 @@ fn formatting_line(file: &str, spec: &Spec, o: &ImageOptions) -> String {
     }
 }
 
+/// Runs `cowimg create`; returns the exit status.
 pub fn run(a: &Args) -> Result<i32> {
     let ctx = |e: Error| Error::In {
         file: a.file.clone(),

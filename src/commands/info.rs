@@ -11,11 +11,17 @@ use crate::chain::{combine, is_protocol_format, Chain, Layer, OpenOptions};
 use crate::error::{Error, Result};
 use crate::size::size_to_str;
 
+/// The arguments of `cowimg info` (`cowimg info --help` says what each flag does).
 pub struct Args {
+    /// The image.
     pub file: String,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
+    /// `--backing-chain`: every image of the chain.
     pub backing_chain: bool,
+    /// JSON output (`--output json`).
     pub json: bool,
+    /// `-U`: read an image another process may be writing.
     pub force_share: bool,
 }
 
@@ -34,6 +40,7 @@ struct Facts<'a> {
     protocol: Option<String>,
 }
 
+/// Runs `cowimg info`; returns the exit status.
 pub fn run(a: &Args) -> Result<i32> {
     let mut opts = OpenOptions::read(a.format, a.force_share);
     opts.backing = a.backing_chain;

@@ -14,6 +14,7 @@ use crate::job::{ControlOptions, JobSpec, Session};
 use crate::progress::{Mode, Reporter};
 use crate::stream::{Plan, Settings};
 
+/// How a copy runs as a job (stream, rebase, commit).
 pub struct JobOptions {
     /// The operation (QMP's job `type`): stream, rebase, commit.
     pub kind: &'static str,
@@ -23,15 +24,21 @@ pub struct JobOptions {
     pub control: ControlOptions,
     /// Cap in bytes per second (0 = unlimited).
     pub speed: u64,
+    /// Workers (0: chosen for the source).
     pub jobs: usize,
+    /// How progress is shown.
     pub progress: Mode,
+    /// `-c`: store copied clusters compressed (qcow2).
     pub compress: bool,
 }
 
 /// A finished job: its value, the bytes copied and the time it took.
 pub struct Done<T> {
+    /// What the job returns.
     pub value: T,
+    /// Bytes of data written.
     pub copied: u64,
+    /// Seconds it took.
     pub elapsed: f64,
 }
 

@@ -11,15 +11,50 @@ use crate::size::size_to_str;
 
 /// One `cowimg job` invocation.
 pub enum Verb {
-    List { json: bool },
-    Query { job: String, json: bool },
-    SetSpeed { job: String, speed: u64 },
-    Pause { job: String },
-    Resume { job: String },
-    Cancel { job: String },
-    Wait { job: String, events: bool },
+    /// `job list`: the live jobs.
+    List {
+        /// JSON output.
+        json: bool,
+    },
+    /// `job query JOB`: one job's state.
+    Query {
+        /// The job's id.
+        job: String,
+        /// JSON output.
+        json: bool,
+    },
+    /// `job set-speed JOB RATE`: a new cap.
+    SetSpeed {
+        /// The job's id.
+        job: String,
+        /// Bytes per second (0: none).
+        speed: u64,
+    },
+    /// `job pause JOB`.
+    Pause {
+        /// The job's id.
+        job: String,
+    },
+    /// `job resume JOB`.
+    Resume {
+        /// The job's id.
+        job: String,
+    },
+    /// `job cancel JOB`.
+    Cancel {
+        /// The job's id.
+        job: String,
+    },
+    /// `job wait JOB`: until it ends; with `events`, print its events meanwhile.
+    Wait {
+        /// The job's id.
+        job: String,
+        /// Print the job's events as they come.
+        events: bool,
+    },
 }
 
+/// Runs `cowimg jobs`; returns the exit status.
 pub fn run(v: &Verb) -> Result<i32> {
     match v {
         Verb::List { json } => {

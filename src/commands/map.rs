@@ -10,15 +10,23 @@ use crate::error::{Error, Result};
 // `commands/measure.rs` still names these through `commands::map`; they live in the library.
 pub use crate::blockstatus::{flags, Walker};
 
+/// The arguments of `cowimg map` (`cowimg map --help` says what each flag does).
 pub struct Args {
+    /// The image.
     pub file: String,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
+    /// JSON output (`--output json`).
     pub json: bool,
+    /// `-U`: read an image another process may be writing.
     pub force_share: bool,
+    /// `--start-offset`.
     pub start: u64,
+    /// `--max-length`.
     pub max_length: Option<u64>,
 }
 
+/// Runs `cowimg map`; returns the exit status.
 pub fn run(a: &Args) -> Result<i32> {
     let chain = Chain::open(&a.file, OpenOptions::read(a.format, a.force_share))?;
     let size = chain.size();

@@ -20,15 +20,23 @@ use crate::commands::create::ImageOptions;
 use crate::commands::map::{flags, Walker};
 use crate::error::{Error, Result};
 
+/// The arguments of `cowimg measure` (`cowimg measure --help` says what each flag does).
 pub struct Args {
     /// The source image (None: measure an empty image of `size`).
     pub file: Option<String>,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
+    /// `-O`: the format to measure for.
     pub out_format: Format,
+    /// `-o` options, as given.
     pub options: Vec<String>,
+    /// The virtual size in bytes.
     pub size: Option<u64>,
+    /// `-c`: store copied clusters compressed (qcow2).
     pub compress: bool,
+    /// JSON output (`--output json`).
     pub json: bool,
+    /// `-U`: read an image another process may be writing.
     pub force_share: bool,
 }
 
@@ -38,6 +46,7 @@ const SAMPLE_BYTES: u64 = 64 << 20;
 /// qemu takes sizes as `int64_t`.
 const MAX_SIZE: u64 = i64::MAX as u64;
 
+/// Runs `cowimg measure`; returns the exit status.
 pub fn run(a: &Args) -> Result<i32> {
     // qemu-img's checks, in its order and words.
     if a.file.is_none() && a.format.is_some() {

@@ -14,23 +14,35 @@ use crate::lock::Access;
 use crate::progress::Mode;
 use crate::stream;
 
+/// The arguments of `cowimg rebase` (`cowimg rebase --help` says what each flag does).
 pub struct Args {
+    /// The image.
     pub file: String,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
     /// `-b`: the new backing file as it is to be stored ("" for none).
     pub backing: Option<String>,
+    /// `-F`: the new backing file's format.
     pub backing_format: Option<String>,
+    /// `-u`: change only the pointer, copy nothing.
     pub unsafe_mode: bool,
+    /// The rate cap in bytes per second (0: none).
     pub speed: u64,
+    /// Workers (0: chosen for the source).
     pub jobs: usize,
+    /// How progress is shown.
     pub progress: Mode,
+    /// JSON output (`--output json`).
     pub json: bool,
+    /// `-U`: read an image another process may be writing.
     pub force_share: bool,
+    /// `-c`: store copied clusters compressed (qcow2).
     pub compress: bool,
     /// `--job-id`, `--control`, `--events`.
     pub control: crate::job::ControlOptions,
 }
 
+/// Runs `cowimg rebase`; returns the exit status.
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let Some(new_name) = a.backing.clone() else {
         if !a.unsafe_mode {

@@ -20,11 +20,15 @@ use crate::error::{Error, Result};
 use crate::lock::Access;
 use crate::output::{Output, Spec};
 
+/// The arguments of `cowimg reset` (`cowimg reset --help` says what each flag does).
 pub struct Args {
+    /// The image.
     pub file: String,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
 }
 
+/// Runs `cowimg reset`; returns the exit status.
 pub fn run(a: &Args) -> Result<i32> {
     reset(&a.file, a.format)?;
     Ok(0)

@@ -7,13 +7,19 @@ use crate::chain::{Chain, OpenOptions};
 use crate::error::{Error, Result};
 use crate::size::size_arg;
 
+/// The arguments of `cowimg resize` (`cowimg resize --help` says what each flag does).
 pub struct Args {
+    /// The image.
     pub file: String,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
     /// `[+|-]SIZE`: absolute, or relative to the current size.
     pub size: String,
+    /// `--shrink`: allow making the image smaller.
     pub shrink: bool,
+    /// `--preallocation`: how new space is allocated.
     pub prealloc: Prealloc,
+    /// `-q`: print nothing on success.
     pub quiet: bool,
 }
 
@@ -39,6 +45,7 @@ pub fn new_size(current: u64, arg: &str) -> Result<u64> {
     }
 }
 
+/// Runs `cowimg resize`; returns the exit status.
 pub fn run(a: &Args) -> Result<i32> {
     let chain = Chain::open(&a.file, OpenOptions::write(a.format))?;
     let top = chain.top();

@@ -21,22 +21,38 @@ use crate::size::size_to_str;
 
 /// Where to listen.
 pub enum Listen {
+    /// `-k PATH`: a Unix socket.
     Unix(String),
-    Tcp { host: String, port: u16 },
+    /// `-b HOST -p PORT`: TCP.
+    Tcp {
+        /// The address to bind.
+        host: String,
+        /// The port.
+        port: u16,
+    },
 }
 
+/// The arguments of `cowimg serve` (`cowimg serve --help` says what each flag does).
 pub struct Args {
+    /// The image to export.
     pub image: String,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
+    /// Where to listen.
     pub listen: Listen,
+    /// `-x`: the export's name.
     pub export: String,
+    /// `-D`: the export's description.
     pub description: String,
+    /// `-r`: refuse writes.
     pub read_only: bool,
     /// `--copy-on-read` / `--no-copy-on-read`; `None` follows the image's flag.
     pub copy_on_read: Option<bool>,
     /// Clients served at once; more wait to be accepted.
     pub shared: usize,
+    /// `-t`: keep serving after the last client leaves.
     pub persistent: bool,
+    /// `--pid-file`: write the server's PID there once it listens.
     pub pid_file: Option<String>,
     /// `--stream`: stream the backing chain into the image while serving.
     pub stream: Option<StreamArgs>,
@@ -204,6 +220,7 @@ fn open(a: &Args) -> Result<(Chain, bool)> {
     Ok((chain, cor))
 }
 
+/// Runs `cowimg serve`; returns the exit status.
 pub fn run(a: &Args, stop: &AtomicBool) -> Result<i32> {
     if a.shared == 0 {
         return Err(Error::Usage("--shared must be at least 1".into()));

@@ -11,16 +11,25 @@ use crate::lock::Access;
 /// What to do with the snapshots.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
+    /// `-l`: list them.
     List,
+    /// `-c NAME`: take one.
     Create(String),
+    /// `-a NAME`: revert the disk to one.
     Apply(String),
+    /// `-d NAME`: delete one.
     Delete(String),
 }
 
+/// The arguments of `cowimg snapshot` (`cowimg snapshot --help` says what each flag does).
 pub struct Args {
+    /// The image.
     pub file: String,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
+    /// `-U`: read an image another process may be writing.
     pub force_share: bool,
+    /// What to do.
     pub action: Action,
 }
 
@@ -50,6 +59,7 @@ pub fn action(
     }
 }
 
+/// Runs `cowimg snapshot`; returns the exit status.
 pub fn run(a: &Args) -> Result<i32> {
     let (verb, name) = match &a.action {
         Action::List => return list(a),

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::AtomicBool;
 
-use cowimg_formats::{BackingRef, Format};
+use cowimg_formats::Format;
 
 use crate::chain::{Chain, OpenOptions};
 use crate::commands::job::{self, JobOptions};
@@ -12,21 +12,33 @@ use crate::progress::Mode;
 use crate::size::size_to_str;
 use crate::stream::{self, Plan};
 
+/// The arguments of `cowimg stream` (`cowimg stream --help` says what each flag does).
 pub struct Args {
+    /// The image.
     pub file: String,
+    /// `-f`: the image's format (probed when absent).
     pub format: Option<Format>,
+    /// `--base`: the layer kept as the backing file (none: stream everything).
     pub base: Option<String>,
+    /// The rate cap in bytes per second (0: none).
     pub speed: u64,
+    /// Workers (0: chosen for the source).
     pub jobs: usize,
+    /// How progress is shown.
     pub progress: Mode,
+    /// JSON output (`--output json`).
     pub json: bool,
+    /// `--offset`: the start of a partial stream.
     pub offset: Option<u64>,
+    /// `--length`: its length.
     pub length: Option<u64>,
+    /// `-c`: store copied clusters compressed (qcow2).
     pub compress: bool,
     /// `--job-id`, `--control`, `--events`.
     pub control: crate::job::ControlOptions,
 }
 
+/// Runs `cowimg stream`; returns the exit status.
 pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     let chain = Chain::open(&a.file, OpenOptions::write(a.format))?;
     let top = chain.top();
@@ -78,15 +90,12 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         if nothing.is_some() {
             return Ok(before.clone());
         }
-        stream::copy(&chain, &plan, keep_base, None, settings)?;
-        if !partial {
-            let backing = keep_base.then(|| BackingRef {
-                name: stream::backing_name(&chain, base),
-                format: Some(chain.layers[base].format.name().to_string()),
-            });
-            stream::switch(&chain, backing.as_ref())?;
+        if partial {
+            // A window of the disk: the layers below still provide the rest.
+            stream::copy(&chain, &plan, keep_base, None, settings)?;
+            return Ok(chain.top().image.backing());
         }
-        Ok(chain.top().image.backing())
+        stream::copy_and_switch(&chain, base, &plan, settings)
     })?;
     let backing = done.value.as_ref();
     if a.json {

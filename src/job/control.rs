@@ -189,6 +189,7 @@ impl ControlServer {
         })
     }
 
+    /// The control socket's path.
     pub fn path(&self) -> &Path {
         &self.path
     }

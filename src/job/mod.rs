@@ -37,13 +37,16 @@ pub const PROTOCOL_VERSION: u64 = 1;
 pub enum State {
     /// Set up, not copying yet.
     Created,
+    /// Copying.
     Running,
     /// Stopped at a chunk boundary with everything copied committed: safe to kill.
     Paused,
+    /// Done: everything copied and committed, the switch made.
     Completed,
     /// Stopped by `block-job-cancel` or a signal, with what was copied committed: rerunning
     /// the command resumes.
     Cancelled,
+    /// Stopped by an error (in [`JobInfo::error`]), with what was copied committed.
     Failed,
 }
 
@@ -63,6 +66,7 @@ impl State {
         }
     }
 
+    /// The name QMP uses (`status` of `query-block-jobs`).
     pub fn name(self) -> &'static str {
         match self {
             State::Created => "created",
@@ -94,11 +98,16 @@ pub struct JobSpec {
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub struct JobInfo {
+    /// The job's id.
     pub id: String,
+    /// Its operation (QMP's `type`).
     #[serde(rename = "type")]
     pub kind: String,
+    /// The image it works on.
     pub device: String,
+    /// Its state.
     pub status: State,
+    /// Paused (or asked to pause).
     pub paused: bool,
     /// libvirt's `end`.
     pub len: u64,
@@ -114,6 +123,7 @@ pub struct JobInfo {
     pub elapsed: f64,
     /// Seconds left at the current speed (or the cap); null when unknown.
     pub eta: Option<f64>,
+    /// Why it failed, once it has.
     pub error: Option<String>,
 }
 
@@ -167,10 +177,12 @@ impl JobHandle {
         h
     }
 
+    /// The job's id.
     pub fn id(&self) -> &str {
         &self.spec.id
     }
 
+    /// Its operation (stream, rebase, ...).
     pub fn kind(&self) -> &'static str {
         self.spec.kind
     }
@@ -186,10 +198,12 @@ impl JobHandle {
         &self.limiter
     }
 
+    /// Its progress counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
     }
 
+    /// Where its events go.
     pub fn events(&self) -> &Events {
         &self.events
     }
@@ -206,6 +220,7 @@ impl JobHandle {
         self.events.emit(event, data);
     }
 
+    /// Its state now.
     pub fn state(&self) -> State {
         self.lock().state
     }
@@ -450,6 +465,7 @@ impl JobHandle {
 /// What the user asked of a job's control: `--job-id`, `--control`, `--events`.
 #[derive(Clone, Debug, Default)]
 pub struct ControlOptions {
+    /// `--job-id ID`.
     pub job_id: Option<String>,
     /// The control socket's path instead of `RUNTIME_DIR/ID.sock`.
     pub control: Option<String>,
@@ -459,6 +475,7 @@ pub struct ControlOptions {
 
 /// A job set up as a command runs it: the handle, and its control server while it runs.
 pub struct Session {
+    /// The job.
     pub handle: Arc<JobHandle>,
     server: Option<control::ControlServer>,
 }

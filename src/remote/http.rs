@@ -78,7 +78,12 @@ pub enum Cause {
     Connection(String),
     /// The TLS handshake failed; `untrusted` when the server's certificate has no trusted
     /// issuer.
-    Tls { message: String, untrusted: bool },
+    Tls {
+        /// rustls' words.
+        message: String,
+        /// The certificate has no trusted issuer.
+        untrusted: bool,
+    },
     /// The server answered with an error status.
     Status(u16),
     /// The server answered a `Range` request with the whole file.
