@@ -309,7 +309,9 @@ fn blkhash<D: Digest + Send>(chain: &Chain, opts: &Options) -> Result<(Vec<u8>, 
     // the allocation of the next window is looked up).
     let mut queue = std::collections::VecDeque::from(window(0)?);
     let mut looked_up = WINDOW.min(size);
-    let mut prev: Option<(Vec<Piece>, Vec<Option<Vec<u8>>>)> = None;
+    // The batch hashed last: its pieces and their digests (`None`: a zero block).
+    type Hashed = (Vec<Piece>, Vec<Option<Vec<u8>>>);
+    let mut prev: Option<Hashed> = None;
     pool.install(|| -> Result<()> {
         loop {
             let mut bytes = 0;

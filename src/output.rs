@@ -91,7 +91,7 @@ enum Kind {
         target: PathBuf,
         tmp: PathBuf,
         /// Owner and mode of the file being replaced, given to the new one.
-        keep: Option<fs::Metadata>,
+        keep: Option<Box<fs::Metadata>>,
         persisted: bool,
     },
     /// A block or character device: written in place, never replaced or truncated.
@@ -249,7 +249,7 @@ impl Output {
             kind: Kind::Replace {
                 target,
                 tmp,
-                keep,
+                keep: keep.map(Box::new),
                 persisted: false,
             },
         })

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Byte-addressed storage under an image (a file, or a test double).
+// `len` is a size in bytes, as a file's; "empty" would mean nothing more to a caller.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + Debug {
     /// Fills `buf` from `offset`. Bytes past the end of the storage read as zeros, as QEMU's
     /// file driver returns them; callers validate metadata offsets against [`Storage::len`].
