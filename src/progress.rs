@@ -108,8 +108,9 @@ impl Reporter {
                     }
                 }))
             }
-            Mode::Bar if !std::io::stderr().is_terminal() => {
-                // Forced with -p but not on a terminal (a log): qemu-img's percentage lines.
+            // qemu-img's percentage lines when forced with -p but not on a terminal (a log),
+            // or in a build without the terminal bar.
+            Mode::Bar if !terminal_bar() => {
                 let (stop, counters, cap) = (stop.clone(), counters.clone(), cap.clone());
                 Some(std::thread::spawn(move || {
                     let mut pace = Pace::new(started);
@@ -132,27 +133,7 @@ impl Reporter {
             Mode::Bar => {
                 let (stop, counters, cap) = (stop.clone(), counters.clone(), cap.clone());
                 Some(std::thread::spawn(move || {
-                    let bar = indicatif::ProgressBar::new(end);
-                    // Not indicatif's rate and ETA: they follow the position, which jumps over
-                    // what needs no copying and would show TiB/s and "ETA 0s".
-                    bar.set_style(
-                        indicatif::ProgressStyle::with_template(
-                            "{bar:40} {bytes}/{total_bytes} {percent}% {msg}",
-                        )
-                        .expect("valid template"),
-                    );
-                    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
-                    let mut pace = Pace::new(started);
-                    let mut update = |bar: &indicatif::ProgressBar| {
-                        bar.set_position(counters.done.load(Ordering::Relaxed));
-                        bar.set_message(figures(&counters, end, &mut pace, cap()));
-                    };
-                    while !stop.load(Ordering::Relaxed) {
-                        update(&bar);
-                        sleep_unless(&stop, Duration::from_millis(200));
-                    }
-                    update(&bar);
-                    bar.abandon();
+                    bar(&stop, &counters, end, &cap, started)
                 }))
             }
         };
@@ -194,6 +175,22 @@ impl Reporter {
     }
 }
 
+/// `n` bytes as indicatif's `BinaryBytes` shows them ("512 B", "1.50 MiB"), so that the
+/// lines read the same with and without the terminal bar (the `cli` feature).
+fn binary_bytes(n: u64) -> String {
+    const PREFIXES: [&str; 8] = ["Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "Zi", "Yi"];
+    let mut x = n as f64;
+    if x < 1024.0 {
+        return format!("{x:.0} B");
+    }
+    let mut i = 0;
+    while x >= 1024.0 && i < PREFIXES.len() {
+        x /= 1024.0;
+        i += 1;
+    }
+    format!("{x:.2} {}B", PREFIXES[i - 1])
+}
+
 /// "copied 40.0 MiB at 20.0 MiB/s, ETA 8s (cap 20.0 MiB/s)": the rate is the bytes actually
 /// copied over the last few seconds, the ETA what is left of the job at that rate (at most the
 /// cap `speed`; at the cap while nothing is copied yet; unknown, "?", without either), and
@@ -208,14 +205,14 @@ fn figures(c: &Counters, end: u64, pace: &mut Pace, speed: u64) -> String {
         None => "?".to_string(),
     };
     let cap = if speed > 0 {
-        format!(" (cap {}/s)", indicatif::BinaryBytes(speed))
+        format!(" (cap {}/s)", binary_bytes(speed))
     } else {
         String::new()
     };
     format!(
         "copied {} at {}/s, ETA {eta}{cap}",
-        indicatif::BinaryBytes(copied),
-        indicatif::BinaryBytes(rate as u64)
+        binary_bytes(copied),
+        binary_bytes(rate as u64)
     )
 }
 
@@ -254,6 +251,39 @@ fn format_eta(d: Duration) -> String {
     }
 }
 
+/// Whether the bar goes to a terminal: stderr is one, and the build has the bar.
+fn terminal_bar() -> bool {
+    cfg!(feature = "cli") && std::io::stderr().is_terminal()
+}
+
+/// The terminal bar, until `stop`.
+#[cfg(feature = "cli")]
+fn bar(stop: &AtomicBool, counters: &Counters, end: u64, cap: &Cap, started: Instant) {
+    let bar = indicatif::ProgressBar::new(end);
+    // Not indicatif's rate and ETA: they follow the position, which jumps over what needs
+    // no copying and would show TiB/s and "ETA 0s".
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {percent}% {msg}")
+            .expect("valid template"),
+    );
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
+    let mut pace = Pace::new(started);
+    let mut update = |bar: &indicatif::ProgressBar| {
+        bar.set_position(counters.done.load(Ordering::Relaxed));
+        bar.set_message(figures(counters, end, &mut pace, cap()));
+    };
+    while !stop.load(Ordering::Relaxed) {
+        update(&bar);
+        sleep_unless(stop, Duration::from_millis(200));
+    }
+    update(&bar);
+    bar.abandon();
+}
+
+/// Without the `cli` feature there is no terminal bar ([`terminal_bar`] is false).
+#[cfg(not(feature = "cli"))]
+fn bar(_: &AtomicBool, _: &Counters, _: u64, _: &Cap, _: Instant) {}
+
 fn sleep_unless(stop: &AtomicBool, d: Duration) {
     let until = Instant::now() + d;
     while !stop.load(Ordering::Relaxed) && Instant::now() < until {
@@ -264,6 +294,29 @@ fn sleep_unless(stop: &AtomicBool, d: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "cli")]
+    #[test]
+    fn binary_bytes_reads_as_indicatif_shows_sizes() {
+        for n in [
+            0,
+            1,
+            1023,
+            1024,
+            1536,
+            (1 << 20) - 1,
+            1 << 20,
+            40 << 20,
+            3 << 30,
+            u64::MAX,
+        ] {
+            assert_eq!(
+                binary_bytes(n),
+                indicatif::BinaryBytes(n).to_string(),
+                "{n}"
+            );
+        }
+    }
 
     #[test]
     fn rate_is_bytes_copied_over_time_and_eta_honours_the_cap() {
