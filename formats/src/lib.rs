@@ -45,6 +45,7 @@ pub mod error;
 pub mod io;
 pub mod measure;
 mod open;
+mod prepared;
 pub mod probe;
 pub mod qcow2;
 pub mod qed;

@@ -29,6 +29,25 @@ use crate::io::{read_exact, sync, write_all, Storage};
 use crate::util::align_up;
 use crate::{Error, Result};
 
+/// The image's state, prepared for writing (see [`crate::prepared`]).
+pub(super) type Writing<'m> = crate::prepared::Writing<'m, Meta>;
+
+impl crate::prepared::Allocating for Meta {
+    type Allocator = Allocator;
+    fn allocator(&mut self) -> Option<&mut Allocator> {
+        self.alloc.as_mut()
+    }
+}
+
+/// The state with its allocator loaded without the checks of a first write: for a repair's
+/// own writes, which are what clears the bits those checks refuse.
+pub(super) fn unchecked<'m>(m: &'m mut Meta, s: &dyn Storage) -> Result<Writing<'m>> {
+    if m.alloc.is_none() {
+        m.alloc = Some(Allocator::load(s, &m.header, m.file_len)?);
+    }
+    Ok(Writing::prepared(m))
+}
+
 /// A refcount block in memory.
 struct Block {
     offset: u64,
@@ -514,11 +533,12 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Prepares the image for its first write: refuses what must not be written, clears
-    /// autoclear bits cowimg does not maintain, loads the refcount table.
-    pub(super) fn prepare_write(&self, m: &mut Meta) -> Result<()> {
+    /// Prepares the image for writing (its first write loads the allocator: refuses what
+    /// must not be written, clears autoclear bits cowimg does not maintain, loads the
+    /// refcount table); the state, prepared.
+    pub(super) fn prepare_write<'m>(&self, m: &'m mut Meta) -> Result<Writing<'m>> {
         if m.alloc.is_some() {
-            return Ok(());
+            return Ok(Writing::prepared(m));
         }
         if !self.writable {
             return Err(Error::Refused("the image is open read-only".into()));
@@ -582,7 +602,7 @@ impl Qcow2 {
             snapshot_table_len,
         )?);
         m.alloc = Some(alloc);
-        Ok(())
+        Ok(Writing::prepared(m))
     }
 
     /// Frees leaked clusters before the first allocation of a session, as `check -r leaks`
@@ -602,7 +622,7 @@ impl Qcow2 {
 
     /// The L2 table covering L1 index `l1i`, made writable: a new table when there is none,
     /// a private copy when it is shared with a snapshot (no COPIED flag). Returns its offset.
-    pub(super) fn writable_l2(&self, m: &mut Meta, geo: &Geometry, l1i: usize) -> Result<u64> {
+    pub(super) fn writable_l2(&self, m: &mut Writing, geo: &Geometry, l1i: usize) -> Result<u64> {
         let l1e = m.l1[l1i];
         let old = l1e & OFFSET_MASK;
         if old != 0 && l1e & table::OFLAG_COPIED != 0 {
@@ -614,7 +634,7 @@ impl Qcow2 {
         } else {
             m.l2_table(&*self.storage, geo, old)?.words.clone()
         };
-        let alloc = m.alloc.as_mut().expect("prepared");
+        let alloc = m.alloc();
         let new = alloc.reserve(1);
         if old != 0 {
             // A data cluster's refcount counts the L1 tables it is reachable from, so moving

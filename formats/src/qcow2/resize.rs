@@ -14,6 +14,7 @@
 //! - emptying: L1 entries are cleared (synced) before the tables and clusters they reached are
 //!   freed; an interruption leaves some tables emptied and the others as they were.
 
+use super::alloc::Writing;
 use super::cache::Meta;
 use super::header::MAX_L1_BYTES;
 use super::table::{self, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
@@ -41,7 +42,7 @@ impl Qcow2 {
                 "Can't resize a v2 image which has snapshots".into(),
             ));
         }
-        self.prepare_write(&mut m)?;
+        let mut m = self.prepare_write(&mut m)?;
         if m.has_staged() {
             return Err(Error::Refused(
                 "internal: resize with uncommitted writes".into(),
@@ -87,11 +88,11 @@ impl Qcow2 {
 
     /// Moves the active L1 table to a new one of `entries` entries and sets the size to
     /// `size`, in the order the module comment describes.
-    fn grow_l1(&self, m: &mut Meta, size: u64, entries: usize) -> Result<()> {
+    fn grow_l1(&self, m: &mut Writing, size: u64, entries: usize) -> Result<()> {
         let cs = self.geo.cluster_size();
         let bytes = entries as u64 * 8;
         let clusters = bytes.div_ceil(cs);
-        let alloc = m.alloc.as_mut().expect("prepared");
+        let alloc = m.alloc();
         let host = alloc.reserve(clusters);
         let mut l1 = m.l1.clone();
         l1.resize(entries, 0);
@@ -115,7 +116,7 @@ impl Qcow2 {
     /// Drops every cluster of the active tables at guest offsets from `from` (a cluster
     /// boundary) on: whole L2 tables past it leave the L1 table, entries of the table that
     /// straddles it are cleared. One commit per L2 table keeps the memory bounded.
-    fn discard_from(&self, m: &mut Meta, from: u64) -> Result<()> {
+    fn discard_from(&self, m: &mut Writing, from: u64) -> Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let span = self.l2_span();
@@ -139,7 +140,7 @@ impl Qcow2 {
                 frees.push((l2, cs));
                 m.l1[l1i] = 0;
                 m.l1_dirty.insert(l1i);
-                let alloc = m.alloc.as_mut().expect("prepared");
+                let alloc = m.alloc();
                 for (h, l) in frees {
                     alloc.free_range(h, l);
                 }
@@ -150,7 +151,7 @@ impl Qcow2 {
                     if entry != 0 || bitmap != 0 {
                         self.set_entry(m, cluster, 0, 0)?;
                         if let Some((h, l)) = self.entry_host(entry) {
-                            m.alloc.as_mut().expect("prepared").free_range(h, l);
+                            m.alloc().free_range(h, l);
                         }
                     }
                     cluster += cs;
@@ -175,7 +176,7 @@ impl Qcow2 {
     /// cluster holding `old` as it is too): table entries pointing at fresh clusters, with
     /// zeros written into them when `zeros` (full, falloc), a hole in the file otherwise
     /// (metadata). The file is extended before anything points past its end.
-    fn preallocate(&self, m: &mut Meta, old: u64, new: u64, zeros: bool) -> Result<()> {
+    fn preallocate(&self, m: &mut Writing, old: u64, new: u64, zeros: bool) -> Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let span = self.l2_span();
@@ -193,7 +194,7 @@ impl Qcow2 {
             while cluster < table_end {
                 let (entry, _) = self.entry_at(m, cluster)?;
                 if entry == 0 {
-                    let host = m.alloc.as_mut().expect("prepared").reserve(1);
+                    let host = m.alloc().reserve(1);
                     if zeros {
                         write_all(s, &zero_buf, host, "preallocated zeros")?;
                     }
@@ -201,7 +202,7 @@ impl Qcow2 {
                 }
                 cluster += cs;
             }
-            let end = m.alloc.as_ref().expect("prepared").end;
+            let end = m.alloc().end;
             if end > m.file_len {
                 s.set_len(end)
                     .map_err(|e| Error::io("extending the file for preallocation", e))?;
@@ -218,14 +219,14 @@ impl Qcow2 {
             // Give back the end of the file that nothing uses any more: a fresh start of the
             // allocator checks the image and cuts the unreferenced tail.
             Self::forget_tables(m);
-            self.prepare_write(m)
+            self.prepare_write(m).map(drop)
         })
     }
 
     /// Frees the clusters of `[offset, offset + len)` (a table nothing points at any more)
     /// and commits.
-    pub(super) fn free_now(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
-        m.alloc.as_mut().expect("prepared").free_range(offset, len);
+    pub(super) fn free_now(&self, m: &mut Writing, offset: u64, len: u64) -> Result<()> {
+        m.alloc().free_range(offset, len);
         self.commit_locked(m)
     }
 
@@ -235,11 +236,11 @@ impl Qcow2 {
     pub(super) fn exclusively(
         &self,
         what: &str,
-        f: impl FnOnce(&mut Meta) -> Result<()>,
+        f: impl FnOnce(&mut Writing) -> Result<()>,
     ) -> Result<()> {
         let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut m = self.meta();
-        self.prepare_write(&mut m)?;
+        let mut m = self.prepare_write(&mut m)?;
         if m.has_staged() {
             return Err(Error::Refused(format!(
                 "internal: {what} with uncommitted writes"

@@ -22,6 +22,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::alloc::Writing;
 use super::cache::Meta;
 use super::header::{MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::snapshot::{encode_table, read_snapshots, Snapshot};
@@ -46,7 +47,7 @@ impl Qcow2 {
 
     /// Runs a snapshot change exclusively (see [`Qcow2::exclusively`]) and then reads the
     /// snapshot table again for `info`.
-    fn with_exclusive(&self, f: impl FnOnce(&mut Meta) -> Result<()>) -> Result<()> {
+    fn with_exclusive(&self, f: impl FnOnce(&mut Writing) -> Result<()>) -> Result<()> {
         self.exclusively("snapshot change", |m| {
             f(m)?;
             let (list, _) = self.current_snapshots(m)?;
@@ -88,7 +89,7 @@ impl Qcow2 {
                 0
             } else {
                 let clusters = (l1_copy.len() as u64 * 8).div_ceil(cs);
-                let host = m.alloc.as_mut().expect("prepared").reserve(clusters);
+                let host = m.alloc().reserve(clusters);
                 let mut buf = table::encode(&l1_copy);
                 buf.resize((clusters * cs) as usize, 0);
                 write_all(&*self.storage, &buf, host, "the snapshot's L1 table")?;
@@ -129,7 +130,7 @@ impl Qcow2 {
     /// Makes the L2 table at L1 index `l1i` shared with a snapshot being created: its entries
     /// and its L1 entry lose COPIED (written first), then it and every cluster it reaches
     /// gain a reference.
-    fn share_l2(&self, m: &mut Meta, l1i: usize) -> Result<()> {
+    fn share_l2(&self, m: &mut Writing, l1i: usize) -> Result<()> {
         let geo = self.geo;
         let l2 = m.l1[l1i] & OFFSET_MASK;
         let slot = m.l2_table(&*self.storage, &geo, l2)?;
@@ -147,7 +148,7 @@ impl Qcow2 {
             m.l1_dirty.insert(l1i);
         }
         self.commit_locked(m)?;
-        let alloc = m.alloc.as_mut().expect("prepared");
+        let alloc = m.alloc();
         for (host, len) in refs {
             alloc.add_refs(host, len);
         }
@@ -158,7 +159,7 @@ impl Qcow2 {
     /// hold (qemu fails half-way there, leaving leaks): every cluster the L1 table `l1`
     /// reaches must have room for one more reference per path to it (several for a host
     /// cluster packed with compressed clusters).
-    fn check_room_for_references(&self, m: &mut Meta, l1: &[u64]) -> Result<()> {
+    fn check_room_for_references(&self, m: &mut Writing, l1: &[u64]) -> Result<()> {
         let rgeo = super::refcount::RefGeometry {
             cluster_bits: self.geo.cluster_bits,
             refcount_order: m.header.refcount_order,
@@ -184,7 +185,7 @@ impl Qcow2 {
             }
         }
         let file_len = m.file_len;
-        let alloc = m.alloc.as_mut().expect("prepared");
+        let alloc = m.alloc();
         for (&c, &n) in &wanted {
             let now = alloc.refcount(s, c, file_len)?;
             if now.saturating_add(n) > rgeo.max() {
@@ -246,14 +247,14 @@ impl Qcow2 {
 
     /// Adds (`add`) or drops one reference to everything the L1 table `l1` reaches, one L2
     /// table per commit so that memory stays bounded.
-    fn adjust_l1_referents(&self, m: &mut Meta, l1: &[u64], add: bool) -> Result<()> {
+    fn adjust_l1_referents(&self, m: &mut Writing, l1: &[u64], add: bool) -> Result<()> {
         for &l1e in l1 {
             let l2 = l1e & OFFSET_MASK;
             if l2 == 0 {
                 continue;
             }
             let refs = self.l2_referents(m, l2)?;
-            let alloc = m.alloc.as_mut().expect("prepared");
+            let alloc = m.alloc();
             for (host, len) in refs {
                 if add {
                     alloc.add_refs(host, len);
@@ -268,7 +269,7 @@ impl Qcow2 {
 
     /// Gives the active tables their COPIED flags back where a refcount is one (after
     /// references were dropped), as qemu's refcount update with addend 0 does.
-    fn restore_copied(&self, m: &mut Meta) -> Result<()> {
+    fn restore_copied(&self, m: &mut Writing) -> Result<()> {
         let geo = self.geo;
         let s = &*self.storage;
         let file_len = m.file_len;
@@ -277,7 +278,7 @@ impl Qcow2 {
             if l2 == 0 {
                 continue;
             }
-            let alloc = m.alloc.as_mut().expect("prepared");
+            let alloc = m.alloc();
             if alloc.refcount(s, l2, file_len)? != 1 {
                 // Shared with a snapshot: so is everything it reaches.
                 continue;
@@ -290,7 +291,7 @@ impl Qcow2 {
                 if entry & (OFLAG_COPIED | OFLAG_COMPRESSED) != 0 || host == 0 {
                     continue;
                 }
-                let alloc = m.alloc.as_mut().expect("prepared");
+                let alloc = m.alloc();
                 if alloc.refcount(s, host, file_len)? == 1 {
                     set.push(idx);
                 }
@@ -311,7 +312,12 @@ impl Qcow2 {
 
     /// Writes `list` as the new snapshot table, then switches the header to it (offset and
     /// count in one write), then frees the old table of `old_len` bytes.
-    fn switch_snapshot_table(&self, m: &mut Meta, list: &[Snapshot], old_len: u64) -> Result<()> {
+    fn switch_snapshot_table(
+        &self,
+        m: &mut Writing,
+        list: &[Snapshot],
+        old_len: u64,
+    ) -> Result<()> {
         let s = &*self.storage;
         let cs = self.geo.cluster_size();
         let host = if list.is_empty() {
@@ -320,7 +326,7 @@ impl Qcow2 {
             let mut buf = encode_table(list, self.size());
             let clusters = (buf.len() as u64).div_ceil(cs);
             buf.resize((clusters * cs) as usize, 0);
-            let host = m.alloc.as_mut().expect("prepared").reserve(clusters);
+            let host = m.alloc().reserve(clusters);
             write_all(s, &buf, host, "the snapshot table")?;
             host
         };
@@ -331,7 +337,7 @@ impl Qcow2 {
         write_all(s, &m.header.encode_fixed(), 0, "the header")?;
         sync(s)?;
         if old_count > 0 && old_len > 0 {
-            m.alloc.as_mut().expect("prepared").free_range(old, old_len);
+            m.alloc().free_range(old, old_len);
             self.commit_locked(m)?;
         }
         Ok(())
@@ -376,7 +382,7 @@ impl Qcow2 {
                 0
             } else {
                 let clusters = (new_l1.len() as u64 * 8).div_ceil(cs);
-                let host = m.alloc.as_mut().expect("prepared").reserve(clusters);
+                let host = m.alloc().reserve(clusters);
                 let mut buf = table::encode(&new_l1);
                 buf.resize((clusters * cs) as usize, 0);
                 write_all(&*self.storage, &buf, host, "the new L1 table")?;

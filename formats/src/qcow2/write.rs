@@ -5,6 +5,7 @@
 //! allocation units from what they read before); under the lock again, the new L2 entries are
 //! staged in memory. Staged entries reach the disk only through `commit`.
 
+use super::alloc::Writing;
 use super::cache::Meta;
 use super::header::{self, Header};
 use super::table::{Kind, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS};
@@ -82,8 +83,8 @@ impl Qcow2 {
     fn write_held(&self, offset: u64, end: u64, data: &[u8], below: &dyn ReadBelow) -> Result<()> {
         let plans = {
             let mut m = self.meta();
-            self.prepare_write(&mut m)?;
-            self.plan(&mut m, offset, end)?
+            let mut w = self.prepare_write(&mut m)?;
+            self.plan(&mut w, offset, end)?
         };
         let mut writes: Vec<(u64, Source)> = Vec::with_capacity(plans.len());
         for p in &plans {
@@ -108,7 +109,8 @@ impl Qcow2 {
             write_all(&*self.storage, buf, *host, "guest data")?;
         }
         let mut m = self.meta();
-        self.stage(&mut m, &plans)
+        let mut w = self.prepare_write(&mut m)?;
+        self.stage(&mut w, &plans)
     }
 
     /// Compresses one cluster's data (the image's last cluster may be short: it is padded
@@ -138,20 +140,18 @@ impl Qcow2 {
         let _held = self.clusters.hold(offset / cs, offset / cs + 1);
         let host = {
             let mut m = self.meta();
-            self.prepare_write(&mut m)?;
-            let (entry, _) = self.entry_at(&mut m, offset)?;
+            let mut w = self.prepare_write(&mut m)?;
+            let (entry, _) = self.entry_at(&mut w, offset)?;
             if entry & OFFSET_MASK != 0 || entry & OFLAG_COMPRESSED != 0 {
                 return Ok(false);
             }
-            m.alloc
-                .as_mut()
-                .expect("prepared")
-                .alloc_bytes(bytes.len() as u64)
+            w.alloc().alloc_bytes(bytes.len() as u64)
         };
         write_all(&*self.storage, bytes, host, "a compressed cluster")?;
         let mut m = self.meta();
+        let mut w = self.prepare_write(&mut m)?;
         self.set_entry(
-            &mut m,
+            &mut w,
             offset,
             self.geo.compressed_entry(host, bytes.len() as u64),
             0,
@@ -174,14 +174,14 @@ impl Qcow2 {
         // never setting aside a cluster that write is about to point at.
         let _held = self.clusters.hold(offset / cs, end.div_ceil(cs));
         let mut m = self.meta();
-        self.prepare_write(&mut m)?;
+        let mut w = self.prepare_write(&mut m)?;
         let mut cluster = align_down(offset, cs);
         while cluster < end {
-            let (entry, _) = self.entry_at(&mut m, cluster)?;
+            let (entry, _) = self.entry_at(&mut w, cluster)?;
             if needs_fresh(geo, entry) {
                 let l1i = (cluster >> (geo.cluster_bits + geo.l2_bits())) as usize;
-                self.writable_l2(&mut m, &geo, l1i)?;
-                m.alloc.as_mut().expect("prepared").set_aside(cluster);
+                self.writable_l2(&mut w, &geo, l1i)?;
+                w.alloc().set_aside(cluster);
             }
             cluster += cs;
         }
@@ -189,7 +189,7 @@ impl Qcow2 {
     }
 
     /// Classifies the clusters of `[offset, end)` and reserves fresh ones.
-    fn plan(&self, m: &mut Meta, offset: u64, end: u64) -> Result<Vec<ClusterPlan>> {
+    fn plan(&self, m: &mut Writing, offset: u64, end: u64) -> Result<Vec<ClusterPlan>> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut plans = Vec::new();
@@ -255,7 +255,7 @@ impl Qcow2 {
                 }
             }
             if p.fresh {
-                p.host = m.alloc.as_mut().expect("prepared").take(cluster);
+                p.host = m.alloc().take(cluster);
             }
             if let Some((e, _)) = p.new_entry.as_mut() {
                 *e = p.host | OFLAG_COPIED;
@@ -347,15 +347,15 @@ impl Qcow2 {
     }
 
     /// Stages the entries of written clusters.
-    fn stage(&self, m: &mut Meta, plans: &[ClusterPlan]) -> Result<()> {
+    fn stage(&self, m: &mut Writing, plans: &[ClusterPlan]) -> Result<()> {
         for p in plans {
             let Some((entry, bitmap)) = p.new_entry else {
-                m.alloc.as_mut().expect("prepared").data_written = true;
+                m.alloc().data_written = true;
                 continue;
             };
             self.set_entry(m, p.cluster, entry, bitmap)?;
             if let Some((h, l)) = p.free {
-                m.alloc.as_mut().expect("prepared").free_range(h, l);
+                m.alloc().free_range(h, l);
             }
         }
         Ok(())
@@ -363,7 +363,7 @@ impl Qcow2 {
 
     pub(super) fn set_entry(
         &self,
-        m: &mut Meta,
+        m: &mut Writing,
         cluster: u64,
         entry: u64,
         bitmap: u64,
@@ -408,8 +408,8 @@ impl Qcow2 {
                 let cs = self.geo.cluster_size();
                 let _held = self.clusters.hold(mid_lo / cs, mid_hi.div_ceil(cs));
                 let mut m = self.meta();
-                self.prepare_write(&mut m)?;
-                partial.extend(self.zero_units(&mut m, mid_lo, mid_hi)?);
+                let mut w = self.prepare_write(&mut m)?;
+                partial.extend(self.zero_units(&mut w, mid_lo, mid_hi)?);
             }
             return self.write_zero_data(&partial, len, below);
         }
@@ -437,7 +437,7 @@ impl Qcow2 {
 
     /// Marks whole allocation units of `[lo, hi)` as zero (v3). Returns the ranges a marker
     /// cannot express (part of a compressed cluster): those need written zeros.
-    fn zero_units(&self, m: &mut Meta, lo: u64, hi: u64) -> Result<Vec<(u64, u64)>> {
+    fn zero_units(&self, m: &mut Writing, lo: u64, hi: u64) -> Result<Vec<(u64, u64)>> {
         let mut rest = Vec::new();
         let geo = self.geo;
         let cs = geo.cluster_size();
@@ -478,7 +478,7 @@ impl Qcow2 {
                 self.set_entry(m, cluster, new.0, new.1)?;
             }
             if let Some((h, l)) = free {
-                m.alloc.as_mut().expect("prepared").free_range(h, l);
+                m.alloc().free_range(h, l);
             }
             cluster += cs;
         }
@@ -561,17 +561,15 @@ impl Qcow2 {
         old_len: u64,
     ) -> Result<()> {
         let s = &*self.storage;
-        if m.alloc.is_none() {
-            m.alloc = Some(super::alloc::Allocator::load(s, &m.header, m.file_len)?);
-        }
+        let mut m = super::alloc::unchecked(m, s)?;
         let cs = self.geo.cluster_size();
         let clusters = (table.len() as u64).div_ceil(cs).max(1);
-        let alloc = m.alloc.as_mut().expect("prepared");
+        let alloc = m.alloc();
         let host = alloc.reserve(clusters);
         let mut buf = table.to_vec();
         buf.resize((clusters * cs) as usize, 0);
         write_all(s, &buf, host, "the snapshot table")?;
-        self.commit_locked(m)?;
+        self.commit_locked(&mut m)?;
 
         let old = m.header.snapshots_offset;
         m.header.snapshots_offset = host;
@@ -579,9 +577,9 @@ impl Qcow2 {
         sync(s)?;
 
         if old_len > 0 {
-            let alloc = m.alloc.as_mut().expect("prepared");
+            let alloc = m.alloc();
             alloc.free_range(old, old_len);
-            self.commit_locked(m)?;
+            self.commit_locked(&mut m)?;
         }
         Ok(())
     }

@@ -13,6 +13,17 @@ use crate::io::{read_exact, sync, write_all};
 use crate::util::{align_down, align_up, place_outside};
 use crate::{Error, ReadBelow, Result};
 
+/// The image's state, prepared for writing (see [`crate::prepared`]).
+type Writing<'m> = crate::prepared::Writing<'m, Meta>;
+
+impl crate::prepared::Allocating for Meta {
+    type Allocator = Allocator;
+    fn allocator(&mut self) -> Option<&mut Allocator> {
+        self.alloc.as_mut()
+    }
+}
+
+/// Where new clusters go (QED allocates at the end of the file, and never frees).
 pub struct Allocator {
     /// Next free host offset (append-only).
     pub end: u64,
@@ -65,9 +76,11 @@ struct ClusterPlan {
 }
 
 impl Qed {
-    fn prepare_write(&self, m: &mut Meta) -> Result<()> {
+    /// Prepares the image for writing (the first write checks and loads the allocator);
+    /// the state, prepared.
+    fn prepare_write<'m>(&self, m: &'m mut Meta) -> Result<Writing<'m>> {
         if m.alloc.is_some() {
-            return Ok(());
+            return Ok(Writing::prepared(m));
         }
         if !self.writable {
             return Err(Error::Refused("the image is open read-only".into()));
@@ -105,7 +118,7 @@ impl Qed {
             dirty: false,
             set_aside: HashMap::new(),
         });
-        Ok(())
+        Ok(Writing::prepared(m))
     }
 
     /// One past the last byte any table or data cluster of the image uses.
@@ -192,12 +205,12 @@ impl Qed {
         // A write in flight holds its clusters from planning to staging (see qcow2).
         let _held = self.clusters.hold(offset / cs, end.div_ceil(cs));
         let mut m = self.meta();
-        self.prepare_write(&mut m)?;
+        let mut m = self.prepare_write(&mut m)?;
         let mut cluster = align_down(offset, cs);
         while cluster < end {
             if self.entry_at(&mut m, cluster)? <= 1 {
                 self.table_for(&mut m, cluster);
-                m.alloc.as_mut().expect("prepared").set_aside(cluster, cs);
+                m.alloc().set_aside(cluster, cs);
             }
             cluster += cs;
         }
@@ -244,14 +257,14 @@ impl Qed {
         let plans = {
             let mut m = self.meta();
             let cs = m.header.cluster_size;
-            self.prepare_write(&mut m)?;
+            let mut m = self.prepare_write(&mut m)?;
             let mut plans = Vec::new();
             let mut cluster = align_down(offset, cs);
             while cluster < end {
                 let old = self.entry_at(&mut m, cluster)?;
                 let fresh = old <= 1;
                 let host = if fresh {
-                    m.alloc.as_mut().expect("prepared").take(cluster, cs)
+                    m.alloc().take(cluster, cs)
                 } else {
                     old
                 };
@@ -306,12 +319,13 @@ impl Qed {
             i += 1;
         }
         let mut m = self.meta();
+        let mut m = self.prepare_write(&mut m)?;
         for p in plans.iter() {
             if p.fresh {
                 self.set_entry(&mut m, p.cluster, p.host)?;
             }
         }
-        m.alloc.as_mut().expect("prepared").dirty = true;
+        m.alloc().dirty = true;
         Ok(())
     }
 
@@ -320,7 +334,7 @@ impl Qed {
     }
 
     /// Stages an L2 entry, allocating the L2 table if there is none.
-    fn set_entry(&self, m: &mut Meta, cluster: u64, value: u64) -> Result<()> {
+    fn set_entry(&self, m: &mut Writing, cluster: u64, value: u64) -> Result<()> {
         let (_, idx) = locate(&m.header, cluster);
         let table = self.table_for(m, cluster);
         m.pages.set(&*self.storage, table, idx, value)
@@ -328,12 +342,12 @@ impl Qed {
 
     /// The L2 table covering the guest cluster at `cluster`, allocated (staged, empty) if
     /// there is none.
-    fn table_for(&self, m: &mut Meta, cluster: u64) -> u64 {
+    fn table_for(&self, m: &mut Writing, cluster: u64) -> u64 {
         let (l1i, _) = locate(&m.header, cluster);
         let mut table = m.l1[l1i];
         if table == 0 {
             let bytes = m.header.table_bytes();
-            table = m.alloc.as_mut().expect("prepared").reserve(bytes);
+            table = m.alloc().reserve(bytes);
             m.pages.new_tables.insert(table);
             m.l1[l1i] = table;
             m.l1_dirty.insert(l1i);
@@ -369,7 +383,7 @@ impl Qed {
             let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
             let _held = self.clusters.hold(mid_lo / cs, mid_hi / cs);
             let mut m = self.meta();
-            self.prepare_write(&mut m)?;
+            let mut m = self.prepare_write(&mut m)?;
             let mut c = mid_lo;
             while c < mid_hi {
                 match self.entry_at(&mut m, c)? {
@@ -379,7 +393,7 @@ impl Qed {
                     1 => {}
                     _ => {
                         self.set_entry(&mut m, c, 1)?;
-                        m.alloc.as_mut().expect("prepared").dirty = true;
+                        m.alloc().dirty = true;
                     }
                 }
                 c += cs;
@@ -446,8 +460,8 @@ impl Qed {
 
     /// Header changes must not race writes and need everything staged committed first.
     fn header_for_change(&self, m: &mut Meta) -> Result<Header> {
-        self.prepare_write(m)?;
-        if m.alloc.as_ref().is_some_and(|a| a.dirty) {
+        let mut m = self.prepare_write(m)?;
+        if m.alloc().dirty {
             return Err(Error::Refused(
                 "internal: header change with uncommitted writes".into(),
             ));
