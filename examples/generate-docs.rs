@@ -1,5 +1,5 @@
 //! Writes cowimg's shell completions (bash, zsh, fish) and man pages (`cowimg.1` and one per
-//! subcommand) generated from the clap definitions in `src/main.rs`:
+//! subcommand) generated from the clap definitions in `src/cli_args.rs` (through `src/main.rs`):
 //!
 //! ```sh
 //! cargo run --release --example generate-docs -- contrib

@@ -151,7 +151,7 @@ fn committed_completions_and_man_pages_are_current() {
     }
     assert!(
         stale.is_empty(),
-        "{}\nThe completions and man pages come from the clap definitions in src/main.rs: run\n  {REGENERATE}\nand commit contrib/.",
+        "{}\nThe completions and man pages come from the clap definitions in src/cli_args.rs: run\n  {REGENERATE}\nand commit contrib/.",
         stale.join("\n")
     );
 }
