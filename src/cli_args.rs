@@ -44,6 +44,27 @@ pub(crate) enum OnOff {
     Off,
 }
 
+/// How a copy into an image runs and reports (stream, rebase).
+#[derive(clap::Args, Clone)]
+pub(crate) struct CopyArgs {
+    /// Cap on bytes copied per second, or read over the network where more (K, M, G
+    /// suffixes; 0 = unlimited).
+    #[arg(long, default_value = "0")]
+    pub(crate) speed: String,
+    /// Copy workers (default: number of cores; at least 8 for an NBD source, 16 for HTTP(S)).
+    #[arg(long)]
+    pub(crate) jobs: Option<usize>,
+    /// Show a progress bar even when stderr is not a terminal.
+    #[arg(short = 'p')]
+    pub(crate) progress: bool,
+    /// Progress as JSON lines on stderr: --progress json.
+    #[arg(long = "progress", value_name = "json")]
+    pub(crate) progress_format: Option<String>,
+    /// Output format of the result: human or json.
+    #[arg(long, value_enum, default_value = "human")]
+    pub(crate) output: Output,
+}
+
 /// The options every long operation takes to run as a job (docs/jobs.md).
 #[derive(clap::Args, Clone)]
 pub(crate) struct JobArgs {
@@ -270,22 +291,8 @@ pub(crate) enum Command {
         /// The backing file to keep (matched by resolved path); default: none.
         #[arg(short = 'b', long)]
         base: Option<String>,
-        /// Cap on bytes copied per second, or read over the network where more (K, M, G
-        /// suffixes; 0 = unlimited).
-        #[arg(long, default_value = "0")]
-        speed: String,
-        /// Copy workers (default: number of cores; at least 8 for an NBD source, 16 for HTTP(S)).
-        #[arg(long)]
-        jobs: Option<usize>,
-        /// Show a progress bar even when stderr is not a terminal.
-        #[arg(short = 'p')]
-        progress: bool,
-        /// Progress as JSON lines on stderr: --progress json.
-        #[arg(long = "progress", value_name = "json")]
-        progress_format: Option<String>,
-        /// Output format of the result: human or json.
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
+        #[command(flatten)]
+        copy: CopyArgs,
         /// Stream only the range starting here (never changes the backing file).
         #[arg(long)]
         offset: Option<String>,
@@ -388,22 +395,8 @@ pub(crate) enum Command {
         /// Unsafe: change only the pointer (the new backing file need not exist).
         #[arg(short = 'u')]
         unsafe_mode: bool,
-        /// Cap on bytes copied per second, or read over the network where more (K, M, G
-        /// suffixes; 0 = unlimited).
-        #[arg(long, default_value = "0")]
-        speed: String,
-        /// Copy workers (default: number of cores; at least 8 for an NBD source, 16 for HTTP(S)).
-        #[arg(long)]
-        jobs: Option<usize>,
-        /// Show a progress bar even when stderr is not a terminal.
-        #[arg(short = 'p')]
-        progress: bool,
-        /// Progress as JSON lines on stderr: --progress json.
-        #[arg(long = "progress", value_name = "json")]
-        progress_format: Option<String>,
-        /// Output format of the result: human or json.
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
+        #[command(flatten)]
+        copy: CopyArgs,
         /// Open the new backing file shared (it may be in use elsewhere).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,

@@ -21,7 +21,29 @@ use cowimg_formats::{CheckMode, Format};
 mod cli_args;
 
 pub(crate) use cli_args::Cli;
-use cli_args::{Command, JobVerb, OnOff, Output};
+use cli_args::{Command, CopyArgs, JobVerb, OnOff, Output};
+
+/// [`CopyArgs`], checked.
+struct CopySettings {
+    speed: u64,
+    jobs: usize,
+    progress: Mode,
+    json: bool,
+}
+
+/// Checks a copy's options; `bar_by_default`: a progress bar on a terminal unless the
+/// output is JSON (stream), else only with `-p` (rebase, as qemu-img rebase).
+fn copy_settings(c: &CopyArgs, bar_by_default: bool) -> Result<CopySettings> {
+    let json = progress_json(c.progress_format.as_deref())?;
+    let json_out = matches!(c.output, Output::Json);
+    let quiet = !bar_by_default || json_out;
+    Ok(CopySettings {
+        speed: size_arg("speed (--speed)", "--speed", &c.speed)?,
+        jobs: copy_jobs(c.jobs)?,
+        progress: Mode::choose(json, c.progress, quiet),
+        json: json_out,
+    })
+}
 
 fn fmt_opt(s: &Option<String>) -> Result<Option<Format>> {
     s.as_deref().map(parse_format).transpose()
@@ -279,11 +301,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
         Command::Stream {
             format,
             base,
-            speed,
-            jobs: j,
-            progress,
-            progress_format,
-            output,
+            copy,
             offset,
             length,
             compress,
@@ -291,17 +309,16 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             file,
         } => {
             let r = (|| {
-                let json = progress_json(progress_format.as_deref())?;
-                let json_out = matches!(output, Output::Json);
+                let c = copy_settings(&copy, true)?;
                 stream::run(
                     &stream::Args {
                         file,
                         format: fmt_opt(&format)?,
                         base,
-                        speed: size_arg("speed (--speed)", "--speed", &speed)?,
-                        jobs: copy_jobs(j)?,
-                        progress: Mode::choose(json, progress, json_out),
-                        json: json_out,
+                        speed: c.speed,
+                        jobs: c.jobs,
+                        progress: c.progress,
+                        json: c.json,
                         offset: offset
                             .as_deref()
                             .map(|s| size_arg("offset (--offset)", "--offset", s))
@@ -388,19 +405,14 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
             backing,
             backing_format,
             unsafe_mode,
-            speed,
-            jobs: j,
-            progress,
-            progress_format,
-            output,
+            copy,
             force_share,
             compress,
             job,
             file,
         } => {
             let r = (|| {
-                let json = progress_json(progress_format.as_deref())?;
-                let json_out = matches!(output, Output::Json);
+                let c = copy_settings(&copy, false)?;
                 rebase::run(
                     &rebase::Args {
                         file,
@@ -408,10 +420,10 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> (Result<i32>, i32) {
                         backing,
                         backing_format,
                         unsafe_mode,
-                        speed: size_arg("speed (--speed)", "--speed", &speed)?,
-                        jobs: copy_jobs(j)?,
-                        progress: Mode::choose(json, progress, true),
-                        json: json_out,
+                        speed: c.speed,
+                        jobs: c.jobs,
+                        progress: c.progress,
+                        json: c.json,
                         force_share,
                         compress,
                         control: job.into(),
