@@ -14,8 +14,8 @@
 //! use cowimg::chain::{Chain, OpenOptions};
 //! use cowimg::checksum::{checksum, Options};
 //! use cowimg::blockstatus;
-//! use cowimg::commands::create;
 //! use cowimg::diff::{diff, Range, Side};
+//! use cowimg::output::create_overlay;
 //! use cowimg_formats::Format;
 //!
 //! # fn main() -> cowimg::Result<()> {
@@ -27,20 +27,7 @@
 //!     .expect("golden fixture");
 //!
 //! // A qcow2 overlay over it (cowimg create -f qcow2 -b golden.raw -F raw test.qcow2).
-//! create::run(&create::Args {
-//!     file: path("test.qcow2"),
-//!     size: None,
-//!     format: Format::Qcow2,
-//!     backing: Some("golden.raw".into()),
-//!     backing_format: Some("raw".into()),
-//!     options: vec![],
-//!     cluster_size: None,
-//!     copy_on_read: false,
-//!     unsafe_backing: false,
-//!     force: false,
-//!     quiet: true,
-//!     retry: String::new(),
-//! })?;
+//! create_overlay(&path("test.qcow2"), "golden.raw", Format::Raw)?;
 //!
 //! // The test writes through the overlay; the golden file is never modified.
 //! let test = Chain::open(&path("test.qcow2"), OpenOptions::write(None))?;

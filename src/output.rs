@@ -109,6 +109,34 @@ pub enum Existing<'a> {
     },
 }
 
+/// Creates `spec` at `dst` as `cowimg create` does: checked first, then written beside `dst`
+/// and renamed over it once complete (a device is written in place; see [`Output::begin`]).
+pub fn create(dst: &str, spec: &Spec, existing: Existing) -> Result<()> {
+    spec.validate()?;
+    let out = Output::begin(dst, existing)?;
+    out.create(spec)?;
+    out.persist()
+}
+
+/// Creates a qcow2 overlay at `path` over `backing` (`cowimg create -f qcow2 -b BACKING -F
+/// FORMAT PATH`), replacing what is there: the overlay records `backing` as given (a
+/// relative name is relative to the overlay's directory, as qemu resolves it) and takes its
+/// size. The golden-fixture pattern: a throw-away overlay that a test writes through.
+pub fn create_overlay(path: &str, backing: &str, backing_format: Format) -> Result<()> {
+    let full = crate::chain::combine(path, backing);
+    let base = crate::chain::open_image(&full, Some(backing_format), Access::ReadShared)?;
+    let spec = Spec::Qcow2(qcow2::create::Options {
+        size: base.size(),
+        backing: Some(cowimg_formats::BackingRef {
+            name: backing.to_string(),
+            format: Some(backing_format.name().to_string()),
+        }),
+        ..Default::default()
+    });
+    drop(base);
+    create(path, &spec, Existing::Replace)
+}
+
 /// Most symlinks followed, as the kernel's limit (ELOOP).
 const MAX_LINKS: usize = 40;
 

@@ -382,12 +382,7 @@ pub fn find_base(chain: &Chain, file: &str, base: Option<&str>) -> Result<usize>
 /// # let dir = tempfile::tempdir().expect("temp dir");
 /// # let path = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
 /// # std::fs::write(path("base.raw"), vec![7u8; 1 << 20]).expect("base");
-/// # cowimg::commands::create::run(&cowimg::commands::create::Args {
-/// #     file: path("top.qcow2"), size: None, format: cowimg_formats::Format::Qcow2,
-/// #     backing: Some("base.raw".into()), backing_format: Some("raw".into()), options: vec![],
-/// #     cluster_size: None, copy_on_read: false, unsafe_backing: false, force: false,
-/// #     quiet: true, retry: String::new(),
-/// # })?;
+/// cowimg::output::create_overlay(&path("top.qcow2"), "base.raw", cowimg_formats::Format::Raw)?;
 /// let chain = Chain::open(&path("top.qcow2"), OpenOptions::write(None))?;
 /// let counters = Counters::default();
 /// let settings = Settings {

@@ -94,6 +94,37 @@ fn create_is_byte_identical_to_qemu_img_create() {
 }
 
 #[test]
+fn the_library_s_create_overlay_makes_what_qemu_img_create_makes() {
+    let s = Scratch::new();
+    s.qemu_img(&["create", "-q", "-f", "raw", "golden.raw", "3M"]);
+    s.qemu_io("golden.raw", &["write -P 0x47 0 1M"]);
+    let ours = s.path("ours.qcow2").to_string_lossy().into_owned();
+    cowimg::output::create_overlay(&ours, "golden.raw", cowimg_formats::Format::Raw).unwrap();
+    s.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "golden.raw",
+        "-F",
+        "raw",
+        "qemu.qcow2",
+    ]);
+    assert_eq!(s.read_file("ours.qcow2"), s.read_file("qemu.qcow2"));
+    s.assert_clean("ours.qcow2");
+    // Replacing an existing file, as a test's fresh overlay must.
+    s.qemu_io("ours.qcow2", &["write -P 0x11 0 64k"]);
+    cowimg::output::create_overlay(&ours, "golden.raw", cowimg_formats::Format::Raw).unwrap();
+    assert_eq!(s.read_file("ours.qcow2"), s.read_file("qemu.qcow2"));
+    // A missing backing file is an error naming it.
+    let e = cowimg::output::create_overlay(&ours, "nosuch.raw", cowimg_formats::Format::Raw)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nosuch.raw"), "{e}");
+}
+
+#[test]
 fn create_errors() {
     let s = Scratch::new();
     s.qemu_img(&["create", "-q", "-f", "raw", "base.raw", "1M"]);
