@@ -7,7 +7,7 @@ use cowimg_formats::{qcow2, qed, BackingRef, Format};
 use crate::chain::{combine, open_image, parse_format};
 use crate::error::{Error, Result};
 use crate::lock::Access;
-use crate::output::{Existing, Output, Spec};
+use crate::output::{Existing, Spec};
 use crate::size::{parse_size, size_arg, SizeError, MAX_SIZE};
 
 /// The arguments of `cowimg create` (`cowimg create --help` says what each flag does).
@@ -335,9 +335,7 @@ pub fn run(a: &Args) -> Result<i32> {
     } else {
         Existing::Refuse { retry: &a.retry }
     };
-    let out = Output::begin(&a.file, existing)?;
-    out.create(&spec)?;
-    out.persist()?;
+    crate::output::create(&a.file, &spec, existing)?;
     // qemu-img prints this line before creating; after success it never precedes an error.
     if !a.quiet {
         println!("{}", formatting_line(&a.file, &spec, &o));
