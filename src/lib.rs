@@ -1,6 +1,7 @@
 //! cowimg: a qemu-img-like tool for QEMU disk images, built around copy-on-read and image
 //! streaming. The on-disk formats live in the `cowimg-formats` crate; this crate holds
-//! backing chains, the copy engine, and the commands.
+//! backing chains, the copy engine and the jobs; the command line (its parsing and the
+//! commands that print) lives in the binary.
 //!
 //! # A snapshot test on a golden fixture
 //!
@@ -79,7 +80,6 @@
 pub mod blockstatus;
 pub mod chain;
 pub mod checksum;
-pub mod commands;
 pub mod commit;
 pub mod compare;
 pub mod copy;

@@ -5,11 +5,11 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
-use cowimg::chain::parse_format;
-use cowimg::commands::{
+use commands::{
     amend, check, checksum, commit, compare, convert, create, info, jobs, map, measure, rebase,
     reset, resize, serve, snapshot, stream,
 };
+use cowimg::chain::parse_format;
 use cowimg::error::{Error, Result};
 use cowimg::progress::Mode;
 use cowimg::size::size_arg;
@@ -19,6 +19,8 @@ use cowimg_formats::{CheckMode, Format};
 // that include this file as a module find it too.
 #[path = "cli_args.rs"]
 mod cli_args;
+#[path = "commands/mod.rs"]
+mod commands;
 
 pub(crate) use cli_args::Cli;
 use cli_args::{Command, CopyArgs, JobVerb, OnOff, Output};

@@ -5,9 +5,9 @@
 
 use cowimg_formats::Format;
 
-use crate::chain::open_image;
-use crate::error::{Error, Result};
-use crate::lock::Access;
+use cowimg::chain::open_image;
+use cowimg::error::{Error, Result};
+use cowimg::lock::Access;
 
 /// The `-o` changes asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

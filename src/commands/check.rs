@@ -10,9 +10,9 @@ use serde_json::{Map, Value};
 
 use cowimg_formats::{CheckMode, CheckReport, Format, LostData};
 
-use crate::chain::{open_image_for, Chain};
-use crate::error::{Error, Result};
-use crate::lock::Access;
+use cowimg::chain::{open_image_for, Chain};
+use cowimg::error::{Error, Result};
+use cowimg::lock::Access;
 
 /// The arguments of `cowimg check` (`cowimg check --help` says what each flag does).
 pub struct Args {
@@ -91,7 +91,7 @@ pub fn run(a: &Args) -> Result<i32> {
         if a.json {
             println!(
                 "{}",
-                crate::commands::pretty_json(&to_json(&a.file, layer.format, &report))
+                super::pretty_json(&to_json(&a.file, layer.format, &report))
             );
         } else {
             print!("{}", to_human(&report));

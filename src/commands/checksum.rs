@@ -7,13 +7,13 @@ use std::sync::Arc;
 use cowimg_formats::Format;
 use serde_json::json;
 
-use crate::chain::{Chain, OpenOptions};
-use crate::checksum::{checksum, Algorithm, Options, BLOCK_SIZE};
-use crate::commands::pretty_json;
-use crate::copy::Counters;
-use crate::error::{Error, Result};
-use crate::job::{JobSpec, Session};
-use crate::progress::{Mode, Reporter};
+use super::pretty_json;
+use cowimg::chain::{Chain, OpenOptions};
+use cowimg::checksum::{checksum, Algorithm, Options, BLOCK_SIZE};
+use cowimg::copy::Counters;
+use cowimg::error::{Error, Result};
+use cowimg::job::{JobSpec, Session};
+use cowimg::progress::{Mode, Reporter};
 
 /// The arguments of `cowimg checksum` (`cowimg checksum --help` says what each flag does).
 pub struct Args {
@@ -33,7 +33,7 @@ pub struct Args {
     pub force_share: bool,
     /// `--job-id`, `--control`, `--events`: each image is one job (the default id is its
     /// file name).
-    pub control: crate::job::ControlOptions,
+    pub control: cowimg::job::ControlOptions,
 }
 
 /// Checksums every image; one that fails is reported on stderr and the others still get
@@ -63,7 +63,7 @@ fn one(a: &Args, file: &str, cancel: &AtomicBool) -> Result<serde_json::Value> {
     let counters = Arc::new(Counters::default());
     let session = Session::start(
         JobSpec {
-            id: crate::job::default_id(file),
+            id: cowimg::job::default_id(file),
             kind: "checksum",
             device: file.to_string(),
             end: chain.size(),

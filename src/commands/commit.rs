@@ -6,12 +6,12 @@ use std::sync::atomic::AtomicBool;
 use cowimg_formats::Format;
 use serde_json::json;
 
-use crate::chain::{Chain, OpenOptions};
-use crate::commands::job::{self, JobOptions};
-use crate::commit;
-use crate::error::{Error, Result};
-use crate::progress::Mode;
-use crate::stream;
+use super::job::{self, JobOptions};
+use cowimg::chain::{Chain, OpenOptions};
+use cowimg::commit;
+use cowimg::error::{Error, Result};
+use cowimg::progress::Mode;
+use cowimg::stream;
 
 /// The arguments of `cowimg commit` (`cowimg commit --help` says what each flag does).
 pub struct Args {
@@ -34,7 +34,7 @@ pub struct Args {
     /// `-q`: print nothing on success.
     pub quiet: bool,
     /// `--job-id`, `--control`, `--events`.
-    pub control: crate::job::ControlOptions,
+    pub control: cowimg::job::ControlOptions,
 }
 
 /// Runs `cowimg commit`; returns the exit status.
@@ -80,7 +80,7 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
     if a.json {
         println!(
             "{}",
-            crate::commands::pretty_json(&json!({
+            super::pretty_json(&json!({
                 "filename": a.file,
                 "base": base_name,
                 "len": plan.range_len,

@@ -1,13 +1,13 @@
 //! `cowimg compare`: qemu-img compare's messages and exit codes (0 identical, 1 different,
-//! 2 error). The comparison is [`crate::compare`], the `--diff` ranges [`crate::diff`].
+//! 2 error). The comparison is [`cowimg::compare`], the `--diff` ranges [`cowimg::diff`].
 
 use cowimg_formats::Format;
 
-use crate::chain::{Chain, OpenOptions};
-use crate::commands::pretty_json;
-use crate::compare::{compare, Outcome};
-use crate::diff::{diff, Diff};
-use crate::error::Result;
+use super::pretty_json;
+use cowimg::chain::{Chain, OpenOptions};
+use cowimg::compare::{compare, Outcome};
+use cowimg::diff::{diff, Diff};
+use cowimg::error::Result;
 
 /// The arguments of `cowimg compare` (`cowimg compare --help` says what each flag does).
 pub struct Args {

@@ -8,16 +8,16 @@ use std::sync::Arc;
 use cowimg_formats::qcow2::SnapshotRef;
 use cowimg_formats::{BackingRef, Format, ReadBelow, ZerosBelow};
 
-use crate::blockstatus::entries;
-use crate::chain::{combine, Chain, Layer, OpenOptions};
-use crate::commands::create::ImageOptions;
-use crate::copy::{Action, Copier, Counters, Extent, ZeroData};
-use crate::error::{Error, Result};
-use crate::extent::widen;
-use crate::job::{JobSpec, Session};
-use crate::output;
-use crate::output::{Existing, Output};
-use crate::progress::{Mode, Reporter};
+use super::create::ImageOptions;
+use cowimg::blockstatus::entries;
+use cowimg::chain::{combine, Chain, Layer, OpenOptions};
+use cowimg::copy::{Action, Copier, Counters, Extent, ZeroData};
+use cowimg::error::{Error, Result};
+use cowimg::extent::widen;
+use cowimg::job::{JobSpec, Session};
+use cowimg::output;
+use cowimg::output::{Existing, Output};
+use cowimg::progress::{Mode, Reporter};
 
 /// The arguments of `cowimg convert` (`cowimg convert --help` says what each flag does).
 pub struct Args {
@@ -58,7 +58,7 @@ pub struct Args {
     /// `-l`: read the source as this internal snapshot holds it.
     pub snapshot: Option<String>,
     /// `--job-id`, `--control`, `--events` (the default id is DST's file name).
-    pub control: crate::job::ControlOptions,
+    pub control: cowimg::job::ControlOptions,
 }
 
 /// Runs `cowimg convert`; returns the exit status.
@@ -268,7 +268,7 @@ fn open_backing(a: &Args, name: &str, format: Option<&str>) -> Result<(BackingRe
             "Use of backing file requires explicit backing format".into(),
         ));
     };
-    let fmt = crate::chain::parse_format(format)?;
+    let fmt = cowimg::chain::parse_format(format)?;
     let chain =
         Chain::open(&combine(&a.dst, name), OpenOptions::read(Some(fmt), true)).map_err(|e| {
             Error::Msg(format!(
@@ -335,7 +335,7 @@ fn copy(
         .store(size.saturating_sub(to_copy), Ordering::Relaxed);
     let session = Session::start(
         JobSpec {
-            id: crate::job::default_id(&a.dst),
+            id: cowimg::job::default_id(&a.dst),
             kind: "convert",
             device: a.dst.clone(),
             end: size,

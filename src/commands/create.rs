@@ -4,11 +4,11 @@
 use cowimg_formats::qcow2::compress::CompressionType;
 use cowimg_formats::{qcow2, qed, BackingRef, Format};
 
-use crate::chain::{combine, open_image, parse_format};
-use crate::error::{Error, Result};
-use crate::lock::Access;
-use crate::output::{Existing, Spec};
-use crate::size::{parse_size, size_arg, SizeError, MAX_SIZE};
+use cowimg::chain::{combine, open_image, parse_format};
+use cowimg::error::{Error, Result};
+use cowimg::lock::Access;
+use cowimg::output::{Existing, Spec};
+use cowimg::size::{parse_size, size_arg, SizeError, MAX_SIZE};
 
 /// The arguments of `cowimg create` (`cowimg create --help` says what each flag does).
 pub struct Args {
@@ -335,7 +335,7 @@ pub fn run(a: &Args) -> Result<i32> {
     } else {
         Existing::Refuse { retry: &a.retry }
     };
-    crate::output::create(&a.file, &spec, existing)?;
+    cowimg::output::create(&a.file, &spec, existing)?;
     // qemu-img prints this line before creating; after success it never precedes an error.
     if !a.quiet {
         println!("{}", formatting_line(&a.file, &spec, &o));

@@ -7,9 +7,9 @@ use cowimg_formats::probe::{probe, Probed};
 use cowimg_formats::qcow2::Qcow2Details;
 use cowimg_formats::{Details, FileStorage, Format};
 
-use crate::chain::{combine, is_protocol_format, Chain, Layer, OpenOptions};
-use crate::error::{Error, Result};
-use crate::size::size_to_str;
+use cowimg::chain::{combine, is_protocol_format, Chain, Layer, OpenOptions};
+use cowimg::error::{Error, Result};
+use cowimg::size::size_to_str;
 
 /// The arguments of `cowimg info` (`cowimg info --help` says what each flag does).
 pub struct Args {
@@ -75,7 +75,7 @@ pub fn run(a: &Args) -> Result<i32> {
         } else {
             values.into_iter().next().expect("top")
         };
-        println!("{}", crate::commands::pretty_json(&out));
+        println!("{}", super::pretty_json(&out));
     } else {
         let blocks: Vec<String> = facts.iter().map(to_human).collect();
         print!("{}", blocks.join("\n"));

@@ -8,11 +8,11 @@ use std::time::Instant;
 use cowimg_formats::BackingRef;
 use serde_json::json;
 
-use crate::copy::Counters;
-use crate::error::Result;
-use crate::job::{ControlOptions, JobSpec, Session};
-use crate::progress::{Mode, Reporter};
-use crate::stream::{Plan, Settings};
+use cowimg::copy::Counters;
+use cowimg::error::Result;
+use cowimg::job::{ControlOptions, JobSpec, Session};
+use cowimg::progress::{Mode, Reporter};
+use cowimg::stream::{Plan, Settings};
 
 /// How a copy runs as a job (stream, rebase, commit).
 pub struct JobOptions {
@@ -57,7 +57,7 @@ pub fn run<T>(
         .store(plan.range_len - plan.work(), Ordering::Relaxed);
     let session = Session::start(
         JobSpec {
-            id: crate::job::default_id(&o.device),
+            id: cowimg::job::default_id(&o.device),
             kind: o.kind,
             device: o.device.clone(),
             end: plan.range_len,
@@ -99,7 +99,7 @@ pub fn result_json(
     backing: Option<&BackingRef>,
     nothing_to_do: bool,
 ) -> String {
-    crate::commands::pretty_json(&json!({
+    super::pretty_json(&json!({
         "filename": file,
         "len": len,
         "copied": copied,
@@ -118,6 +118,6 @@ pub fn summary(file: &str, copied: u64, elapsed: f64, backing: Option<&BackingRe
     };
     format!(
         "Copied {} into '{file}' in {elapsed:.2} s; {tail}.",
-        crate::size::size_to_str(copied)
+        cowimg::size::size_to_str(copied)
     )
 }

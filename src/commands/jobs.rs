@@ -1,13 +1,13 @@
 //! `cowimg job`: the client verbs that watch and steer running jobs over their control
 //! sockets (list, query, set-speed, pause, resume, cancel, wait). The protocol is in
-//! `crate::job::client`; this only calls it and prints.
+//! `cowimg::job::client`; this only calls it and prints.
 
 use serde_json::{json, Value};
 
-use crate::commands::pretty_json;
-use crate::error::Result;
-use crate::job::client::{list, Client};
-use crate::size::size_to_str;
+use super::pretty_json;
+use cowimg::error::Result;
+use cowimg::job::client::{list, Client};
+use cowimg::size::size_to_str;
 
 /// One `cowimg job` invocation.
 pub enum Verb {

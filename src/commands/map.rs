@@ -1,14 +1,14 @@
 //! `cowimg map`: where each guest range of a chain comes from, as qemu-img map prints it. The
-//! block status itself is [`crate::blockstatus`]; this module parses nothing and prints.
+//! block status itself is [`cowimg::blockstatus`]; this module parses nothing and prints.
 
 use cowimg_formats::Format;
 
-use crate::blockstatus::{entries, Entry};
-use crate::chain::{Chain, OpenOptions};
-use crate::error::{Error, Result};
+use cowimg::blockstatus::{entries, Entry};
+use cowimg::chain::{Chain, OpenOptions};
+use cowimg::error::{Error, Result};
 
 // `commands/measure.rs` still names these through `commands::map`; they live in the library.
-pub use crate::blockstatus::{flags, Walker};
+pub use cowimg::blockstatus::{flags, Walker};
 
 /// The arguments of `cowimg map` (`cowimg map --help` says what each flag does).
 pub struct Args {

@@ -15,10 +15,10 @@ use cowimg_formats::measure::{self as layout, Figures, Source, Target};
 use cowimg_formats::qcow2::compress::{compress, CompressionType};
 use cowimg_formats::{qed, Details, Format, Prealloc};
 
-use crate::chain::{Chain, OpenOptions};
-use crate::commands::create::ImageOptions;
-use crate::commands::map::{flags, Walker};
-use crate::error::{Error, Result};
+use super::create::ImageOptions;
+use super::map::{flags, Walker};
+use cowimg::chain::{Chain, OpenOptions};
+use cowimg::error::{Error, Result};
 
 /// The arguments of `cowimg measure` (`cowimg measure --help` says what each flag does).
 pub struct Args {

@@ -7,12 +7,12 @@ use std::sync::atomic::AtomicBool;
 use cowimg_formats::probe::{probe, Probed};
 use cowimg_formats::{BackingRef, FileStorage, Format};
 
-use crate::chain::{combine, open_image, Chain, OpenOptions};
-use crate::commands::job::{self, JobOptions};
-use crate::error::{Error, Result};
-use crate::lock::Access;
-use crate::progress::Mode;
-use crate::stream;
+use super::job::{self, JobOptions};
+use cowimg::chain::{combine, open_image, Chain, OpenOptions};
+use cowimg::error::{Error, Result};
+use cowimg::lock::Access;
+use cowimg::progress::Mode;
+use cowimg::stream;
 
 /// The arguments of `cowimg rebase` (`cowimg rebase --help` says what each flag does).
 pub struct Args {
@@ -39,7 +39,7 @@ pub struct Args {
     /// `-c`: store copied clusters compressed (qcow2).
     pub compress: bool,
     /// `--job-id`, `--control`, `--events`.
-    pub control: crate::job::ControlOptions,
+    pub control: cowimg::job::ControlOptions,
 }
 
 /// Runs `cowimg rebase`; returns the exit status.
@@ -121,14 +121,14 @@ pub fn run(a: &Args, cancel: &AtomicBool) -> Result<i32> {
         return Err(Error::Usage(format!("'{new_name}' is the image itself")));
     }
     if let (Some(path), Some(given)) = (&resolved, new.as_ref().and_then(|b| b.format.as_deref())) {
-        refuse_contradicting_format(path, &new_name, crate::chain::parse_format(given)?)?;
+        refuse_contradicting_format(path, &new_name, cowimg::chain::parse_format(given)?)?;
     }
     let new_chain = match (&resolved, in_chain) {
         (Some(path), None) => {
             let fmt = new
                 .as_ref()
                 .and_then(|b| b.format.as_deref())
-                .map(crate::chain::parse_format)
+                .map(cowimg::chain::parse_format)
                 .transpose()?;
             Some(
                 Chain::open(path, OpenOptions::read(fmt, a.force_share)).map_err(|e| {

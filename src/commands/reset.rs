@@ -3,7 +3,7 @@
 //! "make empty" (what `qemu-img commit` does to the top image after committing it).
 //!
 //! The empty image is built in a temporary file beside the overlay, given the overlay's
-//! mode and owner, synced, and renamed over it (see [`crate::output`]): at every instant the
+//! mode and owner, synced, and renamed over it (see [`cowimg::output`]): at every instant the
 //! path holds the old overlay or the new, empty one. The overlay is held open with qemu's
 //! write locks from reading its options until the rename, so nobody can be writing it while
 //! it is replaced. Nothing below the overlay is opened: that is what makes a reset cheaper than
@@ -15,10 +15,10 @@ use std::os::unix::fs::MetadataExt;
 use cowimg_formats::qcow2::compress::CompressionType;
 use cowimg_formats::{qcow2, qed, Details, Format};
 
-use crate::chain::{open_image, Layer};
-use crate::error::{Error, Result};
-use crate::lock::Access;
-use crate::output::{Output, Spec};
+use cowimg::chain::{open_image, Layer};
+use cowimg::error::{Error, Result};
+use cowimg::lock::Access;
+use cowimg::output::{Output, Spec};
 
 /// The arguments of `cowimg reset` (`cowimg reset --help` says what each flag does).
 pub struct Args {

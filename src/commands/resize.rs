@@ -3,9 +3,9 @@
 
 use cowimg_formats::{Format, Prealloc};
 
-use crate::chain::{Chain, OpenOptions};
-use crate::error::{Error, Result};
-use crate::size::size_arg;
+use cowimg::chain::{Chain, OpenOptions};
+use cowimg::error::{Error, Result};
+use cowimg::size::size_arg;
 
 /// The arguments of `cowimg resize` (`cowimg resize --help` says what each flag does).
 pub struct Args {
@@ -64,7 +64,7 @@ pub fn run(a: &Args) -> Result<i32> {
             "Preallocation can only be used for growing images".into(),
         ));
     }
-    crate::resize::resize(&chain, 0, size, a.prealloc)?;
+    cowimg::resize::resize(&chain, 0, size, a.prealloc)?;
     if !a.quiet {
         println!("Image resized.");
     }

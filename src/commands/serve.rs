@@ -13,11 +13,11 @@ use std::time::Duration;
 use cowimg_formats::Format;
 use cowimg_nbd::server::{Export, Server};
 
-use crate::chain::{open_image, Chain, OpenOptions};
-use crate::error::{Error, Result};
-use crate::lock::Access;
-use crate::serve::{ImageBackend, Streamed};
-use crate::size::size_to_str;
+use cowimg::chain::{open_image, Chain, OpenOptions};
+use cowimg::error::{Error, Result};
+use cowimg::lock::Access;
+use cowimg::serve::{ImageBackend, Streamed};
+use cowimg::size::size_to_str;
 
 /// Where to listen.
 pub enum Listen {
@@ -67,7 +67,7 @@ pub struct StreamArgs {
     /// `--speed`, bytes per second (0: unlimited).
     pub speed: u64,
     /// `--job-id`, `--control`, `--events` of the stream job.
-    pub control: crate::job::ControlOptions,
+    pub control: cowimg::job::ControlOptions,
 }
 
 /// Copy workers of the background stream: few, so that clients keep the machine's cores.
@@ -227,7 +227,7 @@ pub fn run(a: &Args, stop: &AtomicBool) -> Result<i32> {
     }
     let (chain, _cor) = open(a)?;
     let base = match &a.stream {
-        Some(st) => Some(crate::stream::find_base(
+        Some(st) => Some(cowimg::stream::find_base(
             &chain,
             &a.image,
             st.base.as_deref(),

@@ -4,9 +4,9 @@
 
 use cowimg_formats::{Details, Format};
 
-use crate::chain::{open_image, Chain, OpenOptions};
-use crate::error::{Error, Result};
-use crate::lock::Access;
+use cowimg::chain::{open_image, Chain, OpenOptions};
+use cowimg::error::{Error, Result};
+use cowimg::lock::Access;
 
 /// What to do with the snapshots.
 #[derive(Clone, Debug, PartialEq, Eq)]

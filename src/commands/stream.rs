@@ -5,12 +5,12 @@ use std::sync::atomic::AtomicBool;
 
 use cowimg_formats::Format;
 
-use crate::chain::{Chain, OpenOptions};
-use crate::commands::job::{self, JobOptions};
-use crate::error::{Error, Result};
-use crate::progress::Mode;
-use crate::size::size_to_str;
-use crate::stream::{self, Plan};
+use super::job::{self, JobOptions};
+use cowimg::chain::{Chain, OpenOptions};
+use cowimg::error::{Error, Result};
+use cowimg::progress::Mode;
+use cowimg::size::size_to_str;
+use cowimg::stream::{self, Plan};
 
 /// The arguments of `cowimg stream` (`cowimg stream --help` says what each flag does).
 pub struct Args {
@@ -35,7 +35,7 @@ pub struct Args {
     /// `-c`: store copied clusters compressed (qcow2).
     pub compress: bool,
     /// `--job-id`, `--control`, `--events`.
-    pub control: crate::job::ControlOptions,
+    pub control: cowimg::job::ControlOptions,
 }
 
 /// Runs `cowimg stream`; returns the exit status.
