@@ -613,17 +613,16 @@ pub trait Image: Send + Sync {
 
     /// Checks the image's metadata and, with a repair mode, fixes what can be fixed. The
     /// per-problem lines are collected in [`CheckReport::messages`].
-    fn check(&self, mode: CheckMode) -> Result<CheckReport>;
+    fn check(&self, mode: CheckMode) -> Result<CheckReport> {
+        let mut lines = Vec::new();
+        let mut report = self.check_logged(mode, &mut |l: &str| lines.push(l.to_string()))?;
+        report.messages = lines;
+        Ok(report)
+    }
 
     /// As [`Image::check`], but hands each per-problem line to `log` as it is found (a damaged
     /// image can produce one line per cluster; nothing is collected).
-    fn check_logged(&self, mode: CheckMode, log: &mut dyn FnMut(&str)) -> Result<CheckReport> {
-        let mut report = self.check(mode)?;
-        for line in std::mem::take(&mut report.messages) {
-            log(&line);
-        }
-        Ok(report)
-    }
+    fn check_logged(&self, mode: CheckMode, log: &mut dyn FnMut(&str)) -> Result<CheckReport>;
 }
 
 #[cfg(test)]

@@ -178,7 +178,7 @@ impl Image for Raw {
         Err(Error::Unsupported("backing files for raw images".into()))
     }
 
-    fn check(&self, _mode: CheckMode) -> Result<CheckReport> {
+    fn check_logged(&self, _: CheckMode, _: &mut dyn FnMut(&str)) -> Result<CheckReport> {
         Err(Error::Unsupported(
             "This image format does not support checks".into(),
         ))

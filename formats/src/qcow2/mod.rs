@@ -622,10 +622,6 @@ impl Image for Qcow2 {
         self.snapshot_delete_impl(id_or_name)
     }
 
-    fn check(&self, mode: CheckMode) -> Result<CheckReport> {
-        check::check(self, mode)
-    }
-
     fn check_logged(&self, mode: CheckMode, log: &mut dyn FnMut(&str)) -> Result<CheckReport> {
         self.check_with(mode, log)
     }

@@ -473,13 +473,6 @@ impl Qed {
     }
 }
 
-pub fn check(img: &Qed, mode: CheckMode) -> Result<CheckReport> {
-    let mut lines = Vec::new();
-    let mut report = img.check_with(mode, &mut |l: &str| lines.push(l.to_string()))?;
-    report.messages = lines;
-    Ok(report)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

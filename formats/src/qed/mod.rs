@@ -321,10 +321,6 @@ impl Image for Qed {
         self.set_copy_on_read_impl(on)
     }
 
-    fn check(&self, mode: CheckMode) -> Result<CheckReport> {
-        check::check(self, mode)
-    }
-
     fn check_logged(&self, mode: CheckMode, log: &mut dyn FnMut(&str)) -> Result<CheckReport> {
         self.check_with(mode, log)
     }

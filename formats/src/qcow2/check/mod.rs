@@ -567,10 +567,3 @@ impl Qcow2 {
         run(self, &mut m, mode, log)
     }
 }
-
-pub fn check(img: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
-    let mut lines = Vec::new();
-    let mut report = img.check_with(mode, &mut |l: &str| lines.push(l.to_string()))?;
-    report.messages = lines;
-    Ok(report)
-}
