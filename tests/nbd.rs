@@ -31,6 +31,20 @@ fn sparse_source(s: &Scratch, name: &str) {
     );
 }
 
+/// [`sparse_source`] as "src.raw" and, converted by qemu-img, as "base.qcow2".
+fn sparse_qcow2(s: &Scratch) {
+    sparse_source(s, "src.raw");
+    s.qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "src.raw",
+        "base.qcow2",
+    ]);
+}
+
 /// nbdkit serving [`sparse_source`] "src.raw" with its log filter: the server and the log.
 fn logged_sparse_export(s: &Scratch) -> (Server, std::path::PathBuf) {
     sparse_source(s, "src.raw");
@@ -148,16 +162,7 @@ fn raw_exports_read_map_and_compare_as_in_qemu() {
 #[test]
 fn qemu_nbd_exports_of_qcow2_over_tcp_and_unix_in_every_url_form() {
     let s = Scratch::new();
-    sparse_source(&s, "src.raw");
-    s.qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "src.raw",
-        "base.qcow2",
-    ]);
+    sparse_qcow2(&s);
     let base = s.path("base.qcow2");
     // qemu-nbd opens the qcow2 and exports guest bytes (raw for the client).
     let (tcp, port) = Server::qemu_nbd_tcp("base", &["-r", "-t", "-f", "qcow2"], &base);
@@ -193,27 +198,8 @@ fn qemu_nbd_exports_of_qcow2_over_tcp_and_unix_in_every_url_form() {
 #[test]
 fn qemu_nbd_with_allocation_depth_exports_a_chain_that_reads_and_maps_as_in_qemu() {
     let s = Scratch::new();
-    sparse_source(&s, "src.raw");
-    s.qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "src.raw",
-        "base.qcow2",
-    ]);
-    s.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
+    sparse_qcow2(&s);
+    s.qcow2_overlay("base.qcow2", "top.qcow2");
     s.qemu_io("top.qcow2", &["write -P 0x5a 4M 128k", "write -z 8M 64k"]);
     s.qemu_img(&["convert", "-O", "raw", "top.qcow2", "chain.raw"]);
     // -A adds the qemu:allocation-depth context beside base:allocation; the client asks
